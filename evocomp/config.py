@@ -1,0 +1,194 @@
+"""Typed parameters, read once from ``params.yaml`` at the entry point.
+
+Each pipeline stage has one pydantic model; unknown keys and wrong types are
+refused with a message naming the key (``extra="forbid"``). ``params.yaml`` may
+hold a ``profiles:`` mapping of named overrides; ``profile: NAME`` picks one, so
+``dvc exp run -S profile=full`` switches settings without editing code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareParams(_Strict):
+    """Where the samples come from and how they are split."""
+
+    source: str = "synth"  # "synth" (built-in shapes-vqa) or a LLaVA .json / .jsonl path
+    images_dir: str | None = None  # image folder of a user dataset (default: next to the file)
+    n_images: int = Field(1000, ge=1)  # synth only
+    questions_per_image: int = Field(1, ge=1, le=8)  # synth only: turns per conversation
+    seed: int = 1  # synth only; differs from mllm.seed so the demo data is held out
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> PrepareParams:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("prepare.val_fraction + prepare.test_fraction must be < 1")
+        return self
+
+
+class MLLMParams(_Strict):
+    """The reference model recipe (two stages; see evocomp/mllm/reference.py)."""
+
+    checkpoint: str = "models/mllm"  # a local LLaVA-family checkpoint directory
+    seed: int = 0
+    n_images: int = Field(6000, ge=64)  # fixed training images, fresh question per step
+    align_steps: int = Field(150, ge=0)
+    align_lr: float = Field(2e-3, gt=0)
+    lm_steps: int = Field(3000, ge=1)
+    lm_lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    drop_max: float = Field(0.8, ge=0.0, le=1.0)  # max prob. of dropping an irrelevant token
+    eval_images: int = Field(1000, ge=10)
+    threads: int = Field(2, ge=1)
+
+
+class RuntimeParams(_Strict):
+    """Where models run."""
+
+    device: str = "cpu"  # overridden by EVOCOMP_DEVICE or --device
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(64, ge=1)
+
+
+class SearchParams(_Strict):
+    """The DEAP genetic search, per sample (EvoComp paper, Sec. 3)."""
+
+    mode: Literal["paper", "budget"] = "paper"
+    population: int = Field(48, ge=2)
+    parents: int = Field(12, ge=2)
+    generations: int = Field(10, ge=0)
+    cx_prob: float = Field(0.9, ge=0.0, le=1.0)
+    mut_prob: float = Field(0.2, ge=0.0, le=1.0)
+    keep_ratio: float = Field(1 / 3, gt=0.0, le=1.0)  # budget mode: k = round(ratio * N)
+    seed_with_heuristics: bool = True
+    heuristics: tuple[str, ...] = ("random", "pooling", "fastv", "visionzip", "divprune", "dart")
+    early_stop_patience: int | None = Field(None, ge=1)  # generations without improvement
+    seeds: int = Field(1, ge=1)  # independent searches per sample (agreement = confidence)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _parents(self) -> SearchParams:
+        if self.parents > self.population:
+            raise ValueError("label.parents must be <= label.population")
+        return self
+
+
+class LabelParams(SearchParams):
+    """Which samples to label, on top of the search settings."""
+
+    splits: tuple[Literal["train", "val", "test"], ...] = ("train", "val", "test")
+    max_samples: int | None = Field(None, ge=1)  # per split, first in id order
+    task_runner: Literal["thread", "dask"] = "thread"
+    workers: int = Field(2, ge=1)
+
+    def search(self) -> SearchParams:
+        fields = SearchParams.model_fields.keys()
+        return SearchParams(**{k: getattr(self, k) for k in fields})
+
+
+class TrainParams(_Strict):
+    """The compressor and its loss (GHM-C + cosine separation)."""
+
+    layers: int = Field(1, ge=1)
+    heads: int | None = None  # default: the LLM's
+    use_text: bool = True
+    ghm_bins: int = Field(10, ge=1)
+    ghm_momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    loss: Literal["ghm", "bce"] = "ghm"
+    cos_alpha: float = Field(0.1, ge=0.0)
+    soft_labels: bool = False
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    patience: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class EvaluateParams(_Strict):
+    ratios: tuple[float, ...] = (0.5, 1 / 3, 1 / 4.5, 1 / 9)
+    methods: tuple[str, ...] = (
+        "random", "pooling", "fastv", "visionzip", "divprune", "dart", "evocomp", "oracle",
+    )
+    prune_layer: Literal[0, 2] = 0
+    max_samples: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        for r in v:
+            if not 0.0 < r <= 1.0:
+                raise ValueError(f"keep ratio {r} is outside (0, 1]")
+        return v
+
+
+class Params(_Strict):
+    """Everything in params.yaml."""
+
+    profile: str = "demo"
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    prepare: PrepareParams = PrepareParams()
+    mllm: MLLMParams = MLLMParams()
+    runtime: RuntimeParams = RuntimeParams()
+    label: LabelParams = LabelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, malformed or has a bad key; the message names it."""
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping, applying the selected profile's overrides."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level")
+    profile = raw.get("profile", "demo")
+    profiles = raw.get("profiles") or {}
+    if profile != "demo" or profile in profiles:
+        if profile not in profiles:
+            known = ", ".join(["demo", *sorted(profiles)]) or "demo"
+            raise ParamsError(f"{source}: unknown profile {profile!r} (known: {known})")
+        raw = _merge(raw, profiles[profile] or {})
+    try:
+        return Params(**raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+        raise ParamsError(f"{source}: invalid parameters\n" + "\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; a missing file gives the defaults."""
+    path = Path(path)
+    if not path.exists():
+        return Params()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))

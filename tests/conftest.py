@@ -26,3 +26,52 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+def make_tiny_llava(path: Path, image_size: int = 96, patch: int = 16, hidden: int = 64, seed: int = 0) -> Path:
+    """A random LlavaForConditionalGeneration built from configs and saved like a downloaded one."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    from evocomp.mllm.reference import build_processor, build_tokenizer
+
+    tok = build_tokenizer()
+    n = (image_size // patch) ** 2
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch, hidden_size=32,
+                                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), image_seq_length=n,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(cfg)
+    model.save_pretrained(path)
+    proc = build_processor(tok)
+    proc.image_processor.size = {"shortest_edge": image_size}
+    proc.image_processor.crop_size = {"height": image_size, "width": image_size}
+    proc.patch_size = patch
+    proc.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """A small shapes-vqa dataset in LLaVA format (2 questions per image)."""
+    from evocomp.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_dataset(out, n=40, seed=3, questions_per_image=2)
+    return out

@@ -1,0 +1,46 @@
+"""The one protocol every MLLM backend implements, and its errors."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from evocomp.mllm.sequence import Prompt
+
+
+class ModelError(ValueError):
+    """A checkpoint cannot be used (not found, not a LLaVA model, shape mismatch)."""
+
+
+class MLLM(Protocol):
+    model_id: str  # content-derived: same checkpoint -> same id (store and cache keys use it)
+    n_tokens: int  # visual tokens per image
+    grid: tuple[int, int]  # patch grid (rows, cols), rows * cols == n_tokens
+    hidden_size: int  # LLM embedding width D
+
+    def visual_tokens(self, images: list[Image.Image]) -> torch.Tensor:
+        """Projected visual tokens ``(B, N, D)`` (float32, CPU)."""
+
+    def vocab_embeddings(self) -> torch.Tensor:
+        """The LLM input-embedding matrix ``(V, D)``."""
+
+    def encode(self, question: str, answer: str = "") -> Prompt:
+        """Token ids of the prompt around the image and of the answer."""
+
+    def question_embeddings(self, question: str) -> torch.Tensor:
+        """Token embeddings of the question alone ``(T, D)`` (the compressor's text input)."""
+
+    def subset_loss(self, prompt: Prompt, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Mean answer cross-entropy ``(P,)`` for P kept-index rows ``(P, k)``, one forward."""
+
+    def generate(self, questions: list[str], visual: list[torch.Tensor], kept: list[torch.Tensor | None],
+                 max_new_tokens: int = 8) -> list[str]:
+        """Greedy answers, batched over samples; ``kept[i]`` None keeps all tokens."""
+
+    def text_attention(self, prompt: Prompt, visual: torch.Tensor, layer: int = 2) -> torch.Tensor:
+        """FastV score ``(N,)``: attention of the last prompt token to each visual token at ``layer``."""
+
+    def cls_attention(self, images: list[Image.Image]) -> torch.Tensor:
+        """VisionZip score ``(B, N)``: the vision tower's CLS attention summed over heads."""

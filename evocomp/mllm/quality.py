@@ -1,0 +1,100 @@
+"""How well the reference model separates good token selections from bad ones.
+
+On the test split: full-token accuracy, and at each keep ratio the accuracy of
+random, oracle (the patches that hold the answer first) and anti-oracle (those
+last) selections, per question type; plus how meaningful every visual token's
+nearest vocabulary word is (the labeling engine groups tokens by it).
+
+    evocomp mllm eval --data data/prepared --model models/mllm --out metrics/mllm.json
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+import torch
+
+from evocomp import shapes
+from evocomp.datasets import Sample
+from evocomp.grouping import nearest_vocab
+
+RATIOS = (0.5, 1 / 3, 1 / 4.5, 1 / 9)
+
+
+def ratio_key(r: float) -> str:
+    return f"{r:.3f}"
+
+
+def budget(ratio: float, n: int) -> int:
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"keep ratio {ratio} is outside (0, 1]")
+    return max(1, round(ratio * n))
+
+
+def oracle_sets(s: Sample, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(oracle, anti-oracle) kept sets for a shapes-vqa sample."""
+    if "relevant" not in s.meta or "objects" not in s.meta:
+        raise ValueError(f"sample {s.id} has no ground-truth patch metadata (not shapes-vqa?)")
+    order = shapes.oracle_order(s.meta["relevant"], s.meta["objects"], n)
+    anti = [i for i in order if i not in s.meta["relevant"]][::-1] + list(s.meta["relevant"])
+    return torch.tensor(sorted(order[:k])), torch.tensor(sorted(anti[:k]))
+
+
+def normalise(answer: str) -> str:
+    return answer.strip().lower().rstrip(".").strip()
+
+
+def evaluate_reference(mllm, samples: list[Sample], ratios=RATIOS, seed: int = 0, batch: int = 128) -> dict:
+    """Accuracy per method, ratio and question type; nearest-word statistics."""
+    if not samples:
+        raise ValueError("no test samples to evaluate")
+    n = mllm.n_tokens
+    gen = torch.Generator().manual_seed(seed)
+    hits: dict[tuple[str, str], list[bool]] = defaultdict(list)  # (method@ratio, qtype) -> hits
+    words = mllm.tokenizer.convert_ids_to_tokens
+    vocab = mllm.vocab_embeddings()
+    distinct, meaningful = [], []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        vis = mllm.visual_tokens([s.load_image() for s in chunk])  # (B, N, D)
+        qs = [s.question for s in chunk]
+        runs: dict[str, list] = {"full": [None] * len(chunk)}
+        for r in ratios:
+            k = budget(r, n)
+            sets = [oracle_sets(s, n, k) for s in chunk]
+            runs[f"oracle@{ratio_key(r)}"] = [o for o, _ in sets]
+            runs[f"anti@{ratio_key(r)}"] = [a for _, a in sets]
+            runs[f"random@{ratio_key(r)}"] = [torch.randperm(n, generator=gen)[:k].sort().values for _ in chunk]
+        for name, kept in runs.items():
+            answers = mllm.generate(qs, list(vis), kept, max_new_tokens=4)
+            for s, a in zip(chunk, answers, strict=True):
+                hits[(name, s.meta.get("qtype", "all"))].append(normalise(a) == normalise(s.answer))
+        for s, v in zip(chunk, vis, strict=True):
+            near = words(nearest_vocab(v, vocab).tolist())
+            distinct.append(len(set(near)))
+            cells = {o["cell"]: o for o in s.meta.get("objects", [])}
+            ok = [(w in (cells[i]["colour"], cells[i]["shape"])) if i in cells else w == "background"
+                  for i, w in enumerate(near)]
+            meaningful.append(sum(ok) / len(ok))
+    return summarise(hits, ratios) | {
+        "median_distinct_words": statistics.median(distinct),
+        "meaningful_nearest_word": statistics.fmean(meaningful),
+    }
+
+
+def summarise(hits: dict[tuple[str, str], list[bool]], ratios) -> dict:
+    def acc(name: str, qtype: str | None = None) -> float:
+        vals = [h for (m, q), hs in hits.items() if m == name and (qtype is None or q == qtype) for h in hs]
+        return round(sum(vals) / max(1, len(vals)), 4)
+
+    qtypes = sorted({q for _, q in hits})
+    out: dict = {"full": acc("full"), "full_by_type": {q: acc("full", q) for q in qtypes}, "ratios": {}}
+    for r in ratios:
+        key = ratio_key(r)
+        out["ratios"][key] = {m: acc(f"{m}@{key}") for m in ("random", "oracle", "anti")}
+        out["ratios"][key]["by_type"] = {
+            m: {q: acc(f"{m}@{key}", q) for q in qtypes} for m in ("random", "oracle", "anti")
+        }
+    out["samples"] = len(next(iter(hits.values()))) and sum(len(v) for (m, _), v in hits.items() if m == "full")
+    return out

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from evocomp import shapes
+from evocomp.mllm.base import ModelError
+from evocomp.mllm.hf_llava import HFLlava
+from evocomp.mllm.reference import pixels
+from tests.conftest import make_tiny_llava
+
+
+@pytest.fixture(scope="module")
+def mllm(tiny_llava):
+    return HFLlava(tiny_llava)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    rng = random.Random(5)
+    objs = shapes.make_scene(rng)
+    return shapes.render(objs), shapes.make_question(objs, rng)
+
+
+def test_loads_like_a_user_checkpoint(mllm, scene):
+    img, _ = scene
+    v = mllm.visual_tokens([img, img])
+    assert v.shape == (2, 36, 64) and mllm.grid == (6, 6)
+    assert mllm.vocab_embeddings().shape == (len(mllm.tokenizer), 64)
+    assert torch.equal(mllm.pixel_values([img]), pixels([img]))  # fast path == the processor
+
+
+@pytest.mark.parametrize("P", [1, 7, 48])
+def test_batched_subset_loss_equals_single(mllm, scene, P):
+    img, qa = scene
+    v = mllm.visual_tokens([img])[0]
+    p = mllm.encode(qa.question, qa.answer)
+    g = torch.Generator().manual_seed(P)
+    kept = torch.stack([torch.randperm(36, generator=g)[:12].sort().values for _ in range(P)])
+    batched = mllm.subset_loss(p, v, kept)
+    single = torch.cat([mllm.subset_loss(p, v, kept[i : i + 1]) for i in range(P)])
+    assert batched.shape == (P,)
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    assert len(set(batched.tolist())) > 1 or P == 1  # the subset changes the loss
+
+
+def test_full_subset_matches_processor_path(mllm, scene):
+    img, qa = scene
+    text = f"USER: <image>\n{qa.question} ASSISTANT: {qa.answer}"
+    inputs = mllm.processor(images=img, text=text, return_tensors="pt")
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -1] = inputs["input_ids"][:, -1]
+    ref = mllm.model(**inputs, labels=labels).loss
+    ours = mllm.subset_loss(mllm.encode(qa.question, qa.answer), mllm.visual_tokens([img])[0], torch.arange(36)[None])
+    torch.testing.assert_close(ours[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_generation_matches_single(mllm, scene):
+    img, qa = scene
+    v = mllm.visual_tokens([img])[0]
+    kept = [None, torch.arange(0, 36, 3), torch.tensor([4])]
+    qs = [qa.question, "how many red objects are there ?", qa.question]
+    batch = mllm.generate(qs, [v, v, v], kept, max_new_tokens=3)
+    single = [mllm.generate([q], [v], [k], max_new_tokens=3)[0] for q, k in zip(qs, kept, strict=True)]
+    assert batch == single
+
+
+def test_attention_scores(mllm, scene):
+    img, qa = scene
+    v = mllm.visual_tokens([img])[0]
+    a = mllm.text_attention(mllm.encode(qa.question), v, layer=2)
+    assert a.shape == (36,) and (a >= 0).all() and a.sum() <= 1 + 1e-5
+    c = mllm.cls_attention([img, img])
+    assert c.shape == (2, 36) and (c >= 0).all()
+    with pytest.raises(ValueError, match="layer 9"):
+        mllm.text_attention(mllm.encode(qa.question), v, layer=9)
+
+
+def test_other_geometry(tmp_path, scene):
+    m = HFLlava(make_tiny_llava(tmp_path / "m", image_size=64, patch=16, hidden=32))
+    assert m.n_tokens == 16 and m.grid == (4, 4)
+    img, qa = scene
+    v = m.visual_tokens([img.resize((64, 64))])[0]
+    assert m.subset_loss(m.encode(qa.question, qa.answer), v, torch.arange(16)[None]).shape == (1,)
+    with pytest.raises(ModelError, match="do not fit"):  # features of the 36-token model
+        m.subset_loss(m.encode(qa.question, qa.answer), torch.zeros(36, 64), torch.arange(4)[None])
+
+
+def test_not_a_llava_checkpoint(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ModelError, match="not a LLaVA model"):
+        HFLlava(tmp_path / "llama")
+    with pytest.raises(ModelError, match="no config.json"):
+        HFLlava(tmp_path / "nowhere")
+
+
+def test_model_id_is_content(tiny_llava, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_llava, tmp_path / "copy")
+    from evocomp.mllm.hf_llava import checkpoint_id
+
+    assert checkpoint_id(tiny_llava).split("-")[-1] == checkpoint_id(tmp_path / "copy").split("-")[-1]

@@ -75,3 +75,6 @@ def shapes_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
     write_dataset(out, n=40, seed=3, questions_per_image=2)
     return out
+
+
+from tests.pg import postgres_server, postgres_url  # noqa: E402, F401  (session PostgreSQL fixtures)

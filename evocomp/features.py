@@ -1,0 +1,131 @@
+"""Per-sample model features, cached on disk: computed once per (sample, model).
+
+For every sample: the projected visual tokens ``(N, D)``, each token's nearest
+vocabulary id (the semantic groups), the vision tower's CLS attention
+(VisionZip), the last prompt token's attention at LLM layer 2 (FastV) and the
+question's token embeddings ``(T, D)`` (the compressor's text input).
+
+Layout: ``ROOT/<model id>/shard-<hash>.safetensors``, tensors named
+``<sample id>/<field>``. A shard is written whole (temp file + rename), so a
+crash never leaves a half-written shard and re-running computes only what is
+missing.
+
+    evocomp features --data data/prepared --out data/features
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from evocomp.datasets import Sample
+from evocomp.grouping import nearest_vocab
+
+FIELDS = ("tokens", "nearest", "cls_attn", "text_attn", "text")
+
+
+@dataclass(frozen=True)
+class Features:
+    tokens: torch.Tensor  # (N, D) float32
+    nearest: torch.Tensor  # (N,) long, vocabulary id of each token
+    cls_attn: torch.Tensor  # (N,) float32
+    text_attn: torch.Tensor  # (N,) float32
+    text: torch.Tensor  # (T, D) float32, question token embeddings
+
+    def check(self, sample_id: str) -> None:
+        """Refuse unusable features (NaN/Inf, ragged shapes) naming the sample."""
+        n = self.tokens.shape[0]
+        if self.tokens.ndim != 2 or n == 0:
+            raise ValueError(f"sample {sample_id}: visual tokens must be (N, D) with N > 0, got {tuple(self.tokens.shape)}")
+        if not torch.isfinite(self.tokens).all():
+            raise ValueError(f"sample {sample_id}: visual tokens contain NaN/Inf")
+        for name in ("nearest", "cls_attn", "text_attn"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"sample {sample_id}: {name} has shape {tuple(getattr(self, name).shape)}, expected ({n},)")
+
+
+class FeatureStore:
+    """Shards of features for one model under ``root/<model_id>``."""
+
+    def __init__(self, root: str | Path, model_id: str):
+        self.dir = Path(root) / model_id
+        self.model_id = model_id
+        self._index: dict[str, Path] | None = None
+
+    def _load_index(self) -> dict[str, Path]:
+        if self._index is None:
+            self._index = {}
+            for shard in sorted(self.dir.glob("shard-*.safetensors")):
+                with safe_open(shard, "pt") as f:
+                    for key in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                        self._index[key.split("/", 1)[0]] = shard
+        return self._index
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._load_index()
+
+    def missing(self, ids: Iterable[str]) -> list[str]:
+        index = self._load_index()
+        return [i for i in ids if i not in index]
+
+    def get(self, sample_id: str) -> Features:
+        shard = self._load_index().get(sample_id)
+        if shard is None:
+            raise KeyError(f"no features for sample {sample_id} under {self.dir} (run `evocomp features`)")
+        with safe_open(shard, "pt") as f:
+            feats = Features(**{k: f.get_tensor(f"{sample_id}/{k}") for k in FIELDS})
+        feats.check(sample_id)
+        return feats
+
+    def put(self, feats: dict[str, Features]) -> Path:
+        """Write one shard with these samples' features (atomic)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256("".join(sorted(feats)).encode()).hexdigest()[:16]
+        path = self.dir / f"shard-{name}.safetensors"
+        tensors = {f"{sid}/{k}": getattr(f, k).contiguous() for sid, f in feats.items() for k in FIELDS}
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"model_id": self.model_id})
+        os.replace(tmp, path)
+        if self._index is not None:
+            self._index.update(dict.fromkeys(feats, path))
+        return path
+
+
+def compute(mllm, samples: list[Sample]) -> dict[str, Features]:
+    """Features of a batch of samples (one vision-tower pass for the batch)."""
+    images = [s.load_image() for s in samples]
+    tokens = mllm.visual_tokens(images)  # (B, N, D)
+    cls = mllm.cls_attention(images)  # (B, N)
+    vocab = mllm.vocab_embeddings()
+    out = {}
+    for s, tok, c in zip(samples, tokens, cls, strict=True):
+        prompt = mllm.encode(s.question)
+        out[s.id] = Features(
+            tokens=tok.contiguous(),
+            nearest=nearest_vocab(tok, vocab),
+            cls_attn=c.contiguous(),
+            text_attn=mllm.text_attention(prompt, tok, layer=min(2, mllm.model.config.text_config.num_hidden_layers)),
+            text=mllm.question_embeddings(s.question),
+        )
+    return out
+
+
+def ensure_features(mllm, samples: list[Sample], root: str | Path, batch_size: int = 64,
+                    progress: Callable[[int, int], None] | None = None) -> FeatureStore:
+    """Compute and store the features of the samples that have none yet."""
+    store = FeatureStore(root, mllm.model_id)
+    todo = store.missing(s.id for s in samples)
+    by_id = {s.id: s for s in samples}
+    for start in range(0, len(todo), batch_size):
+        chunk = [by_id[i] for i in todo[start:start + batch_size]]
+        store.put(compute(mllm, chunk))
+        if progress:
+            progress(min(start + batch_size, len(todo)), len(todo))
+    return store

@@ -1,0 +1,69 @@
+"""The label store: SQLAlchemy models, engines, Alembic migrations and idempotent queries.
+
+Typical use::
+
+    from evocomp.store import get_engine, upgrade, get_or_create_run, write_label
+
+    upgrade()                       # $EVOCOMP_DB_URL or sqlite:///./data/evocomp.db
+    engine = get_engine()
+    run_id = get_or_create_run(engine, model_id, params, code_version)
+    write_label(engine, run_id, sample_id, record)
+"""
+
+from __future__ import annotations
+
+from evocomp.store.engine import (
+    DB_URL_ENV,
+    StoreError,
+    default_db_url,
+    dispose_engines,
+    get_engine,
+    mask_url,
+    session_scope,
+    upgrade,
+)
+from evocomp.store.export import export_labels
+from evocomp.store.models import Base, Dataset, Elite, Generation, Label, LabelRun, SampleRow
+from evocomp.store.queries import (
+    ensure_dataset,
+    finish_run,
+    get_or_create_run,
+    labelled_sample_ids,
+    params_hash,
+    run_key,
+    run_summary,
+    upsert_samples,
+    write_failure,
+    write_label,
+)
+from evocomp.store.records import LabelRecord
+
+__all__ = [
+    "DB_URL_ENV",
+    "Base",
+    "Dataset",
+    "Elite",
+    "Generation",
+    "Label",
+    "LabelRecord",
+    "LabelRun",
+    "SampleRow",
+    "StoreError",
+    "default_db_url",
+    "dispose_engines",
+    "ensure_dataset",
+    "export_labels",
+    "finish_run",
+    "get_engine",
+    "get_or_create_run",
+    "labelled_sample_ids",
+    "mask_url",
+    "params_hash",
+    "run_key",
+    "run_summary",
+    "session_scope",
+    "upgrade",
+    "upsert_samples",
+    "write_failure",
+    "write_label",
+]

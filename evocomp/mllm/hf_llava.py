@@ -163,10 +163,43 @@ class HFLlava:
             pos.append(p_ids)
         return left_pad(rows, pos)
 
+    def _hidden_pruned(self, x, mask, pos, survive, layer: int) -> torch.Tensor:
+        """Last-position hidden states ``(B, D)``: all tokens for ``layer`` layers, then only ``survive``.
+
+        The paper's pruning at LLM layer l (l=2): the first l layers see every visual token,
+        the dropped ones' hidden states are removed before layer l.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        lm = self.lm
+
+        def prep(h, m, p):
+            cm = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=m, cache=None, position_ids=p)
+            return cm, lm.rotary_emb(h, position_ids=p)
+
+        h = x
+        cm, pe = prep(h, mask, pos)
+        for i, block in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+            if i == layer:
+                keep = [survive[b] & mask[b].bool() for b in range(h.shape[0])]
+                h, mask, pos = left_pad([h[b][keep[b]] for b in range(h.shape[0])],
+                                        [pos[b][keep[b]] for b in range(h.shape[0])])
+                cm, pe = prep(h, mask, pos)
+            h = block(h, attention_mask=cm, position_embeddings=pe, position_ids=pos)
+        return lm.norm(h)[:, -1]
+
     @torch.no_grad()
     def generate(self, questions: list[str], visual: list[torch.Tensor], kept: list[torch.Tensor | None],
-                 max_new_tokens: int = 8, vis_pos: list[torch.Tensor] | None = None) -> list[str]:
-        """Greedy decoding; with ``vis_pos`` the ``visual[i]`` rows are ready-made tokens at those positions."""
+                 max_new_tokens: int = 8, vis_pos: list[torch.Tensor] | None = None,
+                 prune_layer: int = 0) -> list[str]:
+        """Greedy decoding; with ``vis_pos`` the ``visual[i]`` rows are ready-made tokens at those positions.
+
+        ``prune_layer`` l > 0 feeds all N tokens to the first l LLM layers and drops the
+        unkept visual hidden states after them (no KV cache on this path: one full
+        forward per generated token).
+        """
+        if prune_layer > 0:
+            return self._generate_pruned(questions, visual, kept, max_new_tokens, prune_layer)
         x, mask, pos = self._prompt_rows(questions, visual, kept, vis_pos)
         B = x.shape[0]
         eos = self.tokenizer.eos_token_id
@@ -187,6 +220,34 @@ class HFLlava:
             pos = pos[:, -1:] + 1
         return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out.tolist()]
 
+    def _generate_pruned(self, questions, visual, kept, max_new_tokens: int, layer: int) -> list[str]:
+        n_layers = self.model.config.text_config.num_hidden_layers
+        if not 0 < layer < n_layers:
+            raise ValueError(f"prune layer {layer} must be in 1..{n_layers - 1} for {self.path}")
+        x, mask, pos = self._prompt_rows(questions, visual, [None] * len(questions))
+        survive = torch.ones_like(mask, dtype=torch.bool)
+        for b, (q, k) in enumerate(zip(questions, kept, strict=True)):
+            if k is not None:
+                start = mask.shape[1] - int(mask[b].sum()) + len(self.encode(q).prefix)
+                vis = torch.zeros(self.n_tokens, dtype=torch.bool)
+                vis[k] = True
+                survive[b, start:start + self.n_tokens] = vis.to(survive.device)
+        B, eos = x.shape[0], self.tokenizer.eos_token_id
+        out = torch.full((B, max_new_tokens), eos if eos is not None else 0, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool)
+        for t in range(max_new_tokens):
+            nxt = self.model.lm_head(self._hidden_pruned(x, mask, pos, survive, layer)).argmax(-1).cpu()
+            nxt[done] = out[done, t]
+            out[:, t] = nxt
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            one = torch.ones(B, 1, dtype=mask.dtype, device=mask.device)
+            x = torch.cat([x, self.embed(nxt.to(self.device))[:, None]], dim=1)
+            mask, pos = torch.cat([mask, one], 1), torch.cat([pos, pos[:, -1:] + 1], 1)
+            survive = torch.cat([survive, one.bool()], 1)
+        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out.tolist()]
+
     @torch.no_grad()
     def text_attention(self, prompt: Prompt, visual: torch.Tensor, layer: int = 2) -> torch.Tensor:
         self.check_visual(visual)
@@ -201,7 +262,19 @@ class HFLlava:
         return a[-1, start:start + self.n_tokens].cpu()
 
 
-def describe(path: Path) -> dict:
-    """The checkpoint's config summary (for logs and the dashboard)."""
+def checkpoint_info(path: str | Path) -> dict:
+    """What the pipeline needs to know of a checkpoint without loading its weights."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model checkpoint directory (no config.json)")
     cfg = json.loads((path / "config.json").read_text())
-    return {"model_type": cfg.get("model_type"), "image_seq_length": cfg.get("image_seq_length")}
+    if cfg.get("model_type") not in SUPPORTED:
+        raise ModelError(f"{path}: model_type {cfg.get('model_type')!r} is not a LLaVA model (supported: {SUPPORTED})")
+    n = int(cfg["image_seq_length"])
+    side = int(round(n**0.5))
+    text = cfg.get("text_config", {})
+    return {
+        "model_id": checkpoint_id(path), "n_tokens": n, "grid": (side, side) if side * side == n else (1, n),
+        "hidden_size": text.get("hidden_size"), "heads": text.get("num_attention_heads"),
+        "ffn": text.get("intermediate_size"), "layers": text.get("num_hidden_layers"),
+    }

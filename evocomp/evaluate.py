@@ -1,0 +1,159 @@
+"""Every method x keep ratio on the test split: accuracy, retention, tokens, FLOPs, latency.
+
+Methods: full, the heuristics of ``baselines`` (VisionZip as its embedding-producing
+dominant + contextual variant), the trained EvoComp compressor, and the GA oracle
+(labels searched on the test samples themselves: an upper bound).
+
+    evocomp evaluate --out metrics/eval.json
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from evocomp.baselines import select, visionzip_merge
+from evocomp.compressor import collate, select_topk
+from evocomp.datasets import Sample
+from evocomp.features import FeatureStore
+from evocomp.mllm.quality import budget, normalise, ratio_key
+from evocomp.search import sample_seed
+from evocomp.training import grid_positions
+
+HEURISTIC = ("random", "pooling", "fastv", "divprune", "dart")
+
+
+def prefill_flops(info: dict, n_text: int, n_visual: int, n_kept: int, prune_layer: int = 0) -> float:
+    """Analytic LLM prefill FLOPs: 2 x (per-token weights) x tokens + 4 x hidden x L^2 per layer.
+
+    Per-token weights per layer ~ 4 h^2 (attention) + 3 h f (gated MLP); the first
+    ``prune_layer`` layers see all visual tokens, the rest only the kept ones.
+    """
+    h, f, layers = info["hidden_size"], info["ffn"], info["layers"]
+    per_layer = 4 * h * h + 3 * h * f
+
+    def cost(L: int, n: int) -> float:
+        return n * (2 * per_layer * L + 4 * h * L * L)
+
+    full, kept = n_text + n_visual, n_text + n_kept
+    return cost(full, prune_layer) + cost(kept, layers - prune_layer)
+
+
+def oracle_ranking(label_row) -> torch.Tensor:
+    """Token scores from a GA label: kept tokens first, then by elite frequency."""
+    n = int(label_row.n_tokens)
+    score = torch.zeros(n)
+    if label_row.soft is not None:
+        score += torch.as_tensor(list(label_row.soft), dtype=torch.float32)
+    score[torch.as_tensor(list(label_row.kept), dtype=torch.long)] += 2.0
+    return score - torch.arange(n) * 1e-6  # deterministic ties: earlier token first
+
+
+class Selector:
+    """Kept sets (or merged embeddings) for one method on one batch of samples."""
+
+    def __init__(self, mllm, info: dict, compressor=None, labels=None, seed: int = 0):
+        self.mllm, self.info, self.compressor, self.seed = mllm, info, compressor, seed
+        self.labels = {r.sample_id: r for r in labels.itertuples(index=False)} if labels is not None else {}
+
+    def scores(self, method: str, samples: list[Sample], feats: list) -> list[torch.Tensor] | None:
+        if method == "evocomp":
+            from evocomp.compressor import Item
+
+            items = [Item(f.tokens, grid_positions(f.tokens.shape[0], self.info["grid"]), f.text,
+                          torch.zeros(f.tokens.shape[0])) for f in feats]
+            b = collate(items)
+            with torch.no_grad():
+                out = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask)
+            return list(out.logits)
+        if method == "oracle":
+            missing = [s.id for s in samples if s.id not in self.labels]
+            if missing:
+                raise ValueError(f"no GA label for test sample {missing[0]} (label the test split for the oracle)")
+            return [oracle_ranking(self.labels[s.id]) for s in samples]
+        return None
+
+    def kept(self, method: str, k: int, samples: list[Sample], feats: list, scores) -> list[torch.Tensor]:
+        if scores is not None:
+            return [select_topk(sc, k=k) for sc in scores]
+        return [select(method, k, tokens=f.tokens, grid=self.info["grid"], text_attn=f.text_attn,
+                       cls_attn=f.cls_attn, seed=sample_seed(self.seed, s.id)) for s, f in zip(samples, feats, strict=True)]
+
+
+def evaluate_methods(mllm, info: dict, samples: list[Sample], fstore: FeatureStore, ratios, methods,
+                     compressor=None, labels=None, prune_layer: int = 0, seed: int = 0, batch: int = 64,
+                     max_new_tokens: int = 8, progress=None) -> dict:
+    """Accuracy of every method at every ratio (plus full), per question type."""
+    if not samples:
+        raise ValueError("no test samples to evaluate")
+    sel = Selector(mllm, info, compressor, labels, seed)
+    n = info["n_tokens"]
+    hits: dict[str, list[bool]] = defaultdict(list)
+    by_type: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        feats = [fstore.get(s.id) for s in chunk]
+        vis = [f.tokens for f in feats]
+        qs = [s.question for s in chunk]
+
+        def record(name: str, answers: list[str]) -> None:
+            for s, a in zip(chunk, answers, strict=True):
+                ok = normalise(a) == normalise(s.answer)
+                hits[name].append(ok)
+                by_type[(name, s.meta.get("qtype") or "all")].append(ok)
+
+        record("full", mllm.generate(qs, vis, [None] * len(chunk), max_new_tokens))
+        for method in methods:
+            scores = sel.scores(method, chunk, feats)
+            for r in ratios:
+                k = budget(r, n)
+                name = f"{method}@{ratio_key(r)}"
+                if method == "visionzip":
+                    merged = [visionzip_merge(f.tokens, f.cls_attn, k) for f in feats]
+                    answers = mllm.generate(qs, [m[0] for m in merged], [None] * len(chunk), max_new_tokens,
+                                            vis_pos=[m[1] for m in merged])
+                else:
+                    kept = sel.kept(method, k, chunk, feats, scores)
+                    answers = mllm.generate(qs, vis, kept, max_new_tokens, prune_layer=prune_layer)
+                record(name, answers)
+        if progress:
+            progress(min(start + batch, len(samples)), len(samples))
+    return {"hits": hits, "by_type": by_type}
+
+
+def time_prefill(mllm, sample: Sample, feats, kept: torch.Tensor | None, repeats: int = 5) -> float:
+    """Median seconds of one LLM prefill for this sample with these tokens."""
+    prompt = mllm.encode(sample.question, "x")
+    idx = torch.arange(feats.tokens.shape[0]) if kept is None else kept
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mllm.generate([sample.question], [feats.tokens], [idx], max_new_tokens=1)
+        times.append(time.perf_counter() - t0)
+    del prompt
+    return statistics.median(times)
+
+
+def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: int) -> dict:
+    def acc(xs: list[bool]) -> float:
+        return round(sum(xs) / max(1, len(xs)), 4)
+
+    full = acc(raw["hits"]["full"])
+    out: dict = {"full": full, "samples": len(raw["hits"]["full"]), "prune_layer": prune_layer,
+                 "ratios": {}, "retention": {}, "tokens": {}, "prefill_flops": {}, "by_type": {}}
+    n = info["n_tokens"]
+    full_flops = prefill_flops(info, n_text, n, n)
+    for r in ratios:
+        key, k = ratio_key(r), budget(r, n)
+        out["ratios"][key] = {m: acc(raw["hits"][f"{m}@{key}"]) for m in methods}
+        out["retention"][key] = {m: round(100 * v / full, 2) if full else 0.0 for m, v in out["ratios"][key].items()}
+        out["tokens"][key] = k
+        out["prefill_flops"][key] = {"flops": prefill_flops(info, n_text, n, k, prune_layer),
+                                     "ratio_to_full": prefill_flops(info, n_text, n, k, prune_layer) / full_flops}
+    types = sorted({q for (_, q) in raw["by_type"]})
+    out["by_type"] = {name: {q: acc(raw["by_type"][(name, q)]) for q in types if (name, q) in raw["by_type"]}
+                      for name in sorted(raw["hits"])}
+    return out

@@ -99,7 +99,7 @@ def evaluate_methods(mllm, info: dict, samples: list[Sample], fstore: FeatureSto
         vis = [f.tokens for f in feats]
         qs = [s.question for s in chunk]
 
-        def record(name: str, answers: list[str]) -> None:
+        def record(name: str, answers: list[str], chunk: list[Sample] = chunk) -> None:
             for s, a in zip(chunk, answers, strict=True):
                 ok = normalise(a) == normalise(s.answer)
                 hits[name].append(ok)

@@ -81,8 +81,8 @@ class SearchParams(_Strict):
 
     @model_validator(mode="after")
     def _parents(self) -> SearchParams:
-        if self.parents > self.population:
-            raise ValueError("label.parents must be <= label.population")
+        if self.parents >= self.population:
+            raise ValueError("label.parents must be < label.population (offspring need room)")
         return self
 
 

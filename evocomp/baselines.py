@@ -1,0 +1,271 @@
+"""Heuristic visual-token selectors: the baselines EvoComp labels are compared with.
+
+Every selector returns k distinct token indices sorted ascending (the kept
+tokens in their original order). ``select`` dispatches by name; each method
+needs some context (tokens, grid, attention) and says which when it is missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+HEURISTICS = ("random", "pooling", "fastv", "visionzip", "divprune", "dart")
+
+
+def _check_vector(name: str, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor (N,), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN/Inf")
+    return x.float().cpu()
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores (ties: lower index first)."""
+    order = torch.argsort(-scores, stable=True)  # (N,)
+    return order[:k]
+
+
+def _unit(tokens: torch.Tensor) -> torch.Tensor:
+    return F.normalize(tokens.float().cpu(), dim=-1, eps=1e-12)  # (N, D)
+
+
+# ---- the selectors; each returns k indices in any order -------------------------------
+
+
+def _random(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:k]
+
+
+def _pooling(grid: tuple[int, int], k: int) -> torch.Tensor:
+    """k cells spread evenly over an h x w grid.
+
+    Picks the r x c strided sub-grid (r*c >= k) whose aspect is closest to the
+    grid's and wastes fewest cells, centres its rows/columns in the grid, then
+    takes k evenly spaced cells of the sub-grid in raster order.
+    """
+    h, w = grid
+    best: tuple[float, int, int] | None = None
+    for r in range(1, h + 1):
+        c = min(w, math.ceil(k / r))
+        if r * c < k:
+            continue
+        cost = abs(math.log((r / c) / (h / w))) + (r * c - k) / k
+        if best is None or cost < best[0]:
+            best = (cost, r, c)
+    assert best is not None  # k <= h*w, so r = h always fits
+    _, r, c = best
+    rows = [int((i + 0.5) * h / r) for i in range(r)]
+    cols = [int((j + 0.5) * w / c) for j in range(c)]
+    cells = [y * w + x for y in rows for x in cols]  # r*c distinct cells, raster order
+    picks = [cells[int((i + 0.5) * len(cells) / k)] for i in range(k)]  # spacing >= 1
+    return torch.tensor(picks, dtype=torch.long)
+
+
+def _divprune(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min diversity (DivPrune, Alvar et al., CVPR 2025).
+
+    First the token whose nearest other token is farthest, then repeatedly the
+    token maximising its minimum cosine distance to the selected set.
+    """
+    unit = _unit(tokens)
+    n = unit.shape[0]
+    dist = 1.0 - unit @ unit.T  # (N, N)
+    taken = torch.zeros(n, dtype=torch.bool)
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    first_scores = dist.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).min(dim=0).values
+    first = int(torch.argmax(first_scores))
+    picks = [first]
+    taken[first] = True
+    min_dist = dist[first].clone()  # (N,) distance to the selected set
+    for _ in range(k - 1):
+        # -inf on taken tokens: duplicates (distance 0) must never be re-picked.
+        nxt = int(torch.argmax(min_dist.masked_fill(taken, -float("inf"))))
+        picks.append(nxt)
+        taken[nxt] = True
+        min_dist = torch.minimum(min_dist, dist[nxt])
+    return torch.tensor(picks, dtype=torch.long)
+
+
+def dart_pivots(k: int) -> int:
+    """Number of pivot tokens for budget k: k//4 clamped to 2..8 (never more than k)."""
+    return min(k, max(2, min(8, k // 4)))
+
+
+def _dart(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Pivots plus the tokens least similar to them (DART, Wen et al. 2025).
+
+    Pivots are the largest-L2-norm tokens; every other token is scored by its
+    highest cosine similarity to any pivot and the k - pivots lowest are kept,
+    removing duplicates of what the pivots already carry.
+    """
+    n_piv = dart_pivots(k)
+    pivots = _top(tokens.float().cpu().norm(dim=-1), n_piv)  # (n_piv,)
+    unit = _unit(tokens)
+    sim = (unit @ unit[pivots].T).max(dim=1).values  # (N,)
+    sim[pivots] = float("inf")
+    rest = _top(-sim, k - n_piv)
+    return torch.cat([pivots, rest])
+
+
+# ---- public API -------------------------------------------------------------------------
+
+
+def _infer_n(tokens, grid, text_attn, cls_attn) -> int | None:
+    sizes = {}
+    if tokens is not None:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (N, D), got shape {tuple(tokens.shape)}")
+        sizes["tokens"] = tokens.shape[0]
+    if grid is not None:
+        h, w = grid
+        if h < 1 or w < 1:
+            raise ValueError(f"grid must be (h, w) with h, w >= 1, got {grid}")
+        sizes["grid"] = h * w
+    if text_attn is not None:
+        sizes["text_attn"] = text_attn.numel()
+    if cls_attn is not None:
+        sizes["cls_attn"] = cls_attn.numel()
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"context sizes disagree on the number of tokens N: {sizes}")
+    return next(iter(sizes.values()), None)
+
+
+def select(
+    method: str,
+    k: int,
+    *,
+    tokens: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+    text_attn: torch.Tensor | None = None,
+    cls_attn: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Keep k visual tokens by a heuristic.
+
+    Args:
+        method: one of :data:`HEURISTICS`.
+        k: tokens to keep, 1 <= k <= N.
+        tokens: (N, D) visual tokens (divprune, dart; fixes N for random).
+        grid: (h, w) patch grid with h*w = N (pooling).
+        text_attn: (N,) attention of the last prompt token to each visual token at
+            LLM layer 2, mean over heads (fastv; FastV, Chen et al. 2024).
+        cls_attn: (N,) vision-tower CLS attention summed over heads (visionzip;
+            VisionZip, Yang et al. 2025).
+        seed: random only.
+
+    Returns:
+        (k,) LongTensor, sorted ascending, no duplicates.
+    """
+    needs = {
+        "random": None,
+        "pooling": "grid",
+        "fastv": "text_attn",
+        "visionzip": "cls_attn",
+        "divprune": "tokens",
+        "dart": "tokens",
+    }
+    if method not in needs:
+        raise ValueError(f"unknown selection method {method!r} (known: {', '.join(HEURISTICS)})")
+    context = {"tokens": tokens, "grid": grid, "text_attn": text_attn, "cls_attn": cls_attn}
+    need = needs[method]
+    if need is not None and context[need] is None:
+        raise ValueError(f"method {method!r} needs {need}=...")
+    n = _infer_n(tokens, grid, text_attn, cls_attn)
+    if n is None:
+        raise ValueError(
+            f"method {method!r} needs one of tokens, grid, text_attn, cls_attn (for N)"
+        )
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..N={n}, got {k}")
+    if tokens is not None and not torch.isfinite(tokens).all():
+        raise ValueError("tokens contain NaN/Inf")
+
+    if method == "random":
+        picks = _random(n, k, seed)
+    elif method == "pooling":
+        picks = _pooling(grid, k)
+    elif method == "fastv":
+        picks = _top(_check_vector("text_attn", text_attn), k)
+    elif method == "visionzip":
+        picks = _top(_check_vector("cls_attn", cls_attn), k)
+    elif method == "divprune":
+        picks = _divprune(tokens, k)
+    else:
+        picks = _dart(tokens, k)
+    return torch.sort(picks).values
+
+
+def heuristic_sets(
+    k: int,
+    *,
+    tokens: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+    text_attn: torch.Tensor | None = None,
+    cls_attn: torch.Tensor | None = None,
+    seed: int = 0,
+    methods: tuple[str, ...] = HEURISTICS,
+) -> dict[str, torch.Tensor]:
+    """``{method: select(method, k, ...)}`` for every method, in the given order."""
+    context = {"tokens": tokens, "grid": grid, "text_attn": text_attn, "cls_attn": cls_attn}
+    return {m: select(m, k, seed=seed, **context) for m in methods}
+
+
+def visionzip_merge(
+    tokens: torch.Tensor, cls_attn: torch.Tensor, k: int, dominant_fraction: float = 0.8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dominant tokens plus merged contextual tokens (VisionZip, Yang et al. 2025).
+
+    ``round(dominant_fraction * k)`` tokens with the highest CLS attention are
+    kept as they are. The rest of the budget is filled with contextual tokens:
+    evenly spaced targets among the remaining tokens, every other remaining token
+    assigned to its most cosine-similar target, each target replaced by the mean
+    of itself and its assigned tokens. Used in evaluation only (it produces
+    embeddings, not a subset).
+
+    Args:
+        tokens: (N, D) visual tokens.
+        cls_attn: (N,) vision-tower CLS attention summed over heads.
+        k: output tokens, 1 <= k <= N.
+        dominant_fraction: share of k given to dominant tokens, in [0, 1].
+
+    Returns:
+        embeddings (k, D) in tokens' dtype and positions (k,) LongTensor (the
+        dominant token's or the target token's index), sorted by position.
+    """
+    n = _infer_n(tokens, None, None, cls_attn)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..N={n}, got {k}")
+    if not 0.0 <= dominant_fraction <= 1.0:
+        raise ValueError(f"dominant_fraction must be in [0, 1], got {dominant_fraction}")
+    if not torch.isfinite(tokens).all():
+        raise ValueError("tokens contain NaN/Inf")
+    attn = _check_vector("cls_attn", cls_attn)
+    n_dom = min(k, round(dominant_fraction * k))
+    dominant = _top(attn, n_dom)
+    is_rest = torch.ones(n, dtype=torch.bool)
+    is_rest[dominant] = False
+    rest = is_rest.nonzero().flatten()  # (N - n_dom,) ascending
+    n_ctx = k - n_dom
+    work = tokens.float().cpu()  # (N, D)
+    embeddings = [work[dominant]]
+    positions = [dominant]
+    if n_ctx > 0:
+        targets = rest[[int((i + 0.5) * rest.numel() / n_ctx) for i in range(n_ctx)]]  # (n_ctx,)
+        unit = _unit(tokens)
+        assign = (unit[rest] @ unit[targets].T).argmax(dim=1)  # (N - n_dom,) target slot
+        # A target is always most similar to itself (cosine 1), so it joins its own mean.
+        assign[torch.searchsorted(rest, targets)] = torch.arange(n_ctx)
+        sums = torch.zeros(n_ctx, work.shape[1]).index_add_(0, assign, work[rest])  # (n_ctx, D)
+        counts = torch.bincount(assign, minlength=n_ctx).unsqueeze(1)  # >= 1: the target
+        embeddings.append(sums / counts)
+        positions.append(targets)
+    emb = torch.cat(embeddings)
+    pos = torch.cat(positions)
+    order = torch.argsort(pos)
+    return emb[order].to(tokens.device, tokens.dtype), pos[order]

@@ -1,0 +1,519 @@
+"""The DEAP genetic search: one sample in, one label out (EvoComp paper, Sec. 3).
+
+A candidate is a set of kept visual-token indices; its fitness is the MLLM's
+answer loss given only those tokens (lower is better), computed by a
+``fitness_fn(idx (P, k) LongTensor) -> (P,) losses`` that scores a whole
+population in one batched forward. Two modes (``SearchParams.mode``):
+
+* ``paper`` (as published): an individual keeps exactly one token per semantic
+  group (a list of G token indices, slot g holding a member of group g);
+  truncation selection of the ``parents`` lowest-loss, crossover ``cxHalf``
+  (first half of the groups from one parent, the rest from the other), mutation
+  ``mutWithinGroup`` (with probability ``mut_prob`` per group, move the group's
+  kept token to another member of the group, drawn uniformly), offspring replace
+  the worst. The label has G tokens; ``k`` is ignored.
+* ``budget``: exactly k tokens, k allotted over groups by :func:`group_quotas`;
+  ``cxSet`` (the parents' intersection, filled from their union) and
+  ``mutSwap`` (swap a kept token for a dropped one of its group, or of any group
+  with room when k < G), both followed by :func:`repair`. With
+  ``seed_with_heuristics`` the heuristics' sets join the initial population
+  as given and repaired, so the label is never worse than the best of them.
+
+Every generation's new candidates are scored in ONE ``fitness_fn`` call;
+identical candidates are scored once (cache keyed by the sorted index tuple,
+shared across generations and across the ``params.seeds`` independent runs).
+The label is the lowest-loss candidate ever seen (hall of fame). All random
+choices come from a local ``random.Random(seed)``: same seed, same label.
+
+Three choices beyond a plain truncation GA, each because a cached, clone-heavy
+population otherwise stalls: parents are the best *distinct* candidates; on
+equal loss an offspring ranks before the parent it ties (drift across
+plateaus); a child that repeats a candidate of this run is mutated again (up
+to ``NOVELTY_TRIES`` times) so that its slot explores. In paper mode the
+heuristic sets (size G) are scored for comparison and seed the population
+projected to one token per group; only one-per-group candidates can be the label.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from deap import base, creator, tools
+
+from evocomp.config import SearchParams
+from evocomp.grouping import group_ids, groups_as_lists
+
+# creator is process-global: create the types once, at import, so individuals pickle
+# (threads, Dask workers) and a re-import does not warn about overwriting them.
+if not hasattr(creator, "EvoFitness"):
+    creator.create("EvoFitness", base.Fitness, weights=(-1.0,))  # a loss: minimise
+if not hasattr(creator, "EvoIndividual"):
+    # list-based: DEAP's crossovers slice individuals, which corrupts numpy arrays.
+    creator.create("EvoIndividual", list, fitness=creator.EvoFitness)
+
+FitnessFn = Callable[[torch.Tensor], torch.Tensor]
+Key = tuple[int, ...]  # sorted kept-token indices: the identity of a candidate
+NOVELTY_TRIES = 4  # extra mutations of a child that repeats a known candidate
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One sample's label and how the search got there."""
+
+    kept: list[int]  # sorted token indices of the label
+    loss: float  # its fitness
+    k: int  # label size (G in paper mode)
+    n_tokens: int
+    n_groups: int
+    logbook: list[dict]  # per generation: gen, nevals (rows scored), min, avg, max, std
+    elite: list[tuple[list[int], float]]  # final population's best distinct sets, by loss
+    soft: list[float]  # per token: fraction of the elite keeping it
+    margin: float  # loss of the best other elite member minus the label's loss
+    agreement: float | None  # mean Jaccard of the runs' labels when params.seeds > 1
+    n_forwards: int  # fitness_fn calls
+    n_evals: int  # candidates scored
+    converged_gen: int  # generation where the best was last improved
+    heuristic_losses: dict[str, float] = field(default_factory=dict)
+
+
+def sample_seed(global_seed: int, sample_id: str) -> int:
+    """Per-sample seed from a stable hash (Python's ``hash()`` varies per process)."""
+    digest = hashlib.blake2b(f"{global_seed}:{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: fits torch / numpy seeds
+
+
+def group_quotas(sizes: Sequence[int], k: int) -> list[int]:
+    """Tokens to keep per group: proportional to size, >= 1 each (needs k >= G).
+
+    Largest-remainder rounding; never more than a group's size. Ties go to the
+    lower group index.
+    """
+    n, g = sum(sizes), len(sizes)
+    if not g <= k <= n:
+        raise ValueError(f"quotas need G={g} <= k <= N={n}, got k={k}")
+    target = [k * s / n for s in sizes]
+    quota = [min(s, max(1, int(t))) for s, t in zip(sizes, target, strict=True)]
+    while sum(quota) < k:  # most under-served first
+        i = max((i for i in range(g) if quota[i] < sizes[i]), key=lambda i: target[i] - quota[i])
+        quota[i] += 1
+    while sum(quota) > k:  # most over-served first
+        i = min((i for i in range(g) if quota[i] > 1), key=lambda i: target[i] - quota[i])
+        quota[i] -= 1
+    return quota
+
+
+@dataclass(frozen=True)
+class _Space:
+    """The search space of one sample: groups, and per-group bounds in budget mode."""
+
+    members: list[list[int]]  # per group, ascending token indices
+    group_of: list[int]  # per token
+    k: int
+    floor: list[int]  # budget mode: at least this many kept per group ...
+    cap: list[int]  # ... and at most this many (floor == cap == quota when k >= G)
+
+
+# ---- operators --------------------------------------------------------------------------
+
+
+def repair(tokens, space: _Space, rng: random.Random, prefer: Sequence[int] = ()) -> list[int]:
+    """Exactly k distinct tokens within every group's [floor, cap], changing few.
+
+    Tokens are dropped from over-full groups and added to short ones at random,
+    taking additions from ``prefer`` (e.g. the parents' union) before others.
+    """
+    kept = set(tokens)
+    count = [0] * len(space.members)
+    for t in kept:
+        count[space.group_of[t]] += 1
+    for g, members in enumerate(space.members):
+        if count[g] > space.cap[g]:
+            drop = rng.sample(sorted(t for t in members if t in kept), count[g] - space.cap[g])
+            kept.difference_update(drop)
+            count[g] = space.cap[g]
+    pref_set = set(prefer) - kept
+    pref = sorted(pref_set)
+    rng.shuffle(pref)
+    rest = [t for t in range(len(space.group_of)) if t not in kept and t not in pref_set]
+    rng.shuffle(rest)
+    pool = pref + rest  # additions, preferred first
+    for t in pool:  # groups below their floor
+        g = space.group_of[t]
+        if count[g] < space.floor[g]:
+            kept.add(t)
+            count[g] += 1
+    if len(kept) > space.k:  # only when floor < cap (k < G): drop any beyond the budget
+        extra = sorted(kept)
+        rng.shuffle(extra)
+        for t in extra[: len(kept) - space.k]:
+            kept.discard(t)
+            count[space.group_of[t]] -= 1
+    for t in pool:  # fill up to k where groups have room
+        if len(kept) == space.k:
+            break
+        g = space.group_of[t]
+        if t not in kept and count[g] < space.cap[g]:
+            kept.add(t)
+            count[g] += 1
+    return sorted(kept)
+
+
+def cxHalf(ind1: list[int], ind2: list[int]) -> tuple[list[int], list[int]]:
+    """Paper crossover: swap the second half of the group slots between two parents."""
+    half = len(ind1) // 2
+    ind1[half:], ind2[half:] = ind2[half:], ind1[half:]
+    return ind1, ind2
+
+
+def mutWithinGroup(ind: list[int], space: _Space, indpb: float, rng: random.Random):
+    """Paper mutation: per group, with prob. indpb, move to another member of the group.
+
+    The new member is drawn uniformly from the group. Moving only to the
+    index-adjacent member (a stricter reading of "neighbour") recovered a planted
+    optimum far less often within 10 generations (N=64, 8 groups: 5/30 vs 17/30).
+    """
+    for g, members in enumerate(space.members):
+        if len(members) > 1 and rng.random() < indpb:
+            ind[g] = rng.choice([t for t in members if t != ind[g]])
+    return (ind,)
+
+
+def cxSet(ind1: list[int], ind2: list[int], space: _Space, rng: random.Random):
+    """Budget crossover: each child = both parents' common tokens + a fill from the union."""
+    common = set(ind1) & set(ind2)
+    union = sorted(set(ind1) | set(ind2))
+    ind1[:] = repair(common, space, rng, prefer=union)
+    ind2[:] = repair(common, space, rng, prefer=union)
+    return ind1, ind2
+
+
+def mutSwap(ind: list[int], space: _Space, indpb: float, rng: random.Random):
+    """Budget mutation: per represented group, with prob. indpb, swap a kept token out."""
+    kept = set(ind)
+    count = [0] * len(space.members)
+    for t in kept:
+        count[space.group_of[t]] += 1
+    for g, members in enumerate(space.members):
+        if count[g] == 0 or rng.random() >= indpb:
+            continue
+        out = rng.choice(sorted(t for t in members if t in kept))
+        may_leave = count[g] - 1 >= space.floor[g]  # quotas allow moving to another group
+        pool = [
+            t
+            for t in range(len(space.group_of))
+            if t not in kept
+            and (
+                space.group_of[t] == g
+                or (may_leave and count[space.group_of[t]] < space.cap[space.group_of[t]])
+            )
+        ]
+        if pool:
+            new = rng.choice(pool)
+            kept.discard(out)
+            kept.add(new)
+            count[g] -= 1
+            count[space.group_of[new]] += 1
+    ind[:] = sorted(kept)
+    return (ind,)
+
+
+# ---- scoring ----------------------------------------------------------------------------
+
+
+class _Scorer:
+    """Scores candidates in one fitness_fn call each batch; remembers every score."""
+
+    def __init__(self, fitness_fn: FitnessFn, k: int):
+        self.fitness_fn, self.k = fitness_fn, k
+        self.cache: dict[Key, float] = {}
+        self.n_forwards = self.n_evals = 0
+
+    def score(self, keys: Sequence[Key]) -> int:
+        """Score the unseen ones among ``keys`` in one call; return how many were scored."""
+        new = list(dict.fromkeys(key for key in keys if key not in self.cache))
+        if not new:
+            return 0
+        idx = torch.tensor(new, dtype=torch.long).reshape(len(new), self.k)  # (P, k)
+        out = torch.as_tensor(self.fitness_fn(idx))
+        if tuple(out.shape) != (len(new),):
+            raise ValueError(
+                f"fitness_fn returned shape {tuple(out.shape)} for {len(new)} candidates "
+                f"(input shape {tuple(idx.shape)}); expected ({len(new)},), one loss per row"
+            )
+        losses = out.detach().float().cpu()
+        if not torch.isfinite(losses).all():
+            bad = int((~torch.isfinite(losses)).sum())
+            raise ValueError(
+                f"fitness_fn returned NaN/Inf for {bad} of {len(new)} candidates "
+                f"(input shape {tuple(idx.shape)})"
+            )
+        self.cache.update(zip(new, losses.tolist(), strict=True))
+        self.n_forwards += 1
+        self.n_evals += len(new)
+        return len(new)
+
+    def evaluate(self, population: list, extra: Sequence[Key] = ()) -> int:
+        """DEAP's map(evaluate) fused into one forward: set every individual's fitness."""
+        n = self.score([_key(ind) for ind in population] + list(extra))
+        for ind in population:
+            ind.fitness.values = (self.cache[_key(ind)],)
+        return n
+
+
+def _key(ind: Sequence[int]) -> Key:
+    return tuple(sorted(ind))
+
+
+def _distinct(population: list) -> list:
+    """First occurrence of every distinct candidate, in population order."""
+    seen: set[Key] = set()
+    return [ind for ind in population if not (_key(ind) in seen or seen.add(_key(ind)))]
+
+
+# ---- one run ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    best: Key
+    loss: float
+    logbook: list[dict]
+    population: list
+    converged_gen: int
+
+
+def _toolbox(space: _Space, params: SearchParams, rng: random.Random) -> base.Toolbox:
+    tb = base.Toolbox()
+    tb.register("clone", copy.deepcopy)
+    tb.register("select", tools.selBest)  # truncation: the `parents` lowest losses
+    if params.mode == "paper":
+        pick = lambda: creator.EvoIndividual(rng.choice(m) for m in space.members)  # noqa: E731
+        tb.register("individual", pick)
+        tb.register("mate", cxHalf)
+        tb.register("mutate", mutWithinGroup, space=space, indpb=params.mut_prob, rng=rng)
+    else:
+        tb.register("individual", lambda: creator.EvoIndividual(repair((), space, rng)))
+        tb.register("mate", cxSet, space=space, rng=rng)
+        tb.register("mutate", mutSwap, space=space, indpb=params.mut_prob, rng=rng)
+    return tb
+
+
+def _seed_individuals(sets: dict[str, Key], space: _Space, params: SearchParams, rng) -> list:
+    """Heuristic sets as individuals: paper mode keeps one member per group (the lowest
+    one in the set, a random member where the set misses the group); budget mode
+    takes each set as given and repaired to quota."""
+    out = []
+    for s in sets.values():
+        if params.mode == "paper":
+            inside = set(s)
+            slots = [next((t for t in m if t in inside), None) for m in space.members]
+            out.append(
+                [
+                    t if t is not None else rng.choice(m)
+                    for t, m in zip(slots, space.members, strict=True)
+                ]
+            )
+        else:
+            out += [list(s), repair(s, space, rng)]
+    return out
+
+
+def _breed(tb, parents: list, n: int, cx_prob: float, rng: random.Random, seen) -> list:
+    """n offspring of random parent pairs: mate with prob. cx_prob, then mutate.
+
+    A child that repeats a candidate of this run (or a sibling) is mutated again, up
+    to ``NOVELTY_TRIES`` times: a repeat costs no forward but wastes the slot.
+    """
+    offspring, keys = [], set()
+    while len(offspring) < n:
+        p1, p2 = rng.sample(parents, 2) if len(parents) > 1 else parents * 2
+        c1, c2 = tb.clone(p1), tb.clone(p2)
+        if rng.random() < cx_prob:
+            tb.mate(c1, c2)
+        for child in (c1, c2)[: n - len(offspring)]:
+            del child.fitness.values  # invalid: to be (re-)evaluated
+            for _ in range(NOVELTY_TRIES + 1):
+                tb.mutate(child)
+                if _key(child) not in seen and _key(child) not in keys:
+                    break
+            keys.add(_key(child))
+            offspring.append(child)
+    return offspring
+
+
+def _run(
+    space, scorer: _Scorer, params: SearchParams, seed: int, sets: dict[str, Key], progress
+) -> _Run:
+    rng = random.Random(seed)
+    tb = _toolbox(space, params, rng)
+    n_parents = min(params.parents, params.population - 1)  # keep >= 1 offspring slot
+    n_offspring = params.population - n_parents
+
+    seeds = _seed_individuals(sets, space, params, rng) if params.seed_with_heuristics else []
+    population, seen = [], set()
+    for s in seeds:
+        if _key(s) not in seen:
+            seen.add(_key(s))
+            population.append(creator.EvoIndividual(s))
+    # Heuristic sets outside the population are scored in the same call: keep that call
+    # within `population` rows by shrinking the random fill.
+    extra = [key for key in dict.fromkeys(sets.values()) if key not in seen]
+    while len(population) < max(2, params.population - len(extra)):
+        population.append(tb.individual())
+
+    stats = tools.Statistics(key=lambda ind: ind.fitness.values[0])
+    for name, fn in (("min", np.min), ("avg", np.mean), ("max", np.max), ("std", np.std)):
+        stats.register(name, fn)
+    logbook = tools.Logbook()
+    logbook.header = ["gen", "nevals", "min", "avg", "max", "std"]
+
+    # This run's candidates (not the shared cache: runs must not steer each other).
+    visited: set[Key] = set()
+    best, best_loss, converged = None, float("inf"), 0
+    for gen in range(params.generations + 1):
+        if gen == 0:
+            nevals = scorer.evaluate(population, extra)
+            fresh = population
+        else:
+            # Distinct parents: clones carry no new information and collapse diversity.
+            parents = tb.select(_distinct(population), n_parents)
+            fresh = _breed(tb, parents, n_offspring, params.cx_prob, rng, visited)
+            # Re-evaluate only invalid individuals (here: all offspring); the cache
+            # makes unchanged ones free.
+            nevals = scorer.evaluate([ind for ind in fresh if not ind.fitness.valid])
+            population = fresh + parents  # ties go to offspring: drift across plateaus
+        visited.update(_key(ind) for ind in fresh)
+        for ind in fresh:  # hall of fame: first seen wins ties
+            if ind.fitness.values[0] < best_loss:
+                best, best_loss, converged = _key(ind), ind.fitness.values[0], gen
+        record = {k: float(v) for k, v in stats.compile(population).items()}
+        logbook.record(gen=gen, nevals=nevals, **record)
+        if progress is not None:
+            progress(gen, best_loss)
+        if params.early_stop_patience and gen - converged >= params.early_stop_patience:
+            break
+    return _Run(best, best_loss, [dict(r) for r in logbook], population, converged)
+
+
+# ---- the public entry point -------------------------------------------------------------
+
+
+def _jaccard(a: Key, b: Key) -> float:
+    sa, sb = set(a), set(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def _check_inputs(tokens, groups, k, params) -> _Space:
+    if params.mode not in ("paper", "budget"):
+        raise ValueError(f"unknown search mode {params.mode!r} (known: paper, budget)")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (N, D), got shape {tuple(tokens.shape)}")
+    n = tokens.shape[0]
+    if n == 0:
+        raise ValueError("the sample has no visual tokens (N=0): nothing to search")
+    if not torch.isfinite(tokens).all():
+        raise ValueError("tokens contain NaN/Inf: check the vision tower / projector output")
+    groups = torch.as_tensor(groups)
+    if groups.dim() != 1 or groups.numel() != n:
+        raise ValueError(
+            f"groups must have one id per token: got shape {tuple(groups.shape)}, N={n}"
+        )
+    if groups.is_floating_point():
+        raise ValueError("groups must be integer group ids")
+    gids = group_ids(groups.cpu())
+    members = groups_as_lists(gids)
+    n_groups = len(members)
+    if params.mode == "paper":
+        k = n_groups
+        floor = cap = [1] * n_groups
+    else:
+        k = max(1, round(params.keep_ratio * n)) if k is None else k
+        if not 1 <= k <= n:
+            raise ValueError(f"k must be in 1..N={n} in budget mode, got {k}")
+        if k >= n_groups:
+            floor = cap = group_quotas([len(m) for m in members], k)
+        else:  # too few tokens to cover every group: at most one per group
+            floor, cap = [0] * n_groups, [1] * n_groups
+    return _Space(members, gids.tolist(), k, floor, cap)
+
+
+def search_sample(
+    tokens: torch.Tensor,
+    groups: torch.Tensor,
+    fitness_fn: FitnessFn,
+    k: int | None,
+    params: SearchParams,
+    seed: int,
+    heuristic_sets: dict[str, torch.Tensor] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> SearchResult:
+    """Label one sample: the kept-token set of lowest answer loss the GA finds.
+
+    Args:
+        tokens: (N, D) the sample's visual tokens (only checked here; fitness_fn owns the model).
+        groups: (N,) integer group id per token (any labels, e.g. nearest vocabulary ids).
+        fitness_fn: ``(P, k) LongTensor of sorted index rows -> (P,) losses``, one batched
+            forward; called at most once per generation, with at most ``params.population``
+            rows (more only if there are more heuristic sets than that).
+        k: budget mode: tokens to keep (None: ``round(keep_ratio * N)``); ignored in paper mode.
+        params: search settings.
+        seed: the sample's seed (see :func:`sample_seed`).
+        heuristic_sets: ``{name: (k,) indices}`` (G indices in paper mode), scored in the
+            first call; they seed the population when ``params.seed_with_heuristics``.
+        progress: called as ``progress(gen, best_loss)`` after every generation of every run.
+    """
+    space = _check_inputs(tokens, groups, k, params)
+    n = len(space.group_of)
+    sets: dict[str, Key] = {}
+    for name, s in (heuristic_sets or {}).items():
+        key = tuple(int(t) for t in torch.as_tensor(s).flatten().tolist())
+        if len(set(key)) != space.k or len(key) != space.k or not all(0 <= t < n for t in key):
+            raise ValueError(
+                f"heuristic set {name!r} must hold {space.k} distinct indices in 0..{n - 1} "
+                f"(the label size in {params.mode} mode), got {len(key)} ({len(set(key))} distinct)"
+            )
+        sets[name] = tuple(sorted(key))
+
+    scorer = _Scorer(fitness_fn, space.k)
+    run_seeds = [seed] + [sample_seed(seed, f"run-{i}") for i in range(1, params.seeds)]
+    runs = [_run(space, scorer, params, s, sets, progress) for s in run_seeds]
+    top = min(runs, key=lambda r: r.loss)  # earliest run on ties
+
+    elite: list[tuple[list[int], float]] = []
+    for ind in sorted(top.population, key=lambda ind: ind.fitness.values[0]):
+        if len(elite) < min(params.parents, params.population - 1) and all(
+            list(_key(ind)) != e[0] for e in elite
+        ):
+            elite.append((list(_key(ind)), ind.fitness.values[0]))
+    soft = [0.0] * n
+    for kept, _ in elite:
+        for t in kept:
+            soft[t] += 1 / len(elite)
+    others = [loss for kept, loss in elite if tuple(kept) != top.best]
+    agreement = None
+    if len(runs) > 1:
+        pairs = list(itertools.combinations([r.best for r in runs], 2))
+        agreement = sum(_jaccard(a, b) for a, b in pairs) / len(pairs)
+    return SearchResult(
+        kept=list(top.best),
+        loss=top.loss,
+        k=space.k,
+        n_tokens=n,
+        n_groups=len(space.members),
+        logbook=top.logbook,
+        elite=elite,
+        soft=soft,
+        margin=(min(others) - top.loss) if others else 0.0,
+        agreement=agreement,
+        n_forwards=scorer.n_forwards,
+        n_evals=scorer.n_evals,
+        converged_gen=top.converged_gen,
+        heuristic_losses={name: scorer.cache[key] for name, key in sets.items()},
+    )

@@ -1,0 +1,150 @@
+"""Small helpers shared by the benchmarks: timing, machine description, atomic metrics files.
+
+Not a benchmark itself (nothing runs on import or as a script). Benchmarks import it as
+``from _common import ...``: running ``bench/<name>.py`` puts ``bench/`` on ``sys.path``.
+
+Timing rules (see ../shared/FACTS.md, "Timings"): warm up first, interleave the variants being
+compared so that a noisy neighbour hits them alike, and report the minimum and the median over
+repeats, never a single run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sync(device: torch.device | str | None) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it (no-op on CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[Any, float]:
+    """``(fn(), seconds)``, synchronising the device before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def collect(
+    one_pass: Callable[[int], Mapping[str, float]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Run ``warmup`` passes (discarded), then ``repeats`` passes; each returns {name: seconds}.
+
+    Returns {name: [seconds of each kept pass]}.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for i in range(warmup):
+        one_pass(i)
+    samples: dict[str, list[float]] = {}
+    for i in range(repeats):
+        for name, seconds in one_pass(i).items():
+            samples.setdefault(name, []).append(seconds)
+    return samples
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+) -> dict[str, list[float]]:
+    """Time callables side by side: each pass runs each once, the order rotated every pass."""
+    names = list(fns)
+
+    def one_pass(i: int) -> dict[str, float]:
+        r = i % len(names)
+        return {name: timed(fns[name], device)[1] for name in names[r:] + names[:r]}
+
+    return collect(one_pass, repeats, warmup)
+
+
+def summarize(seconds: list[float]) -> dict[str, float | int]:
+    """{"min", "median", "repeats"} of a list of timings."""
+    if not seconds:
+        raise ValueError("summarize: no timings")
+    return {"min": min(seconds), "median": statistics.median(seconds), "repeats": len(seconds)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What the figures were measured on; the load average says whether the machine was shared."""
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if hasattr(os, "getloadavg"):
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def describe_machine(info: Mapping[str, Any]) -> str:
+    """One line for the top of a benchmark's printout."""
+    load = info.get("load_average_1m")
+    return (
+        f"{info['device']} ({info['device_name']}), {info['cpu_count']} CPUs, "
+        f"torch {info['torch']} with {info['torch_threads']} threads"
+        + (f", load average {load} at start" if load is not None else "")
+    )
+
+
+def command_line(argv: list[str] | None = None, script: str | Path | None = None) -> str:
+    """The command being run, paths relative to the working directory where they lie under it.
+
+    ``argv``/``script`` describe a call of a benchmark's ``main(argv)`` from Python (a test);
+    by default the command is ``sys.argv``.
+    """
+    args = [str(script or sys.argv[0]), *argv] if argv is not None else list(sys.argv)
+
+    def rel(path: str) -> str:
+        p = Path(path)
+        return os.path.relpath(p) if p.is_absolute() and p.is_relative_to(Path.cwd()) else path
+
+    return shlex.join([rel(sys.executable), rel(args[0]), *args[1:]])
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON under a temporary name, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path

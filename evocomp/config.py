@@ -45,11 +45,11 @@ class MLLMParams(_Strict):
     n_images: int = Field(6000, ge=64)  # fixed training images, fresh question per step
     align_steps: int = Field(150, ge=0)
     align_lr: float = Field(2e-3, gt=0)
-    lm_steps: int = Field(3000, ge=1)
+    lm_steps: int = Field(4500, ge=1)
     lm_lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     drop_max: float = Field(0.8, ge=0.0, le=1.0)  # max prob. of dropping an irrelevant token
-    curriculum_steps: int = Field(300, ge=0)  # first LM steps drop most distractors
+    curriculum_steps: int = Field(500, ge=0)  # first LM steps drop most distractors
     qk_tied_init: bool = True  # W_k = W_q at init: attention starts word-matching
     eval_images: int = Field(1000, ge=10)
     threads: int = Field(2, ge=1)

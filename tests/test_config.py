@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from evocomp.config import Params, ParamsError, load_params, parse_params
+
+
+def test_repo_params_are_valid(repo_root):
+    p = load_params(repo_root / "params.yaml")
+    assert p.label.mode == "paper" and p.label.population == 48 and p.label.generations == 10
+
+
+@pytest.mark.parametrize("profile", ["full", "tiny"])
+def test_profiles_apply(repo_root, profile):
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["profile"] = profile
+    p = parse_params(raw)
+    assert p.prepare.n_images == raw["profiles"][profile]["prepare"]["n_images"]
+    assert p.label.population == raw["profiles"][profile].get("label", {}).get("population", 48)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"label": {"generatons": 5}}, r"label\.generatons: Extra inputs"),
+        ({"label": {"generations": "many"}}, r"label\.generations"),
+        ({"label": {"mode": "greedy"}}, r"label\.mode"),
+        ({"label": {"population": 8, "parents": 8}}, "parents must be < label.population"),
+        ({"evaluate": {"ratios": [0.5, 1.5]}}, r"outside \(0, 1\]"),
+        ({"prepare": {"val_fraction": 0.6, "test_fraction": 0.5}}, "must be < 1"),
+        ({"profile": "huge"}, "unknown profile 'huge'"),
+        ({"trian": {}}, "trian"),
+    ],
+)
+def test_bad_params_name_the_key(raw, match):
+    with pytest.raises(ParamsError, match=match):
+        parse_params(raw)
+
+
+def test_bad_yaml(tmp_path):
+    (tmp_path / "p.yaml").write_text("label: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_missing_file_gives_defaults(tmp_path):
+    assert load_params(tmp_path / "none.yaml") == Params()

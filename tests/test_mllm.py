@@ -46,6 +46,26 @@ def test_batched_subset_loss_equals_single(mllm, scene, P):
     assert len(set(batched.tolist())) > 1 or P == 1  # the subset changes the loss
 
 
+def test_subset_equals_masking_the_dropped_tokens(mllm, scene):
+    """Removing tokens == masking them out (same original positions): the subset really is what is seen."""
+    img, qa = scene
+    v = mllm.visual_tokens([img])[0]
+    p = mllm.encode(qa.question, qa.answer)
+    kept = torch.tensor([2, 3, 17, 30])
+    x = torch.cat([mllm._ids(p.prefix), v, mllm._ids(p.suffix + p.answer)])[None]
+    mask = torch.ones(1, x.shape[1], dtype=torch.long)
+    drop = torch.ones(36, dtype=torch.bool)
+    drop[kept] = False
+    mask[0, len(p.prefix) : len(p.prefix) + 36][drop] = 0
+    h = mllm.lm(inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(x.shape[1])[None]).last_hidden_state
+    logits = mllm.model.lm_head(h[:, -len(p.answer) - 1 : -1])
+    ref = torch.nn.functional.cross_entropy(logits[0], torch.tensor(p.answer))
+    torch.testing.assert_close(mllm.subset_loss(p, v, kept[None])[0], ref, rtol=1e-4, atol=1e-5)
+    # and the loss depends on which tokens are kept
+    other = mllm.subset_loss(p, v, torch.tensor([[0, 1, 5, 9]]))[0]
+    assert abs(float(other) - float(ref)) > 1e-6
+
+
 def test_full_subset_matches_processor_path(mllm, scene):
     img, qa = scene
     text = f"USER: <image>\n{qa.question} ASSISTANT: {qa.answer}"

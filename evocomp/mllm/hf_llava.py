@@ -141,7 +141,10 @@ class HFLlava:
             P, k = rows.shape
             x = torch.cat([pre.expand(P, -1, -1), vis[rows], tail.expand(P, -1, -1)], dim=1)  # (P, L, D)
             pos = positions(len(prompt.prefix), self.n_tokens, rows, tail.shape[0])
-            h = self.lm(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
+            # An explicit mask: with none, transformers reads the gaps in our position ids as
+            # packed-sequence boundaries and walls the answer off from the visual tokens.
+            mask = torch.ones(x.shape[:2], dtype=torch.long, device=self.device)
+            h = self.lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
             logits = self.model.lm_head(h[:, -n_ans - 1:-1]).float()  # (P, n_ans, V)
             ce = F.cross_entropy(logits.transpose(1, 2), ans.expand(P, -1), reduction="none")
             losses.append(ce.mean(1))

@@ -1,0 +1,1 @@
+"""The Streamlit audit dashboard (``streamlit run dashboards/app.py``); reads, never writes the store."""

@@ -1,0 +1,313 @@
+"""The dashboard's read-only queries of the label store, and where the dashboard reads from.
+
+Every query is cached with ``st.cache_data`` (``TTL`` seconds) and keyed by plain values (the
+store URL, ids), never by an engine or a session. List views read numeric columns only: the
+per-label JSON (kept, soft, groups, logbook, elite) is read for one sample at a time, or for a
+capped set of labels. Works on SQLite and PostgreSQL. Files and models: ``artifacts.py``.
+
+Paths come from the environment, relative to the working directory (the repo root):
+``EVOCOMP_DB_URL`` (default ``sqlite:///data/evocomp.db``), ``EVOCOMP_PARAMS`` (params.yaml),
+``EVOCOMP_METRICS_DIR`` (metrics/), ``EVOCOMP_LABELS`` (data/labels/labels.parquet),
+``EVOCOMP_FEATURES_DIR`` (data/features), ``EVOCOMP_COMPRESSOR`` (models/compressor).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+from sqlalchemy import case, func, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from evocomp.store import (
+    Dataset,
+    Elite,
+    Generation,
+    Label,
+    LabelRun,
+    SampleRow,
+    StoreError,
+    default_db_url,
+    get_engine,
+    mask_url,
+)
+
+TTL = 30  # seconds: a running label flow shows up within half a minute
+MAX_GROUP_LABELS = 2000  # labels whose (kept, groups) JSON feeds the group-size statistics
+TABLES = ("datasets", "samples", "label_runs", "labels", "generations", "elites")
+_METHOD = re.compile(r"^\w+$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_url: str
+    params: Path
+    metrics: Path
+    labels: Path
+    features: Path
+    compressor: Path
+
+
+def settings() -> Settings:
+    """Where the dashboard reads from (environment variables, else the pipeline's defaults)."""
+    env = os.environ.get
+    return Settings(
+        db_url=default_db_url(),
+        params=Path(env("EVOCOMP_PARAMS") or "params.yaml"),
+        metrics=Path(env("EVOCOMP_METRICS_DIR") or "metrics"),
+        labels=Path(env("EVOCOMP_LABELS") or "data/labels/labels.parquet"),
+        features=Path(env("EVOCOMP_FEATURES_DIR") or "data/features"),
+        compressor=Path(env("EVOCOMP_COMPRESSOR") or "models/compressor"),
+    )
+
+
+def mtime(path: Path) -> float:
+    """Modification time (0 when absent): part of cache keys, so an edited file is re-read."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+# ---- the store ----------------------------------------------------------------------------
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def store_problem(url: str) -> str | None:
+    """Why the store cannot be read (a message the user can act on), or None if it can.
+
+    A missing SQLite file is reported, never created: the dashboard is read-only.
+    """
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - any parse failure is the user's URL
+        return f"invalid store URL {url!r} (set EVOCOMP_DB_URL)"
+    db = parsed.database
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and db not in (None, "", ":memory:")
+        and not Path(db).is_file()
+    ):
+        return (
+            f"no label store at {db}: run `evocomp label` (or `dvc repro`) to create one, "
+            "or point EVOCOMP_DB_URL at yours"
+        )
+    try:
+        names = set(inspect(get_engine(url)).get_table_names())
+    except (StoreError, SQLAlchemyError) as err:
+        return f"cannot read the store at {mask_url(url)}: {err}"
+    missing = [t for t in TABLES if t not in names]
+    if missing:
+        return (
+            f"the store at {mask_url(url)} has no {', '.join(missing)} table(s): run "
+            "`evocomp db upgrade`"
+        )
+    return None
+
+
+def _frame(url: str, stmt) -> pd.DataFrame:
+    with get_engine(url).connect() as conn:
+        result = conn.execute(stmt)
+        return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def runs(url: str) -> pd.DataFrame:
+    """Label runs with done / failed / pending counts (pending: samples of the run's datasets
+    without a done label in it; failed ones are pending too, a re-run retries them)."""
+    header = _frame(
+        url,
+        select(
+            LabelRun.id.label("run_id"),
+            LabelRun.model_id,
+            LabelRun.params_hash,
+            LabelRun.code_version,
+            LabelRun.status,
+            LabelRun.note,
+            LabelRun.created_at,
+            LabelRun.finished_at,
+        ).order_by(LabelRun.id),
+    )
+    counts = _frame(
+        url,
+        select(
+            Label.run_id,
+            SampleRow.dataset_id,
+            func.sum(case((Label.status == "done", 1), else_=0)).label("done"),
+            func.sum(case((Label.status == "failed", 1), else_=0)).label("failed"),
+        )
+        .join(SampleRow, Label.sample_id == SampleRow.id)
+        .group_by(Label.run_id, SampleRow.dataset_id),
+    )
+    sizes = _frame(
+        url,
+        select(SampleRow.dataset_id, func.count().label("samples")).group_by(SampleRow.dataset_id),
+    )
+    size = dict(zip(sizes["dataset_id"], sizes["samples"], strict=True))
+    out = []
+    for row in header.itertuples(index=False):
+        mine = counts[counts["run_id"] == row.run_id]
+        done, failed = int(mine["done"].sum()), int(mine["failed"].sum())
+        datasets = list(mine["dataset_id"]) or (list(size) if len(size) == 1 else [])
+        pending = sum(size.get(d, 0) for d in datasets) - done if datasets else None
+        out.append(row._asdict() | {"done": done, "failed": failed, "pending": pending})
+    cols = [*header.columns, "done", "failed", "pending"]
+    return pd.DataFrame(out, columns=cols)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def heuristic_methods(url: str) -> list[str]:
+    """The heuristics the runs compared against (their search params' ``heuristics``)."""
+    with get_engine(url).connect() as conn:
+        params = conn.execute(select(LabelRun.params)).scalars().all()
+    names = {m for p in params for m in (p or {}).get("heuristics", []) if isinstance(m, str)}
+    return sorted(m for m in names if _METHOD.match(m))
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def label_facts(url: str) -> pd.DataFrame:
+    """One row per stored label, numeric columns only (see ``evocomp.audit``), plus each
+    heuristic's loss (``h_<method>``) and the best of them."""
+    methods = heuristic_methods(url)
+    last_gen = (
+        select(func.max(Generation.gen))
+        .where(Generation.label_id == Label.id)
+        .scalar_subquery()
+        .label("last_gen")
+    )
+    stmt = (
+        select(
+            Label.id.label("label_id"),
+            Label.run_id,
+            Label.sample_id,
+            Label.status,
+            Label.k,
+            Label.n_tokens,
+            Label.n_groups,
+            Label.loss,
+            Label.full_loss,
+            Label.margin,
+            Label.agreement,
+            Label.converged_gen,
+            last_gen,
+            SampleRow.qtype,
+            SampleRow.split,
+            LabelRun.model_id,
+            LabelRun.created_at.label("run_created"),
+            *(Label.heuristic_losses[m].as_float().label(f"h_{m}") for m in methods),
+        )
+        .join(LabelRun, Label.run_id == LabelRun.id)
+        .join(SampleRow, Label.sample_id == SampleRow.id)
+    )
+    df = _frame(url, stmt.order_by(Label.id))
+    for col in ("loss", "full_loss", "margin", "agreement", *(f"h_{m}" for m in methods)):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    for col in ("k", "n_tokens", "n_groups", "converged_gen", "last_gen"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")  # NULL-able ints
+    h = df[[f"h_{m}" for m in methods]]
+    df["best_heuristic_loss"] = h.min(axis=1) if methods else float("nan")
+    best = h.fillna(float("inf")).idxmin(axis=1).str[2:] if methods and len(df) else None
+    df["best_heuristic"] = (
+        best.where(df["best_heuristic_loss"].notna()) if best is not None else None
+    )
+    return df
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def sample(url: str, sample_id: str) -> dict[str, Any] | None:
+    """One sample with its dataset's name and source, None if unknown."""
+    stmt = (
+        select(
+            SampleRow.id,
+            SampleRow.split,
+            SampleRow.qtype,
+            SampleRow.question,
+            SampleRow.answer,
+            SampleRow.image,
+            SampleRow.meta,
+            Dataset.name.label("dataset"),
+            Dataset.source,
+        )
+        .join(Dataset, SampleRow.dataset_id == Dataset.id)
+        .where(SampleRow.id == sample_id)
+    )
+    with get_engine(url).connect() as conn:
+        row = conn.execute(stmt).first()
+    return None if row is None else dict(row._mapping)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def find_samples(url: str, prefix: str, limit: int = 50) -> list[str]:
+    stmt = select(SampleRow.id).where(SampleRow.id.startswith(prefix)).order_by(SampleRow.id)
+    with get_engine(url).connect() as conn:
+        return list(conn.execute(stmt.limit(limit)).scalars())
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def sample_labels(url: str, sample_id: str) -> pd.DataFrame:
+    """Every label of one sample, with its JSON columns, oldest run first."""
+    stmt = (
+        select(
+            Label.id.label("label_id"),
+            Label.run_id,
+            LabelRun.model_id,
+            LabelRun.params_hash,
+            LabelRun.created_at.label("run_created"),
+            Label.status,
+            Label.error,
+            Label.n_tokens,
+            Label.k,
+            Label.kept,
+            Label.soft,
+            Label.groups,
+            Label.loss,
+            Label.full_loss,
+            Label.heuristic_losses,
+            Label.margin,
+            Label.agreement,
+            Label.n_groups,
+            Label.converged_gen,
+            Label.n_forwards,
+            Label.seconds,
+        )
+        .join(LabelRun, Label.run_id == LabelRun.id)
+        .where(Label.sample_id == sample_id)
+    )
+    return _frame(url, stmt.order_by(LabelRun.created_at, Label.run_id))
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def generations(url: str, label_id: int) -> pd.DataFrame:
+    stmt = select(
+        Generation.gen,
+        Generation.nevals,
+        Generation.min,
+        Generation.avg,
+        Generation.max,
+        Generation.std,
+    ).where(Generation.label_id == label_id)
+    return _frame(url, stmt.order_by(Generation.gen))
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def elites(url: str, label_id: int) -> pd.DataFrame:
+    stmt = select(Elite.rank, Elite.loss, Elite.kept).where(Elite.label_id == label_id)
+    return _frame(url, stmt.order_by(Elite.rank))
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def kept_and_groups(url: str, label_ids: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """(kept, groups) of these labels (the caller caps how many)."""
+    out = []
+    with get_engine(url).connect() as conn:
+        for start in range(0, len(label_ids), 500):
+            chunk = list(label_ids[start : start + 500])
+            stmt = select(Label.kept, Label.groups).where(Label.id.in_(chunk))
+            out += [(k, g) for k, g in conn.execute(stmt) if g is not None]
+    return out

@@ -1,0 +1,192 @@
+"""Class imbalance: keep/drop balance of the labels, the compressor's GHM gradient-norm
+histogram, and a recommended GHM / cosine setting that can be written into params.yaml."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from dashboards import artifacts, data, ui
+from evocomp import audit
+from evocomp.config import ParamsError, load_params
+
+s = data.settings()
+st.title("Class imbalance")
+
+# ---- keep / drop balance of the labels ------------------------------------------------------
+scope = pd.DataFrame()
+if ui.store_ready(s):
+    facts = data.label_facts(s.db_url)
+    if facts.empty:
+        ui.no_labels()
+    else:
+        run_ids = sorted(facts["run_id"].unique())
+        options = ["latest", *run_ids]
+        which = st.selectbox(
+            "Labels",
+            options,
+            key="imb-scope",
+            format_func=lambda o: (
+                "the label set: latest done label per sample (as exported)"
+                if o == "latest"
+                else f"run {o}"
+            ),
+        )
+        scope = (
+            audit.latest_per_sample(facts)
+            if which == "latest"
+            else facts[(facts["run_id"] == which) & (facts["status"] == "done")]
+        )
+        if scope.empty:
+            st.info("No done labels here: every label of this run failed.")
+if not scope.empty:
+    stats = audit.keep_stats(scope)
+    c = st.columns(3)
+    c[0].metric("Labels", stats["labels"])
+    c[1].metric("Keep ratio (kept / all tokens)", f"{stats['keep_ratio']:.3f}")
+    c[2].metric(
+        "Drop : keep",
+        f"{(1 - stats['keep_ratio']) / stats['keep_ratio']:.1f} : 1"
+        if stats["keep_ratio"]
+        else "-",
+    )
+    c = st.columns(2)
+    fig = px.bar(
+        stats["by_qtype"],
+        x="qtype",
+        y="keep_ratio",
+        hover_data=["labels", "kept", "tokens"],
+        title="Keep ratio per question type",
+    )
+    c[0].plotly_chart(fig, key="imb-qtype")
+    fig = px.bar(
+        stats["by_groups"],
+        x="n_groups",
+        y="keep_ratio",
+        hover_data=["labels"],
+        title="Keep ratio per number of vocabulary groups in the image",
+    )
+    c[1].plotly_chart(fig, key="imb-groups")
+    c = st.columns(2)
+    fig = px.histogram(
+        stats["kept_fraction"],
+        x="kept_fraction",
+        nbins=30,
+        title="Distribution of the labels' kept fraction",
+    )
+    c[0].plotly_chart(fig, key="imb-kept-fraction")
+    ids = tuple(sorted(int(i) for i in scope["label_id"])[: data.MAX_GROUP_LABELS])
+    by_size = audit.keep_by_group_size(data.kept_and_groups(s.db_url, ids))
+    if by_size.empty:
+        c[1].info("The labels store no vocabulary groups.")
+    else:
+        fig = px.bar(
+            by_size,
+            x="group_size",
+            y="keep_rate",
+            hover_data=["tokens", "kept"],
+            title=f"Keep rate per token's group size ({len(ids)} labels)",
+        )
+        c[1].plotly_chart(fig, key="imb-group-size")
+
+# ---- GHM: the compressor's gradient norms ---------------------------------------------------
+st.header("Difficulty imbalance: GHM gradient norms")
+try:
+    params = load_params(s.params)
+except ParamsError as err:
+    st.error(str(err))
+    st.stop()
+current = params.train
+g, overlap = None, None
+mean_tokens = float(scope["n_tokens"].mean()) if not scope.empty else 0.0
+n_train = int((scope["split"] == "train").sum()) if not scope.empty else 0
+if not (s.compressor / "model.safetensors").is_file():
+    st.info(
+        f"No compressor at {s.compressor}: train one (`evocomp train` or `dvc repro`) to see "
+        "its gradient-norm histogram.",
+        icon=":material/model_training:",
+    )
+else:
+    stamp = (data.mtime(s.compressor / "model.safetensors"), data.mtime(s.labels))
+    device = os.environ.get("EVOCOMP_DEVICE") or params.runtime.device
+    gs = artifacts.grad_stats(str(s.compressor), str(s.labels), str(s.features), device, stamp)
+    if "error" in gs:
+        st.warning(f"Cannot score the label set with the compressor: {gs['error']}")
+    else:
+        g, overlap = gs["g"], gs["overlap"]
+        mean_tokens, n_train = gs["mean_tokens"], gs["n_train"]
+        counts, edges = np.histogram(np.clip(g, 0, 1), bins=audit.FINE_BINS, range=(0, 1))
+        hist = pd.DataFrame({"g": (edges[:-1] + edges[1:]) / 2, "tokens": counts})
+        fig = px.bar(
+            hist,
+            x="g",
+            y="tokens",
+            log_y=True,
+            title=f"g = |sigmoid(logit) - y| over {len(g)} tokens of {gs['items']} labels",
+        )
+        for b in range(1, current.ghm_bins):
+            fig.add_vline(x=b / current.ghm_bins, line_dash="dot", line_color="grey")
+        st.plotly_chart(fig, key="imb-ghm-hist")
+        st.caption(
+            f"Dotted lines: the {current.ghm_bins} GHM-C regions of train.ghm_bins. "
+            f"Kept vs dropped hidden-state cosine: {overlap:.3f}."
+        )
+
+rec = audit.recommend_ghm(g, overlap, current, mean_tokens, n_train)
+st.subheader("Recommended setting")
+st.dataframe(
+    pd.DataFrame(
+        {
+            "parameter": ["train.ghm_bins", "train.ghm_momentum", "train.cos_alpha"],
+            "current": [
+                str(v) for v in (current.ghm_bins, current.ghm_momentum, current.cos_alpha)
+            ],
+            "recommended": [str(v) for v in (rec.ghm_bins, rec.ghm_momentum, rec.cos_alpha)],
+        }
+    ),
+    hide_index=True,
+    key="imb-rec",
+)
+st.markdown("\n".join(f"- {r}" for r in rec.reasons))
+
+# ---- write it into params.yaml --------------------------------------------------------------
+st.subheader("Write to params.yaml")
+if not s.params.is_file():
+    st.info(f"No params file at {s.params} (EVOCOMP_PARAMS): nothing to update.")
+    st.stop()
+c = st.columns(3)
+values = {
+    "ghm_bins": c[0].number_input("ghm_bins", value=int(rec.ghm_bins), step=1, key="w-bins"),
+    "ghm_momentum": c[1].number_input(
+        "ghm_momentum", value=float(rec.ghm_momentum), step=0.05, key="w-momentum"
+    ),
+    "cos_alpha": c[2].number_input(
+        "cos_alpha", value=float(rec.cos_alpha), step=0.05, key="w-alpha"
+    ),
+}
+flash = st.session_state.pop("params-written", None)
+if flash:
+    st.success(flash)
+try:
+    update = audit.propose_train_update(s.params.read_text(), values, str(s.params))
+except ParamsError as err:
+    st.error(f"Refused: {err}")
+    st.stop()
+if not update.diff:
+    st.info(f"{s.params} already has these values.")
+    st.stop()
+st.code(update.diff, language="diff")
+if st.button("Write to params.yaml", type="primary", key="w-write"):
+    try:
+        audit.write_params(s.params, update)
+    except (ParamsError, OSError) as err:
+        st.error(f"Not written: {err}")
+    else:
+        st.session_state["params-written"] = (
+            f"Wrote {s.params}; the next `dvc repro` retrains the compressor with it."
+        )
+        st.rerun()

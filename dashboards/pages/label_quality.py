@@ -1,0 +1,174 @@
+"""Label quality: ranked suspect labels, filters, export for a deeper re-search, before/after."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import data, ui
+from evocomp import audit
+
+PREVIEW = 100  # ids shown in the export preview
+
+s = data.settings()
+st.title("Label quality")
+if not ui.store_ready(s):
+    st.stop()
+facts = data.label_facts(s.db_url)
+if facts.empty:
+    ui.no_labels()
+    st.stop()
+
+with st.expander("Suspect rules", icon=":material/tune:"):
+    d = audit.SuspectRules()
+    c = st.columns(3)
+    rules = audit.SuspectRules(
+        min_margin=c[0].number_input(
+            "Margin below (nats)", 0.0, None, d.min_margin, 0.005, format="%.3f", key="min_margin"
+        ),
+        min_agreement=c[1].number_input(
+            "Seed agreement below (Jaccard)", 0.0, 1.0, d.min_agreement, 0.05, key="min_agreement"
+        ),
+        max_excess=c[2].number_input(
+            "Loss above full-token loss by (nats)", 0.0, None, d.max_excess, 0.1, key="max_excess"
+        ),
+    )
+    st.markdown(
+        "- **margin**: the final elite's runner-up is within this loss of the label;\n"
+        "- **agreement**: independent seeds (`label.seeds > 1`) found different masks;\n"
+        "- **excess**: the label's answer loss exceeds the full-token loss by more than this;\n"
+        "- **not_converged**: the best mask still improved in the last generation.\n\n"
+        "Score = sum of the fired reasons' severities (0.5 at the threshold, 1 at twice as far; "
+        "not_converged weighs 0.5)."
+    )
+
+scored = audit.score_suspects(facts, rules)
+scored = scored[scored["status"] == "done"]
+
+st.subheader("Filters")
+view = scored
+for label, col, key in (
+    ("Question type", "qtype", "f-qtype"),
+    ("Model", "model_id", "f-model"),
+    ("Run", "run_id", "f-run"),
+):
+    view = ui.apply_filter(view, col, ui.filter_with_distribution(label, view[col], key))
+reason_counts = pd.Series({r: int(view[f"r_{r}"].gt(0).sum()) for r in audit.REASONS})
+left, right = st.columns([2, 3])
+reasons = left.multiselect("Reason", list(audit.REASONS), key="f-reason", placeholder="any")
+right.plotly_chart(
+    ui.counts_chart(reason_counts), key="f-reason-dist", config={"displayModeBar": False}
+)
+only = st.toggle("Suspects only", value=True, key="only-suspects")
+
+suspects = view[view["suspect"]]
+if reasons:
+    suspects = suspects[suspects[[f"r_{r}" for r in reasons]].gt(0).any(axis=1)]
+shown = suspects if only else view
+
+c = st.columns(3)
+c[0].metric("Suspect labels", len(suspects))
+c[1].metric("Labels in view", len(view))
+c[2].metric("Suspect share", f"{len(suspects) / len(view):.1%}" if len(view) else "-")
+
+st.subheader("Ranked labels" if not only else "Ranked suspects")
+cols = [
+    "sample_id",
+    "run_id",
+    "model_id",
+    "qtype",
+    "score",
+    "reasons",
+    "margin",
+    "agreement",
+    "loss",
+    "full_loss",
+    "excess",
+    "best_heuristic_loss",
+    "converged_gen",
+    "last_gen",
+]
+ui.paginate(
+    shown[cols], "suspects", column_config={"score": st.column_config.NumberColumn(format="%.2f")}
+)
+
+ids = list(dict.fromkeys(suspects["sample_id"]))  # rank order, each sample once
+export = suspects.drop_duplicates("sample_id")[
+    ["sample_id", "score", "reasons", "run_id", "model_id", "qtype"]
+]
+c = st.columns([1, 1, 3])
+c[0].download_button(
+    "Export CSV",
+    export.to_csv(index=False),
+    "suspects.csv",
+    "text/csv",
+    key="export-csv",
+    disabled=not ids,
+)
+c[1].download_button(
+    "Export JSON",
+    json.dumps(ids, indent=1),
+    "suspects.json",
+    "application/json",
+    key="export-json",
+    disabled=not ids,
+)
+c[2].caption(
+    f"{len(ids)} sample ids. Re-search them deeper with `evocomp label --ids suspects.json` "
+    "(or the CSV, its `sample_id` column) after raising `label.generations` / `label.population` "
+    "or setting `label.seeds: 2`: the new run's labels supersede these in the exported label set, "
+    "and the comparison appears below."
+)
+if ids:
+    with st.expander(f"Preview the JSON export ({min(len(ids), PREVIEW)} of {len(ids)} ids)"):
+        st.code(json.dumps(ids[:PREVIEW], indent=1), language="json")
+    pick = st.selectbox("Open a suspect in the drill-down", ids[:200], key="open-suspect")
+    if st.button("Open in Sample drill-down", icon=":material/image_search:", key="open-drill"):
+        st.session_state["drill_sample"] = pick
+        st.switch_page("pages/sample.py")
+
+# ---- before / after -----------------------------------------------------------------------
+st.header("Before / after re-labelling")
+ba = audit.before_after(facts[facts["sample_id"].isin(set(view["sample_id"]))])
+if ba.empty:
+    st.info(
+        "No sample has labels in several runs yet. Export the suspects above and re-label "
+        "them with a larger search budget to compare.",
+        icon=":material/compare:",
+    )
+else:
+    c = st.columns(3)
+    c[0].metric("Samples re-labelled", len(ba))
+    c[1].metric("Loss improved", int((ba["delta"] < 0).sum()))
+    c[2].metric("Mean loss change", f"{ba['delta'].mean():+.4f}")
+    ui.paginate(ba, "before-after")
+    sid = st.selectbox("Compare the labels of", list(ba["sample_id"]), key="ba-sample")
+    labels = data.sample_labels(s.db_url, sid)
+    labels = labels[labels["status"] == "done"]
+    kept = [set(k) for k in labels["kept"]]
+    labels = labels.assign(
+        jaccard_to_first=[len(kept[0] & k) / max(1, len(kept[0] | k)) for k in kept],
+        kept=[" ".join(map(str, sorted(k))) for k in kept],
+    )
+    st.dataframe(
+        labels[
+            [
+                "run_id",
+                "model_id",
+                "params_hash",
+                "run_created",
+                "k",
+                "loss",
+                "full_loss",
+                "margin",
+                "agreement",
+                "converged_gen",
+                "jaccard_to_first",
+                "kept",
+            ]
+        ],
+        hide_index=True,
+        key="ba-labels",
+    )

@@ -28,7 +28,9 @@ def repo_root() -> Path:
     return REPO
 
 
-def make_tiny_llava(path: Path, image_size: int = 96, patch: int = 16, hidden: int = 64, seed: int = 0) -> Path:
+def make_tiny_llava(
+    path: Path, image_size: int = 96, patch: int = 16, hidden: int = 64, seed: int = 0
+) -> Path:
     """A random LlavaForConditionalGeneration built from configs and saved like a downloaded one."""
     from transformers import (
         CLIPVisionConfig,
@@ -43,14 +45,29 @@ def make_tiny_llava(path: Path, image_size: int = 96, patch: int = 16, hidden: i
     n = (image_size // patch) ** 2
     torch.manual_seed(seed)
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch, hidden_size=32,
-                                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), image_seq_length=n,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_config=CLIPVisionConfig(
+            image_size=image_size,
+            patch_size=patch,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=n,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
     model = LlavaForConditionalGeneration(cfg)
     model.save_pretrained(path)

@@ -18,7 +18,18 @@ def invoke(*args: str):
 
 def test_help_lists_every_stage():
     out = invoke("--help").output
-    for cmd in ("synth", "prepare", "mllm", "features", "label", "train", "evaluate", "db", "labels", "dashboard"):
+    for cmd in (
+        "synth",
+        "prepare",
+        "mllm",
+        "features",
+        "label",
+        "train",
+        "evaluate",
+        "db",
+        "labels",
+        "dashboard",
+    ):
         assert cmd in out
 
 
@@ -38,7 +49,10 @@ def test_synth_prepare(tmp_path, monkeypatch):
         (("prepare", "--source", "nowhere/data.json"), "dataset not found"),
         (("train", "--labels", "none.parquet", "--model", "nomodel"), "no config.json"),
         (("mllm", "eval", "--model", "nomodel", "--n", "2"), "no config.json"),
-        (("labels", "export", "--url", "postgresql+psycopg://u:secret@127.0.0.1:1/x"), "cannot connect"),
+        (
+            ("labels", "export", "--url", "postgresql+psycopg://u:secret@127.0.0.1:1/x"),
+            "cannot connect",
+        ),
     ],
 )
 def test_user_errors_exit_2(tmp_path, monkeypatch, args, match):

@@ -73,7 +73,9 @@ def test_ids_are_content_hashes(shapes_data, tmp_path):
 def test_jsonl_reader(shapes_data, tmp_path):
     img = next((shapes_data / "images").iterdir())
     shutil.copy(img, tmp_path / "x.png")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "x.png", "question": "q ?", "answer": "a"}) + "\n\n")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"image": "x.png", "question": "q ?", "answer": "a"}) + "\n\n"
+    )
     (s,) = read_jsonl(tmp_path / "d.jsonl")
     assert s.question == "q ?" and s.answer == "a" and s.image == (tmp_path / "x.png").resolve()
 
@@ -84,7 +86,9 @@ def _write(tmp_path, shapes_data, conv, image="img.png", corrupt=False):
         (tmp_path / image).write_bytes(b"not a png at all")
     elif image == "img.png":
         shutil.copy(src, tmp_path / image)
-    (tmp_path / "d.json").write_text(json.dumps([{"id": "r1", "image": image, "conversations": conv}]))
+    (tmp_path / "d.json").write_text(
+        json.dumps([{"id": "r1", "image": image, "conversations": conv}])
+    )
     return tmp_path / "d.json"
 
 
@@ -96,9 +100,19 @@ GOOD = [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": 
     [
         (GOOD, "missing.png", False, "image not found"),
         (GOOD, "bad.png", True, "corrupt or unreadable image"),
-        ([{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "red"}], "img.png", False, "no <image> token"),
+        (
+            [{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "red"}],
+            "img.png",
+            False,
+            "no <image> token",
+        ),
         ([{"from": "human", "value": "<image>\nwhat ?"}], "img.png", False, "has no 'gpt' answer"),
-        ([{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "  "}], "img.png", False, "empty or missing answer"),
+        (
+            [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "  "}],
+            "img.png",
+            False,
+            "empty or missing answer",
+        ),
         (GOOD, "../escape.png", False, "escapes the dataset folder"),
     ],
 )

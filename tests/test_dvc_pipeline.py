@@ -27,7 +27,9 @@ BIN = Path(sys.executable).parent
 
 def sh(cmd: list[str], cwd: Path, env: dict) -> str:
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
     return res.stdout
 
 
@@ -46,7 +48,9 @@ def append_samples(dataset: Path, n: int, seed: int) -> int:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, repo_root):
     ws = tmp_path_factory.mktemp("ws")
-    files = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True)
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True
+    )
     for rel in files.stdout.split():
         if rel.startswith("models/mllm/") or not (repo_root / rel).exists():
             continue
@@ -59,9 +63,16 @@ def workspace(tmp_path_factory, repo_root):
     params["prepare"]["source"] = "userdata"
     params["mllm"]["checkpoint"] = "models/tiny"
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               PREFECT_HOME=str(ws / ".prefect"))
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        HF_HUB_OFFLINE="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+        PREFECT_HOME=str(ws / ".prefect"),
+    )
     env.pop("EVOCOMP_DB_URL", None)
     sh(["git", "init", "-q"], ws, env)
     sh(["git", "add", "-A"], ws, env)
@@ -74,7 +85,9 @@ def labels_in_store(ws: Path) -> dict[str, tuple]:
 
     eng = create_engine(f"sqlite:///{ws}/data/evocomp.db")
     with eng.connect() as c:
-        rows = c.execute(text("select sample_id, id, updated_at from labels where status='done'")).all()
+        rows = c.execute(
+            text("select sample_id, id, updated_at from labels where status='done'")
+        ).all()
     eng.dispose()
     return {r[0]: (r[1], str(r[2])) for r in rows}
 
@@ -85,7 +98,9 @@ def test_repro_then_incremental_then_experiment(workspace):
     first = labels_in_store(ws)
     assert len(first) == json.loads((ws / "data/prepared/manifest.json").read_text())["samples"]
     eval1 = json.loads((ws / "metrics/eval.json").read_text())
-    comp1 = json.loads((ws / "models/compressor/config.json").read_text())["extra"]["label_set_hash"]
+    comp1 = json.loads((ws / "models/compressor/config.json").read_text())["extra"][
+        "label_set_hash"
+    ]
     assert set(eval1["ratios"]) == {"0.500", "0.333", "0.222", "0.111"}
 
     # a second repro is a no-op
@@ -97,8 +112,12 @@ def test_repro_then_incremental_then_experiment(workspace):
     sh([str(BIN / "dvc"), "repro", "evaluate"], ws, env)
     second = labels_in_store(ws)
     assert len(second) == len(first) + added
-    assert all(second[sid] == first[sid] for sid in first)  # old labels untouched: not searched again
-    comp2 = json.loads((ws / "models/compressor/config.json").read_text())["extra"]["label_set_hash"]
+    assert all(
+        second[sid] == first[sid] for sid in first
+    )  # old labels untouched: not searched again
+    comp2 = json.loads((ws / "models/compressor/config.json").read_text())["extra"][
+        "label_set_hash"
+    ]
     assert comp2 != comp1  # retrained on the grown label set
     eval2 = json.loads((ws / "metrics/eval.json").read_text())
     assert eval2["samples"] >= eval1["samples"]

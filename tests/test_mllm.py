@@ -57,7 +57,9 @@ def test_subset_equals_masking_the_dropped_tokens(mllm, scene):
     drop = torch.ones(36, dtype=torch.bool)
     drop[kept] = False
     mask[0, len(p.prefix) : len(p.prefix) + 36][drop] = 0
-    h = mllm.lm(inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(x.shape[1])[None]).last_hidden_state
+    h = mllm.lm(
+        inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(x.shape[1])[None]
+    ).last_hidden_state
     logits = mllm.model.lm_head(h[:, -len(p.answer) - 1 : -1])
     ref = torch.nn.functional.cross_entropy(logits[0], torch.tensor(p.answer))
     torch.testing.assert_close(mllm.subset_loss(p, v, kept[None])[0], ref, rtol=1e-4, atol=1e-5)
@@ -73,7 +75,9 @@ def test_full_subset_matches_processor_path(mllm, scene):
     labels = torch.full_like(inputs["input_ids"], -100)
     labels[:, -1] = inputs["input_ids"][:, -1]
     ref = mllm.model(**inputs, labels=labels).loss
-    ours = mllm.subset_loss(mllm.encode(qa.question, qa.answer), mllm.visual_tokens([img])[0], torch.arange(36)[None])
+    ours = mllm.subset_loss(
+        mllm.encode(qa.question, qa.answer), mllm.visual_tokens([img])[0], torch.arange(36)[None]
+    )
     torch.testing.assert_close(ours[0], ref, rtol=1e-5, atol=1e-5)
 
 
@@ -83,7 +87,9 @@ def test_batched_generation_matches_single(mllm, scene):
     kept = [None, torch.arange(0, 36, 3), torch.tensor([4])]
     qs = [qa.question, "how many red objects are there ?", qa.question]
     batch = mllm.generate(qs, [v, v, v], kept, max_new_tokens=3)
-    single = [mllm.generate([q], [v], [k], max_new_tokens=3)[0] for q, k in zip(qs, kept, strict=True)]
+    single = [
+        mllm.generate([q], [v], [k], max_new_tokens=3)[0] for q, k in zip(qs, kept, strict=True)
+    ]
     assert batch == single
 
 
@@ -111,8 +117,15 @@ def test_other_geometry(tmp_path, scene):
 def test_not_a_llava_checkpoint(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    ).save_pretrained(tmp_path / "llama")
     with pytest.raises(ModelError, match="not a LLaVA model"):
         HFLlava(tmp_path / "llama")
     with pytest.raises(ModelError, match="no config.json"):
@@ -125,7 +138,9 @@ def test_model_id_is_content(tiny_llava, tmp_path):
     shutil.copytree(tiny_llava, tmp_path / "copy")
     from evocomp.mllm.hf_llava import checkpoint_id
 
-    assert checkpoint_id(tiny_llava).split("-")[-1] == checkpoint_id(tmp_path / "copy").split("-")[-1]
+    assert (
+        checkpoint_id(tiny_llava).split("-")[-1] == checkpoint_id(tmp_path / "copy").split("-")[-1]
+    )
 
 
 def test_prune_at_layer(mllm, scene):
@@ -135,12 +150,16 @@ def test_prune_at_layer(mllm, scene):
     x, mask, pos = mllm._prompt_rows(qs, [v, v], [None, None])
     full = mllm.lm(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
     everyone = torch.ones_like(mask, dtype=torch.bool)
-    torch.testing.assert_close(mllm._hidden_pruned(x, mask, pos, everyone, 1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        mllm._hidden_pruned(x, mask, pos, everyone, 1), full, rtol=1e-4, atol=1e-5
+    )
     some = everyone.clone()
     some[:, 5:30] = False  # drop visual tokens after layer 1: the answer position sees less
     assert not torch.allclose(mllm._hidden_pruned(x, mask, pos, some, 1), full, atol=1e-4)
     kept = [torch.arange(0, 36, 2), None]
     batch = mllm.generate(qs, [v, v], kept, 3, prune_layer=1)
-    assert batch == [mllm.generate([q], [v], [k], 3, prune_layer=1)[0] for q, k in zip(qs, kept, strict=True)]
+    assert batch == [
+        mllm.generate([q], [v], [k], 3, prune_layer=1)[0] for q, k in zip(qs, kept, strict=True)
+    ]
     with pytest.raises(ValueError, match="prune layer"):
         mllm.generate(qs, [v, v], kept, 3, prune_layer=2)

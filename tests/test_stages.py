@@ -78,8 +78,13 @@ def test_export_has_one_label_per_sample(world):
 
 def test_train_and_refuse_mismatch(world, tiny_llava, tmp_path):
     info = checkpoint_info(tiny_llava)
-    history, summary = train_compressor(world["root"] / "labels.parquet", world["root"] / "features", info,
-                                        TrainParams(epochs=2, patience=2), tmp_path / "comp")
+    history, summary = train_compressor(
+        world["root"] / "labels.parquet",
+        world["root"] / "features",
+        info,
+        TrainParams(epochs=2, patience=2),
+        tmp_path / "comp",
+    )
     assert len(history) == 2 and (tmp_path / "comp" / "model.safetensors").is_file()
     assert summary["label_set_hash"] and summary["model_id"] == info["model_id"]
     other = FeatureStore(world["root"] / "features", "another-model")
@@ -97,23 +102,46 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
     from evocomp.evaluation_cli import print_table, run_evaluation
 
     info = checkpoint_info(tiny_llava)
-    train_compressor(world["root"] / "labels.parquet", world["root"] / "features", info,
-                     TrainParams(epochs=1), tmp_path / "comp")
+    train_compressor(
+        world["root"] / "labels.parquet",
+        world["root"] / "features",
+        info,
+        TrainParams(epochs=1),
+        tmp_path / "comp",
+    )
     params = Params()
-    result = run_evaluation(params, world["root"] / "prepared", world["root"] / "features",
-                            world["root"] / "labels.parquet", tmp_path / "comp", world["mllm"],
-                            tmp_path / "no-bench.json", lambda n, what: nullcontext(lambda *a: None))
+    result = run_evaluation(
+        params,
+        world["root"] / "prepared",
+        world["root"] / "features",
+        world["root"] / "labels.parquet",
+        tmp_path / "comp",
+        world["mllm"],
+        tmp_path / "no-bench.json",
+        lambda n, what: nullcontext(lambda *a: None),
+    )
     assert set(result["ratios"]) == {"0.500", "0.333", "0.222", "0.111"}
     assert set(result["ratios"]["0.333"]) == set(params.evaluate.methods)
     assert result["tokens"]["0.333"] == 12 and "evocomp_l1" in result
-    assert result["prefill_flops"]["0.111"]["ratio_to_full"] < result["prefill_flops"]["0.500"]["ratio_to_full"] < 1
+    assert (
+        result["prefill_flops"]["0.111"]["ratio_to_full"]
+        < result["prefill_flops"]["0.500"]["ratio_to_full"]
+        < 1
+    )
     assert "full" in result["latency_seconds"]
     json.dumps(result)
     assert "oracle" in print_table(result)
     with pytest.raises(FileNotFoundError, match="no compressor"):
-        run_evaluation(params, world["root"] / "prepared", world["root"] / "features",
-                       world["root"] / "labels.parquet", tmp_path / "missing", world["mllm"],
-                       tmp_path / "x.json", lambda n, what: nullcontext(lambda *a: None))
+        run_evaluation(
+            params,
+            world["root"] / "prepared",
+            world["root"] / "features",
+            world["root"] / "labels.parquet",
+            tmp_path / "missing",
+            world["mllm"],
+            tmp_path / "x.json",
+            lambda n, what: nullcontext(lambda *a: None),
+        )
 
 
 def test_oracle_ranking_prefers_label():

@@ -18,8 +18,8 @@ class LabelRecord:
         loss: answer cross-entropy with only ``kept`` tokens.
         full_loss: answer cross-entropy with all tokens.
         heuristic_losses: loss of each heuristic selector at the same k, by method name.
-        margin: best heuristic loss minus ``loss`` (positive = the label beats every heuristic).
-        agreement: overlap of the elite's masks with ``kept``.
+        margin: loss of the best *different* elite candidate minus ``loss`` (small = unsure).
+        agreement: mean Jaccard overlap of the labels of independent searches (``label.seeds`` > 1), else None.
         n_groups: number of vocabulary groups.
         converged_gen: first generation that reached the final best loss.
         n_forwards: batched model forwards the search spent.

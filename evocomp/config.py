@@ -45,7 +45,11 @@ class MLLMParams(_Strict):
     n_images: int = Field(6000, ge=64)  # fixed training images, fresh question per step
     align_steps: int = Field(150, ge=0)
     align_lr: float = Field(2e-3, gt=0)
-    lm_steps: int = Field(4500, ge=1)
+    lm_steps: int = Field(6000, ge=1)  # step budget (warmup-stable-decay stops earlier when good)
+    decay_steps: int = Field(600, ge=1)
+    target_acc: float = Field(0.975, gt=0.0, le=1.0)  # held-out accuracy per type that ends training
+    eval_every: int = Field(250, ge=1)
+    val_images: int = Field(512, ge=16)
     lm_lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     drop_max: float = Field(0.8, ge=0.0, le=1.0)  # max prob. of dropping an irrelevant token

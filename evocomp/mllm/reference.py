@@ -109,7 +109,7 @@ def pixels(images: list) -> torch.Tensor:
     return torch.from_numpy((arr - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
 
 
-def _schedule(step: int, total: int, warmup: int, floor: float = 0.05) -> float:
+def _schedule(step: int, total: int, warmup: int, floor: float = 0.05) -> float:  # alignment stage
     if step < warmup:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -156,8 +156,66 @@ def align(model, tokenizer, scenes, params: MLLMParams, log: Callable[[str], Non
     model.eval()
 
 
-def train_lm(model, tokenizer, scenes, feats: torch.Tensor, params: MLLMParams, log: Callable[[str], None]) -> None:
-    """Stage 2: train the LM on cached visual tokens with question-aware token dropout."""
+def _batch(rows, feats: torch.Tensor, embed, keep_masks=None):
+    """Right-padded LM inputs for rows of (image index, prefix, suffix, answer+EOS ids)."""
+    n_vis, D = feats.shape[1], feats.shape[2]
+    L = max(len(pre) + n_vis + len(suf) + len(ans) for _, pre, suf, ans in rows)
+    B = len(rows)
+    x = torch.zeros(B, L, D)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    for r, (i, pre, suf, ans) in enumerate(rows):
+        text = embed(torch.tensor(pre + suf + ans))
+        n_pre = len(pre)
+        n = n_pre + n_vis + len(suf) + len(ans)
+        x[r, :n_pre] = text[:n_pre]
+        x[r, n_pre:n_pre + n_vis] = feats[i]
+        x[r, n_pre + n_vis:n] = text[n_pre:]
+        mask[r, :n] = 1
+        if keep_masks is not None:
+            mask[r, n_pre:n_pre + n_vis] = keep_masks[r]
+        labels[r, n - len(ans) - 1:n - 1] = torch.tensor(ans)  # predicted from the previous position
+    return x, mask, labels, torch.arange(L).expand(B, L)
+
+
+class _Questions:
+    """Prompt ids per (question, answer), cached (the vocabulary of questions is small)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, qa) -> tuple[list[int], list[int], list[int]]:
+        key = (qa.question, qa.answer)
+        if key not in self.cache:
+            p = encode_prompt(self.tokenizer, qa.question, qa.answer, DEFAULT_TEMPLATE)
+            self.cache[key] = (p.prefix, p.suffix, [*p.answer, self.tokenizer.eos_token_id])
+        return self.cache[key]
+
+
+@torch.no_grad()
+def _val_accuracy(lm, head, embed, val, feats) -> dict[str, float]:
+    """Per question type: is the first answer token the argmax (== greedy answer for one-word answers)."""
+    lm.eval()
+    rows, types = [r for r, _ in val], [t for _, t in val]
+    x, mask, labels, pos = _batch(rows, feats, embed)
+    h = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    first = (labels != -100).int().argmax(1)
+    pred = head(h[torch.arange(len(rows)), first]).argmax(-1)
+    ok = (pred == labels[torch.arange(len(rows)), first]).tolist()
+    lm.train()
+    return {t: sum(o for o, tt in zip(ok, types, strict=True) if tt == t) / types.count(t) for t in set(types)}
+
+
+def train_lm(model, tokenizer, scenes, feats: torch.Tensor, val_scenes, val_feats: torch.Tensor,
+             params: MLLMParams, log: Callable[[str], None]) -> dict:
+    """Stage 2: train the LM on cached visual tokens with question-aware token dropout.
+
+    Warmup-stable-decay: a constant learning rate until every question type of a held-out
+    set reaches ``target_acc`` (or the step budget nears its end), then ``decay_steps`` of
+    linear decay. Seeds that learn slowly thus train longer, fast ones stop early; question
+    types are drawn in proportion to their held-out error (plus a floor), so the weakest
+    type gets the most practice.
+    """
     lm, head = model.model.language_model, model.lm_head
     embed = model.get_input_embeddings()
     for p in model.parameters():
@@ -175,52 +233,41 @@ def train_lm(model, tokenizer, scenes, feats: torch.Tensor, params: MLLMParams, 
                     att.k_proj.weight.copy_(att.q_proj.weight)
     opt = torch.optim.AdamW(trainable, lr=params.lm_lr, weight_decay=0.01)
     rng = random.Random(params.seed)
-    cache: dict[tuple[str, str], tuple[list[int], list[int], list[int]]] = {}
+    prompts = _Questions(tokenizer)
+    vrng = random.Random(params.seed + 1)
+    val = [((i, *prompts(qa)), qa.qtype) for i, (_, objs) in enumerate(val_scenes)
+           for qa in [shapes.make_question(objs, vrng, shapes.QTYPES[i % len(shapes.QTYPES)])]]
     n_vis = feats.shape[1]
-    eos = tokenizer.eos_token_id
+    weights = dict.fromkeys(shapes.QTYPES, 1.0)
+    decay_from, acc, step = params.lm_steps - params.decay_steps, {}, 0
     lm.train()
     t0 = time.time()
-    for step in range(params.lm_steps):
+    while step < decay_from + params.decay_steps:
+        if step < 50:
+            lr = params.lm_lr * (step + 1) / 50
+        elif step < decay_from:
+            lr = params.lm_lr
+        else:
+            lr = params.lm_lr * max(0.05, 1 - (step - decay_from) / params.decay_steps)
         for g in opt.param_groups:
-            g["lr"] = params.lm_lr * _schedule(step, params.lm_steps, 50)
-        rows, keep_masks, targets = [], [], []
-        for _ in range(params.batch_size):
+            g["lr"] = lr
+        rows, keep_masks = [], []
+        types = rng.choices(list(weights), weights=list(weights.values()), k=params.batch_size)
+        for qtype in types:
             i = rng.randrange(len(scenes))
-            qa = shapes.make_question(scenes[i][1], rng)
-            key = (qa.question, qa.answer)
-            if key not in cache:
-                p = encode_prompt(tokenizer, qa.question, qa.answer, DEFAULT_TEMPLATE)
-                cache[key] = (p.prefix, p.suffix, [*p.answer, eos])
-            pre, suf, ans = cache[key]
+            qa = shapes.make_question(scenes[i][1], rng, qtype)
             keep = torch.ones(n_vis, dtype=torch.long)
             # Curriculum: early on, most distractors are dropped, so "find the token the
-            # question names" is learned before the full 36-token search (the plateau the
-            # FACTS probe saw depends on the seed; this shortens it).
+            # question names" is learned before the full 36-token search.
             early = step < params.curriculum_steps
             if early or rng.random() < 0.5:
                 p_drop = rng.uniform(0.5, 0.95) if early else rng.uniform(0.0, params.drop_max)
                 drop = torch.rand(n_vis, generator=torch.Generator().manual_seed(rng.randrange(2**31))) < p_drop
                 drop[list(qa.relevant)] = False
                 keep[drop] = 0
-            rows.append((i, pre, suf, ans))
+            rows.append((i, *prompts(qa)))
             keep_masks.append(keep)
-            targets.append(ans)
-        L = max(len(pre) + n_vis + len(suf) + len(ans) for _, pre, suf, ans in rows)
-        B, D = len(rows), feats.shape[2]
-        x = torch.zeros(B, L, D)
-        mask = torch.zeros(B, L, dtype=torch.long)
-        labels = torch.full((B, L), -100, dtype=torch.long)
-        for r, (i, pre, suf, ans) in enumerate(rows):
-            text = embed(torch.tensor(pre + suf + ans))
-            n_pre = len(pre)
-            n = n_pre + n_vis + len(suf) + len(ans)
-            x[r, :n_pre] = text[:n_pre]
-            x[r, n_pre:n_pre + n_vis] = feats[i]
-            x[r, n_pre + n_vis:n] = text[n_pre:]
-            mask[r, :n] = 1
-            mask[r, n_pre:n_pre + n_vis] = keep_masks[r]
-            labels[r, n - len(ans) - 1:n - 1] = torch.tensor(ans)  # predicted from the previous position
-        pos = torch.arange(L).expand(B, L)
+        x, mask, labels, pos = _batch(rows, feats, embed, keep_masks)
         hidden = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         sel = labels != -100
         loss = F.cross_entropy(head(hidden[sel]), labels[sel])
@@ -228,11 +275,21 @@ def train_lm(model, tokenizer, scenes, feats: torch.Tensor, params: MLLMParams, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        if step % 250 == 0 or step == params.lm_steps - 1:
-            log(f"lm step {step}/{params.lm_steps}: loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+        step += 1
+        if step % params.eval_every == 0 and step < decay_from:
+            acc = _val_accuracy(lm, head, embed, val, val_feats)
+            weights = {t: 0.1 + 1.0 - acc.get(t, 0.0) for t in shapes.QTYPES}
+            log(f"lm step {step}: loss {loss.item():.4f}, held-out " +
+                " ".join(f"{t} {a:.3f}" for t, a in sorted(acc.items())) + f" ({time.time() - t0:.0f} s)")
+            if min(acc.values()) >= params.target_acc and step >= params.curriculum_steps:
+                decay_from = step  # good enough: anneal and stop
+    acc = _val_accuracy(lm, head, embed, val, val_feats)
+    log(f"lm done after {step} steps ({time.time() - t0:.0f} s): held-out " +
+        " ".join(f"{t} {a:.3f}" for t, a in sorted(acc.items())))
     lm.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    return {"steps": step, "held_out": acc}
 
 
 def train_reference(out: str | Path, params: MLLMParams, log: Callable[[str], None] = print) -> Path:
@@ -242,18 +299,21 @@ def train_reference(out: str | Path, params: MLLMParams, log: Callable[[str], No
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, params.seed)
     rng = random.Random(params.seed)
-    objs = [shapes.make_scene(rng) for _ in range(params.n_images)]
+    objs = [shapes.make_scene(rng) for _ in range(params.n_images + params.val_images)]
     scenes = [(shapes.render(o), o) for o in objs]
+    scenes, val_scenes = scenes[:params.n_images], scenes[params.n_images:]
     log(f"built model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), {len(scenes)} images")
     align(model, tokenizer, scenes, params, log)
     with torch.no_grad():
-        feats = torch.cat([_visual(model, pixels([s[0] for s in scenes[i:i + 256]]))
-                           for i in range(0, len(scenes), 256)])
+        feats, val_feats = (torch.cat([_visual(model, pixels([s[0] for s in sc[i:i + 256]]))
+                                       for i in range(0, len(sc), 256)]) for sc in (scenes, val_scenes))
     log(f"alignment done in {time.time() - t0:.0f} s; training the LM")
-    train_lm(model, tokenizer, scenes, feats, params, log)
+    report = train_lm(model, tokenizer, scenes, feats, val_scenes, val_feats, params, log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.config.evocomp = {"recipe": params.model_dump(), "prompt_template": DEFAULT_TEMPLATE}
+    model.config.evocomp = {"recipe": params.model_dump(), "prompt_template": DEFAULT_TEMPLATE,
+                            "lm_steps_run": report["steps"], "held_out_accuracy": report["held_out"],
+                            "train_seconds": round(time.time() - t0, 1)}
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)
     log(f"saved reference model to {out} ({time.time() - t0:.0f} s in all)")

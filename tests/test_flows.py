@@ -1,0 +1,271 @@
+"""The label flow end to end on a tiny LLaVA, with Prefect (one test server) and SQLite.
+
+Covers: one label per sample, re-runs that skip before any model work, a grown
+selection labelling only what is new, a corrupt image stored as failed without
+stopping the flow (exit status 1), crash-resume after SIGKILL, and the retrain flow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from prefect.states import Failed
+from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
+
+import flows.label as fl
+from evocomp.config import LabelParams
+from evocomp.datasets import read_dataset
+from evocomp.prepared import load_prepared, write_prepared
+
+SMALL = LabelParams(population=8, parents=4, generations=2, splits=("train", "test"), workers=2)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """One temporary Prefect server for this module (~5-17 s); yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def prepare_copy(shapes_data: Path, tmp: Path) -> Path:
+    """A private copy of the dataset (tests corrupt its images), prepared under ``tmp``."""
+    raw = shutil.copytree(shapes_data, tmp / "raw")
+    write_prepared(read_dataset(raw), tmp / "prepared", str(raw))
+    return tmp / "prepared"
+
+
+def labels(db_url: str) -> pd.DataFrame:
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        df = pd.read_sql(
+            "SELECT id, run_id, sample_id, status, error, seconds, updated_at FROM labels", conn
+        )
+    engine.dispose()
+    return df
+
+
+def done_count(db_url: str) -> int:
+    """Done labels so far; 0 while the store is still being created."""
+    try:
+        return int((labels(db_url)["status"] == "done").sum())
+    except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError):
+        return 0
+
+
+def run(tmp: Path, data: Path, model: Path, params: LabelParams = SMALL, **kw) -> dict:
+    return fl.label_dataset(
+        data=str(data), model=str(model), params=params, features_dir=str(tmp / "features"),
+        db_url=f"sqlite:///{tmp / 'store.db'}", labels_out=str(tmp / "labels.parquet"),
+        metrics_out=str(tmp / "labels.json"), **kw,
+    )  # fmt: skip
+
+
+def test_flow_labels_each_sample_once_and_reruns_skip_model_work(
+    prefect_api, tiny_llava, shapes_data, tmp_path
+):
+    data = prepare_copy(shapes_data, tmp_path)
+    params = SMALL.model_copy(update={"max_samples": 3})
+    expected = {s.id for split in params.splits for s in load_prepared(data, split, 3)}
+
+    first = run(tmp_path, data, tiny_llava, params)
+    assert (first["selected"], first["done"], first["failed"], first["searched"]) == (6, 6, 0, 6)
+    df = labels(f"sqlite:///{tmp_path / 'store.db'}")
+    assert set(df["sample_id"]) == expected and len(df) == len(expected)
+    assert (df["status"] == "done").all()
+    export = pd.read_parquet(tmp_path / "labels.parquet")
+    assert sorted(export["sample_id"]) == sorted(expected)
+    metrics = json.loads((tmp_path / "labels.json").read_text())
+    assert metrics["samples"] == 6 and metrics["failed"] == 0
+    assert set(metrics["mean_heuristic_loss"]) == set(SMALL.heuristics)
+    assert 0 < metrics["mean_kept_fraction"] < 1 and metrics["median_groups"] >= 1
+
+    fl._models.clear()  # a re-run must not even load the model
+    loads = fl.model_loads
+    again = run(tmp_path, data, tiny_llava, params)
+    assert (again["searched"], again["skipped"], again["done"]) == (0, 6, 6)
+    assert fl.model_loads == loads
+    pd.testing.assert_frame_equal(labels(f"sqlite:///{tmp_path / 'store.db'}"), df)
+
+    grown = run(tmp_path, data, tiny_llava, params.model_copy(update={"max_samples": 4}))
+    assert (grown["selected"], grown["skipped"], grown["searched"]) == (8, 6, 2)
+    after = labels(f"sqlite:///{tmp_path / 'store.db'}").set_index("sample_id")
+    assert len(after) == 8
+    assert after.loc[df["sample_id"], "seconds"].tolist() == df["seconds"].tolist()
+
+
+def test_corrupt_image_fails_one_sample_not_the_flow(
+    prefect_api, tiny_llava, shapes_data, tmp_path
+):
+    from evocomp.cli import app
+
+    data = prepare_copy(shapes_data, tmp_path)
+    samples = load_prepared(data, "test")
+    victim = samples[0]
+    victim.image.write_bytes(b"this is not a png")  # corrupt after prepare
+    hit = {s.id for s in samples if s.image == victim.image}
+    (tmp_path / "params.yaml").write_text(
+        "label: {population: 8, parents: 4, generations: 2, splits: [test]}\n"
+    )
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    args = ["label", "--data", str(data), "--model", str(tiny_llava), "--params", str(tmp_path / "params.yaml"),
+            "--features", str(tmp_path / "features"), "--db-url", db_url, "--workers", "2",
+            "--out", str(tmp_path / "labels.parquet"), "--metrics", str(tmp_path / "labels.json")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert victim.id in result.output and "corrupt or unreadable image" in result.output
+    df = labels(db_url).set_index("sample_id")
+    assert len(df) == len(samples)  # every sample has its row, failed or done
+    assert set(df.index[df["status"] == "failed"]) == hit
+    assert df.loc[victim.id, "error"].startswith("DatasetError: corrupt or unreadable image")
+    assert json.loads((tmp_path / "labels.json").read_text())["failed"] == len(hit)
+    assert len(pd.read_parquet(tmp_path / "labels.parquet")) == len(samples) - len(hit)
+
+
+def test_nan_features_are_a_failed_label_with_its_reason(tiny_llava, shapes_data, tmp_path):
+    import torch
+
+    from evocomp import store
+    from evocomp.features import FeatureStore, ensure_features
+
+    data = prepare_copy(shapes_data, tmp_path)
+    sample = load_prepared(data, "test", 1)[0]
+    ref = fl.model_ref(tiny_llava)
+    feats = ensure_features(fl.worker_mllm(ref), [sample], tmp_path / "f").get(sample.id)
+    bad = dataclasses.replace(feats, tokens=torch.full_like(feats.tokens, float("nan")))
+    FeatureStore(tmp_path / "nan", ref.model_id).put({sample.id: bad})
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    run_id, _ = fl.open_run.fn(db_url, str(data), [sample], ref.model_id, SMALL.search(), "test")
+    out, _ = fl.label_batch.fn([sample], ref, SMALL.search(), str(tmp_path / "nan"), db_url, run_id)
+    assert out == {sample.id: "failed"}
+    summary = store.run_summary(store.get_engine(db_url), run_id)
+    assert "NaN" in summary["failures"][0]["error"]
+
+
+@pytest.mark.parametrize(
+    "exc, retried",
+    [(sa.exc.OperationalError("INSERT", {}, Exception("database is locked")), True),
+     (OSError("stale NFS handle"), True), (ValueError("bad sample"), False),
+     (KeyError("no features"), False)],
+)  # fmt: skip
+def test_only_io_errors_are_retried(exc, retried):
+    assert fl._on_io_error(None, None, Failed(data=exc)) is retried
+
+
+@pytest.mark.parametrize(
+    "seconds, searched, remaining, slots, expected",
+    [
+        (0.0, 0, 1000, 2, 1),  # nothing timed yet: one sample per task
+        (10.0, 10, 1000, 2, 2),  # 1 s a sample: 2 per ~2 s task
+        (0.1, 10, 1000, 2, fl.MAX_BATCH),  # 10 ms a sample: capped
+        (0.3, 10, 40, 2, 20),  # near the end: no more than a slot's share
+        (0.3, 10, 3, 2, 2),
+        (0.3, 10, 1, 2, 1),
+        (100.0, 10, 1000, 2, 1),  # slow samples: one per task
+    ],
+)
+def test_auto_batch_size(seconds, searched, remaining, slots, expected):
+    assert fl.auto_batch_size(seconds, searched, remaining, slots) == expected
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_shards_partition_the_samples(shapes_data, tmp_path, n):
+    data = prepare_copy(shapes_data, tmp_path)
+    everything = [s.id for s in fl.select_samples(data, ["train", "val", "test"])]
+    parts = [
+        [s.id for s in fl.select_samples(data, ["train", "val", "test"], shard=(i, n))]
+        for i in range(n)
+    ]
+    assert sorted(sum(parts, [])) == sorted(everything)
+    if n > 1:
+        assert all(parts)  # 80 samples: no shard is empty
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        fl.select_samples(data, ["train"], shard=(n, n))
+
+
+def test_crash_resume_loses_and_duplicates_nothing(prefect_api, tiny_llava, shapes_data, tmp_path):
+    """SIGKILL `evocomp label` mid-run; the re-run finishes without re-searching stored labels."""
+    data = prepare_copy(shapes_data, tmp_path)
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    total = len(load_prepared(data, "train", 24))
+    (tmp_path / "params.yaml").write_text(
+        "label: {splits: [train], max_samples: 24}\n"
+    )  # the paper search settings
+    cmd = [str(Path(sys.executable).parent / "evocomp"), "label", "--data", str(data), "--model", str(tiny_llava),
+           "--features", str(tmp_path / "features"), "--db-url", db_url, "--workers", "1",
+           "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "labels.parquet"),
+           "--metrics", str(tmp_path / "labels.json")]  # fmt: skip
+    env = os.environ | {"PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if done_count(db_url) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the label run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = labels(db_url).set_index("sample_id")
+    assert 3 <= len(before) < total, "the kill should land mid-run"
+
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    searched, skipped = map(
+        int, re.search(r"\((\d+) searched, (\d+) already", rerun.stdout).groups()
+    )
+    assert (searched, skipped) == (total - len(before), len(before))
+    after = labels(db_url).set_index("sample_id")
+    assert len(after) == total and after.index.is_unique and (after["status"] == "done").all()
+    assert after["run_id"].nunique() == 1
+    kept = after.loc[before.index]  # labelled before the kill: the very same rows, not re-searched
+    assert kept[["id", "seconds", "updated_at"]].equals(before[["id", "seconds", "updated_at"]])
+    assert len(pd.read_parquet(tmp_path / "labels.parquet")) == total
+
+
+def test_retrain_runs_dvc_repro(prefect_api, tmp_path):
+    from flows.pipeline import retrain
+
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    stage = ["stage", "add", "-q", "-n", "hello", "-o", "out.txt", "echo retrained > out.txt"]
+    subprocess.run([*dvc, *stage], cwd=tmp_path, check=True)
+    retrain(workspace=str(tmp_path))
+    assert (tmp_path / "out.txt").read_text().strip() == "retrained"
+    (tmp_path / "dvc.yaml").write_text("stages:\n  broken:\n    cmd: exit 3\n")
+    with pytest.raises(RuntimeError, match="exit status"):
+        retrain(workspace=str(tmp_path))
+
+
+def test_run_streamed_logs_each_line(tmp_path):
+    from flows.pipeline import run_streamed
+
+    class Log:
+        lines: list[str] = []
+
+        def info(self, msg):
+            self.lines.append(msg)
+
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; print('one'); print('two', file=sys.stderr); sys.exit(3)",
+    ]
+    assert run_streamed(cmd, tmp_path, Log()) == 3
+    assert Log.lines[1:] == ["one", "two"]

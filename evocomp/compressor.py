@@ -411,7 +411,13 @@ def fit_compressor(
             history.append(row)
             if log is not None:
                 log(row)
-            monitored = row["val_loss"] if val else row["train_loss"]
+            # Early stopping watches what selection needs: top-k precision at the label's k
+            # (GHM-C re-weights easy tokens away, so a validation loss can rise while the
+            # ranking improves); ties go to the lower validation BCE.
+            if val and row["val_precision"] is not None:
+                monitored = -row["val_precision"] + 1e-6 * row["val_loss"]
+            else:
+                monitored = row["train_loss"]
             if monitored < best:
                 best, best_state, stale = monitored, copy.deepcopy(model.state_dict()), 0
             else:

@@ -40,7 +40,7 @@ def main() -> None:
     t0 = time.time()
     run(["dvc", "repro"])
     print(f"\npipeline finished in {time.time() - t0:.0f} s\n", flush=True)
-    run(["dvc", "metrics", "show"])
+    # (`dvc metrics show` prints every nested key on one very wide line; the table reads better)
     ev = root / "metrics" / "eval.json"
     if ev.is_file():
         from evocomp.evaluation_cli import print_table
@@ -52,7 +52,7 @@ results:
   metrics/labels.json   label-set quality (label loss vs full vs heuristics)
   metrics/mllm.json     the reference model's accuracy and oracle/random gaps
   data/labels/labels.parquet, models/compressor/   the versioned label set and compressor
-  plots:  .venv/bin/dvc plots show   (writes dvc_plots/index.html)
+  all metrics:  .venv/bin/dvc metrics show --json;  plots:  .venv/bin/dvc plots show (dvc_plots/index.html)
 dashboard:
   make dashboard        then open http://127.0.0.1:8501
 """)

@@ -70,7 +70,8 @@ def train_compressor(labels: str | Path, features: str | Path, info: dict, param
         raise ValueError(f"{labels}: no train-split labels to train on")
     model, history = fit_compressor(items["train"], items["val"], params, device, log,
                                     llm_heads=info.get("heads"), llm_ffn=info.get("ffn"))
-    best = min(history, key=lambda r: r["val_loss"] if r["val_loss"] is not None else r["train_loss"])
+    best = min(history, key=lambda r: (-r["val_precision"], r["val_loss"]) if r["val_precision"] is not None
+               else (0.0, r["train_loss"]))
     summary = {
         "label_set": str(labels), "label_set_hash": file_hash(Path(labels)), "model_id": info["model_id"],
         "train_samples": len(items["train"]), "val_samples": len(items["val"]), "epochs": len(history),

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -69,7 +70,9 @@ PAPER = LabelParams(
 )
 
 
-def pick_model(tmp: Path) -> tuple[Path, str]:
+def pick_model(tmp: Path, model: Path | None) -> tuple[Path, str]:
+    if model is not None:
+        return model, str(model)
     if (REPO / "models/mllm/config.json").is_file():
         return REPO / "models/mllm", "models/mllm (the trained reference model)"
     from tests.conftest import make_tiny_llava
@@ -98,15 +101,25 @@ def direct(samples, ref, params, features: Path, db_url: str, out: Path) -> None
 
 
 def main(argv: list[str] | None = None) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="evocomp-bench-flow-"))
+    threads = torch.get_num_threads()
+    try:
+        return run(tmp, argv)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(tmp: Path, argv: list[str] | None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=960, help="the large size (the small: 1/4)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=None, help="samples per task (default: auto)")
+    ap.add_argument("--model", type=Path, help="checkpoint (default: models/mllm, else a tiny one)")
     ap.add_argument("--out", type=Path, default=REPO / "metrics/bench_flow_overhead.json")
     args = ap.parse_args(argv)
 
-    tmp = Path(tempfile.mkdtemp(prefix="evocomp-bench-flow-"))
-    model, model_note = pick_model(tmp)
+    model, model_note = pick_model(tmp, args.model)
     torch.set_num_threads(1)  # both sides alike (after pick_model: tests/conftest.py sets 2)
     write_dataset(tmp / "raw", n=args.samples, seed=7, questions_per_image=1)
     write_prepared(read_dataset(tmp / "raw"), tmp / "prepared", "bench")

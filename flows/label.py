@@ -7,7 +7,7 @@
 Steps: migrate the store; select samples (splits, sample ids, shard); upsert them;
 open the run of (model id, search-params hash); skip the samples that run has
 already labelled *before any model work*; compute missing features; map label
-tasks over the samples on the task runner chosen once for the flow, a few per
+tasks over the samples on the task runner chosen once for the flow, two per
 worker in flight -- one sample per task at first, then micro-batches sized to
 about 2 s of search (``batch_size`` fixes it); finish the run, export the Parquet
 label set and ``metrics/labels.json``. A sample that cannot be labelled is stored

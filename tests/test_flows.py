@@ -269,3 +269,18 @@ def test_run_streamed_logs_each_line(tmp_path):
     ]
     assert run_streamed(cmd, tmp_path, Log()) == 3
     assert Log.lines[1:] == ["one", "two"]
+
+
+def test_flow_overhead_bench_runs(prefect_api, tiny_llava, tmp_path, monkeypatch):
+    """Smoke run of bench/flow_overhead.py (figures are for bench/, not for tests)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import flow_overhead
+
+    out = tmp_path / "bench.json"
+    argv = ["--samples", "4", "--repeats", "1", "--model", str(tiny_llava), "--out", str(out)]
+    report = flow_overhead.main(argv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["samples"] == 4 and report["samples_small"] == 1
+    assert set(report["seconds_all"]) == {f"{side}_{size}" for side in ("direct", "loop", "flow")
+                                          for size in ("small", "large")}  # fmt: skip
+    assert report["seconds_flow"] > 0 and report["command"].split()[1] == "bench/flow_overhead.py"

@@ -125,9 +125,10 @@ def test_repro_then_incremental_then_experiment(workspace):
     # an experiment with other search settings: metrics differ and `dvc metrics diff` shows it
     sh(["git", "add", "-A"], ws, env)
     sh(["git", "commit", "-qm", "grown"], ws, env)
-    sh([str(BIN / "dvc"), "exp", "run", "-S", "label.generations=4", "evaluate"], ws, env)
+    # (a key the tiny profile does not override: a profile's keys win over top-level ones)
+    sh([str(BIN / "dvc"), "exp", "run", "-S", "label.seed=7", "evaluate"], ws, env)
     diff = sh([str(BIN / "dvc"), "metrics", "diff", "--json"], ws, env)
     changed = json.loads(diff)
     assert "metrics/labels.json" in changed and changed["metrics/labels.json"]
     params_diff = json.loads(sh([str(BIN / "dvc"), "params", "diff", "--json"], ws, env))
-    assert params_diff["params.yaml"]["label.generations"]["new"] == 4
+    assert params_diff["params.yaml"]["label.seed"]["new"] == 7

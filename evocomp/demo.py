@@ -46,7 +46,7 @@ def main() -> None:
         from evocomp.evaluation_cli import print_table
 
         print("\n" + print_table(json.loads(ev.read_text())))
-    print(f"""
+    print("""
 results:
   metrics/eval.json     accuracy and retention per method and keep ratio (test split)
   metrics/labels.json   label-set quality (label loss vs full vs heuristics)

@@ -148,3 +148,24 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def begin(args) -> tuple[float, dict]:
+    """Start a benchmark run: thread count from ``--threads``, machine facts printed; (start, machine)."""
+    import torch
+
+    start = time.perf_counter()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    machine = machine_info(args.device)
+    print(f"machine: {describe_machine(machine)}", flush=True)
+    return start, machine
+
+
+def finish(report: dict, out, start: float, print_report) -> dict:
+    """End a benchmark run: wall time recorded, JSON written atomically, table printed."""
+    report["wall_seconds"] = time.perf_counter() - start
+    write_json_atomic(out, report)
+    print_report(report)
+    print(f"\nwrote {out} in {report['wall_seconds']:.0f} s")
+    return report

@@ -38,12 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import (  # noqa: E402
+from _common import (
     REPO,
+    begin,
     command_line,
     describe_machine,
-    machine_info,
-    write_json_atomic,
+    finish,  # noqa: E402
 )
 from _setup import Workspace, add_common_args, build_workspace, check_device, mean  # noqa: E402
 
@@ -250,11 +250,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Label, train, evaluate, print the table, write the JSON; returns what was written."""
     args = parse_args(argv)
-    start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = machine_info(args.device)
-    print(f"machine: {describe_machine(machine)}", flush=True)
+    start, machine = begin(args)
     base = load_params(args.params).train.model_copy(update={"loss": "ghm", "use_text": True})
     if base.cos_alpha == 0:
         base = base.model_copy(update={"cos_alpha": TrainParams().cos_alpha})
@@ -315,10 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accs = [a for v in variants.values() for a in v["accuracy"].values()]
     p = min(accs, key=lambda a: abs(a - 0.5)) if accs else 0.5
     report["accuracy_stderr_max"] = (p * (1 - p) / len(test)) ** 0.5
-    report["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(args.out, report)
-    print_report(report)
-    print(f"\nwrote {args.out} in {report['wall_seconds']:.0f} s")
+    finish(report, args.out, start, print_report)
     return report
 
 

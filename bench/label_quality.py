@@ -37,12 +37,12 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import (  # noqa: E402
+from _common import (
     REPO,
+    begin,
     command_line,
     describe_machine,
-    machine_info,
-    write_json_atomic,
+    finish,  # noqa: E402
 )
 from _setup import Workspace, add_common_args, build_workspace, check_device, mean  # noqa: E402
 
@@ -276,11 +276,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Label, print the table, write the JSON; returns what was written."""
     args = parse_args(argv)
-    start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = machine_info(args.device)
-    print(f"machine: {describe_machine(machine)}", flush=True)
+    start, machine = begin(args)
     ws = build_workspace(args.model, args.samples, args.seed, args.device, args.cache)
     modes = {}
     for mode in args.modes:
@@ -311,10 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if "budget" in modes:
         report["budget_never_worse"] = modes["budget"].get("worse_samples", 0) == 0
-    report["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(args.out, report)
-    print_report(report)
-    print(f"\nwrote {args.out} in {report['wall_seconds']:.0f} s")
+    finish(report, args.out, start, print_report)
     if report.get("budget_never_worse") is False:
         raise SystemExit(
             f"budget mode: the label is worse than the best heuristic on "

@@ -37,13 +37,13 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import (  # noqa: E402
+from _common import (
     REPO,
+    begin,
     command_line,
     describe_machine,
-    machine_info,
+    finish,  # noqa: E402
     time_interleaved,
-    write_json_atomic,
 )
 from _setup import add_common_args, build_workspace, check_device, mean  # noqa: E402
 
@@ -225,11 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time, print, write the JSON; returns what was written."""
     args = parse_args(argv)
-    start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = machine_info(args.device)
-    print(f"machine: {describe_machine(machine)}", flush=True)
+    start, machine = begin(args)
     ws = build_workspace(args.model, args.samples, args.seed, args.device, args.cache)
     params = SearchParams(
         mode=args.mode,
@@ -260,10 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command_line(argv, __file__),
     }
     report["targets"] = check_targets(report)
-    report["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(args.out, report)
-    print_report(report)
-    print(f"\nwrote {args.out} in {report['wall_seconds']:.0f} s")
+    finish(report, args.out, start, print_report)
     return report
 
 

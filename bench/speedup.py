@@ -41,15 +41,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import (  # noqa: E402
+from _common import (
     REPO,
     collect,
     command_line,
     describe_machine,
+    finish,  # noqa: E402
     machine_info,
     summarize,
     timed,
-    write_json_atomic,
 )
 from torch import Tensor  # noqa: E402
 
@@ -388,10 +388,7 @@ def main(argv: list[str] | None = None, shape: Shape = Shape()) -> dict[str, Any
         "command": command_line(argv, __file__),
     }
     report["targets"] = check_targets(report)
-    report["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(args.out, report)
-    print_report(report)
-    print(f"\nwrote {args.out} in {report['wall_seconds']:.0f} s")
+    finish(report, args.out, start, print_report)
     return report
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,9 +175,3 @@ def read_dataset(path: str | Path, images_dir: str | Path | None = None,
     seen: set[str] = set()
     unique = [s for s in samples if not (s.id in seen or seen.add(s.id))]
     return unique
-
-
-def iter_split(samples: list[Sample], split: str) -> Iterator[Sample]:
-    if split not in SPLITS:
-        raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return (s for s in samples if s.split == split)

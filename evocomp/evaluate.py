@@ -9,8 +9,6 @@ dominant + contextual variant), the trained EvoComp compressor, and the GA oracl
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import defaultdict
 
 import torch
@@ -122,19 +120,6 @@ def evaluate_methods(mllm, info: dict, samples: list[Sample], fstore: FeatureSto
         if progress:
             progress(min(start + batch, len(samples)), len(samples))
     return {"hits": hits, "by_type": by_type}
-
-
-def time_prefill(mllm, sample: Sample, feats, kept: torch.Tensor | None, repeats: int = 5) -> float:
-    """Median seconds of one LLM prefill for this sample with these tokens."""
-    prompt = mllm.encode(sample.question, "x")
-    idx = torch.arange(feats.tokens.shape[0]) if kept is None else kept
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mllm.generate([sample.question], [feats.tokens], [idx], max_new_tokens=1)
-        times.append(time.perf_counter() - t0)
-    del prompt
-    return statistics.median(times)
 
 
 def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: int) -> dict:

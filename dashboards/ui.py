@@ -35,6 +35,17 @@ def no_labels() -> None:
     )
 
 
+def labels_or_stop(s: data.Settings):
+    """The label facts table, or an empty state and ``st.stop()`` when the store has none."""
+    if not store_ready(s):
+        st.stop()
+    facts = data.label_facts(s.db_url)
+    if facts.empty:
+        no_labels()
+        st.stop()
+    return facts
+
+
 def filter_with_distribution(label: str, values: pd.Series, key: str) -> list:
     """A multiselect over ``values``' distinct values, with their counts charted beside it.
 

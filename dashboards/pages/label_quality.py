@@ -14,12 +14,7 @@ PREVIEW = 100  # ids shown in the export preview
 
 s = data.settings()
 st.title("Label quality")
-if not ui.store_ready(s):
-    st.stop()
-facts = data.label_facts(s.db_url)
-if facts.empty:
-    ui.no_labels()
-    st.stop()
+facts = ui.labels_or_stop(s)
 
 with st.expander("Suspect rules", icon=":material/tune:"):
     d = audit.SuspectRules()

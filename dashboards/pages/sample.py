@@ -16,12 +16,7 @@ from evocomp.config import ParamsError, load_params
 
 s = data.settings()
 st.title("Sample drill-down")
-if not ui.store_ready(s):
-    st.stop()
-facts = data.label_facts(s.db_url)
-if facts.empty:
-    ui.no_labels()
-    st.stop()
+facts = ui.labels_or_stop(s)
 
 # ---- which sample ---------------------------------------------------------------------------
 ranked = audit.score_suspects(facts)

@@ -69,6 +69,7 @@ if not hasattr(creator, "EvoIndividual"):
 FitnessFn = Callable[[torch.Tensor], torch.Tensor]
 Key = tuple[int, ...]  # sorted kept-token indices: the identity of a candidate
 NOVELTY_TRIES = 4  # extra mutations of a child that repeats a known candidate
+EXHAUSTIVE_UP_TO = 10_000  # spaces up to this size are tracked for exhaustion (cheap sets)
 
 
 @dataclass(frozen=True)
@@ -237,8 +238,22 @@ def _run(
     # Heuristic sets outside the population are scored in the same call: keep that call
     # within `population` rows by shrinking the random fill.
     extra = [key for key in dict.fromkeys(sets.values()) if key not in seen]
-    while len(population) < max(2, params.population - len(extra)):
-        population.append(tb.individual())
+    room = max(2, params.population - len(extra))
+    size = space.size
+    if params.mode == "paper" and size <= room:
+        fill = iter(space.enumerate_paper())  # the whole space fits: score all of it at once
+    else:
+        fill = (tb.individual() for _ in range(20 * room))  # distinct draws, bounded tries
+    for ind in fill:
+        if len(population) >= room:
+            break
+        if _key(ind) not in seen:
+            seen.add(_key(ind))
+            population.append(creator.EvoIndividual(ind))
+    # The run stops once it has scored every candidate of the space (small spaces only:
+    # the product of the group sizes in paper mode). Budget-mode seeds may sit outside the
+    # quotas and heuristic sets outside one-per-group: only candidates of the space count.
+    covered = {key for key in extra if space.contains(key)}
 
     stats = tools.Statistics(key=lambda ind: ind.fitness.values[0])
     for name, fn in (("min", np.min), ("avg", np.mean), ("max", np.max), ("std", np.std)):
@@ -261,7 +276,10 @@ def _run(
             # makes unchanged ones free.
             nevals = scorer.evaluate([ind for ind in fresh if not ind.fitness.valid])
             population = fresh + parents  # ties go to offspring: drift across plateaus
-        visited.update(_key(ind) for ind in fresh)
+        keys = [_key(ind) for ind in fresh]
+        visited.update(keys)
+        if size <= EXHAUSTIVE_UP_TO:
+            covered.update(key for key in keys if space.contains(key))
         for ind in fresh:  # hall of fame: first seen wins ties
             if ind.fitness.values[0] < best_loss:
                 best, best_loss, converged = _key(ind), ind.fitness.values[0], gen
@@ -271,6 +289,8 @@ def _run(
             progress(gen, best_loss)
         if params.early_stop_patience and gen - converged >= params.early_stop_patience:
             break
+        if len(covered) >= size:
+            break  # every candidate of the space has been scored: the label is the optimum
     return _Run(best, best_loss, [dict(r) for r in logbook], population, converged)
 
 

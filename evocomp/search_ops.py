@@ -8,6 +8,8 @@ individual is a set of k indices whose per-group counts respect the quotas
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +44,37 @@ class _Space:
     k: int
     floor: list[int]  # budget mode: at least this many kept per group ...
     cap: list[int]  # ... and at most this many (floor == cap == quota when k >= G)
+
+    @property
+    def size(self) -> int:
+        """How many distinct candidates the space holds (an exact, possibly huge, int).
+
+        Sets of k tokens with a count in [floor, cap] per group: a product of binomials
+        when floor == cap (paper mode: the product of group sizes), summed over the ways
+        of spreading k over the groups otherwise.
+        """
+        ways = {0: 1}  # tokens kept so far -> number of partial sets
+        for members, lo, hi in zip(self.members, self.floor, self.cap, strict=True):
+            nxt: dict[int, int] = {}
+            for kept, w in ways.items():
+                for c in range(lo, min(hi, len(members)) + 1):
+                    if kept + c <= self.k:
+                        nxt[kept + c] = nxt.get(kept + c, 0) + w * math.comb(len(members), c)
+            ways = nxt
+        return ways.get(self.k, 0)
+
+    def contains(self, key: Sequence[int]) -> bool:
+        """Whether a sorted index set is a candidate of this space (size k, counts in bounds)."""
+        if len(key) != self.k or len(set(key)) != self.k:
+            return False
+        count = [0] * len(self.members)
+        for t in key:
+            count[self.group_of[t]] += 1
+        return all(lo <= c <= hi for c, lo, hi in zip(count, self.floor, self.cap, strict=True))
+
+    def enumerate_paper(self) -> list[list[int]]:
+        """Every one-token-per-group candidate, slot g holding a member of group g."""
+        return [list(c) for c in itertools.product(*self.members)]
 
 
 # ---- operators --------------------------------------------------------------------------
@@ -105,7 +138,8 @@ def mutWithinGroup(ind: list[int], space: _Space, indpb: float, rng: random.Rand
     """
     for g, members in enumerate(space.members):
         if len(members) > 1 and rng.random() < indpb:
-            ind[g] = rng.choice([t for t in members if t != ind[g]])
+            j = rng.randrange(len(members) - 1)  # uniform over the other members
+            ind[g] = members[j + (j >= members.index(ind[g]))]
     return (ind,)
 
 

@@ -173,6 +173,54 @@ def test_progress_reports_every_generation_with_a_non_increasing_best():
     assert all(b2 <= b1 for (_, b1), (_, b2) in zip(seen, seen[1:], strict=False))
 
 
+@pytest.mark.parametrize(
+    ("sizes", "mode", "k"),
+    [([30, 1, 1, 2, 1], "paper", None), ([3, 2, 4], "paper", None), ([5, 3, 2], "budget", 5),
+     ([4, 3, 2, 1], "budget", 2), ([6], "budget", 3), ([2, 2, 2, 2], "budget", 8)],
+)  # fmt: skip
+def test_space_size_counts_every_candidate(sizes, mode, k):
+    from itertools import combinations
+
+    from evocomp.search import _check_inputs
+
+    groups = _groups(sizes, 0)
+    n = sum(sizes)
+    space = _check_inputs(_tokens(n), groups, k, SearchParams(mode=mode))
+    brute = sum(space.contains(c) for c in combinations(range(n), space.k))
+    assert space.size == brute > 0
+    if mode == "paper":
+        enumerated = {tuple(sorted(c)) for c in space.enumerate_paper()}
+        assert len(enumerated) == space.size and all(space.contains(c) for c in enumerated)
+
+
+def test_a_space_smaller_than_the_population_is_scored_whole_in_one_forward():
+    """The reference model's typical sample: one big background group, a few objects."""
+    groups = _groups([30, 1, 1, 2, 1, 1], 3)  # 60 candidates > 48: the GA runs ...
+    fitness = Recorder(_hash_loss(5))
+    r = search_sample(_tokens(36), groups, fitness, None, PAPER, seed=1)
+    small = _groups([20, 1, 2, 1, 1], 3)  # ... 40 candidates fit in one population
+    fitness_small = Recorder(_hash_loss(5))
+    r_small = search_sample(_tokens(25), small, fitness_small, None, PAPER, seed=1)
+    assert len(fitness_small.calls) == r_small.n_forwards == 1 and r_small.n_evals == 40
+    assert len(r_small.logbook) == 1
+    everything = fitness_small.calls[0]
+    losses = _hash_loss(5)(everything)
+    assert r_small.loss == pytest.approx(float(losses.min()))  # the exact optimum
+    assert r_small.kept == everything[int(losses.argmin())].tolist()
+    # the larger space stops as soon as all 60 are scored, before the last generation
+    assert r.n_evals == 60 and len(r.logbook) < PAPER.generations + 1
+
+
+def test_an_exhausted_budget_space_stops_with_the_optimum():
+    groups = _groups([4, 3, 2, 1], 2)  # k=2 < G=4: 35 candidates
+    fitness = Recorder(_hash_loss(9))
+    r = search_sample(_tokens(10), groups, fitness, 2, BUDGET, seed=0)
+    rows = torch.cat(fitness.calls)
+    assert r.n_evals == 35 == len({tuple(x) for x in rows.tolist()})
+    assert len(r.logbook) < BUDGET.generations + 1
+    assert r.loss == pytest.approx(float(_hash_loss(9)(rows).min()))
+
+
 # ---- heuristic seeding --------------------------------------------------------------------
 
 

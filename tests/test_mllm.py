@@ -8,7 +8,7 @@ import torch
 from evocomp import shapes
 from evocomp.mllm.base import ModelError
 from evocomp.mllm.hf_llava import HFLlava
-from evocomp.mllm.reference import pixels
+from evocomp.mllm.recipe import pixels
 from tests.conftest import make_tiny_llava
 
 

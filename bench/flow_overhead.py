@@ -63,6 +63,7 @@ from evocomp.datasets import read_dataset  # noqa: E402
 from evocomp.features import ensure_features  # noqa: E402
 from evocomp.labeling import label_and_store  # noqa: E402
 from evocomp.prepared import load_prepared, write_prepared  # noqa: E402
+from evocomp.search import run_spec  # noqa: E402
 from evocomp.synth import write_dataset  # noqa: E402
 
 PAPER = LabelParams(
@@ -90,7 +91,7 @@ def direct(samples, ref, params, features: Path, db_url: str, out: Path) -> None
              "answer": s.answer, "image": str(s.image), "meta": s.meta} for s in samples]  # fmt: skip
     db.upsert_samples(engine, ds, rows)
     search = params.search()
-    run_id = db.get_or_create_run(engine, ref.model_id, search.model_dump(mode="json"), "bench")
+    run_id = db.get_or_create_run(engine, ref.model_id, run_spec(search), "bench")
     mllm = fl.worker_mllm(ref)
     for s in samples:
         label_and_store(

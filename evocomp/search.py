@@ -66,6 +66,11 @@ if not hasattr(creator, "EvoIndividual"):
     # list-based: DEAP's crossovers slice individuals, which corrupts numpy arrays.
     creator.create("EvoIndividual", list, fitness=creator.EvoFitness)
 
+# Part of every label run's key (with the model id and the search params): bump it when a
+# change to the search makes it label differently under the same params, so the label flow
+# re-searches instead of keeping labels of the old algorithm. 2: exact on small spaces.
+ALGORITHM_VERSION = 2
+
 FitnessFn = Callable[[torch.Tensor], torch.Tensor]
 Key = tuple[int, ...]  # sorted kept-token indices: the identity of a candidate
 NOVELTY_TRIES = 4  # extra mutations of a child that repeats a known candidate
@@ -90,6 +95,11 @@ class SearchResult:
     n_evals: int  # candidates scored
     converged_gen: int  # generation where the best was last improved
     heuristic_losses: dict[str, float] = field(default_factory=dict)
+
+
+def run_spec(params: SearchParams) -> dict:
+    """What identifies a label run besides the model: the search params and algorithm version."""
+    return params.model_dump(mode="json") | {"algorithm": ALGORITHM_VERSION}
 
 
 def sample_seed(global_seed: int, sample_id: str) -> int:

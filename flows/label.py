@@ -51,6 +51,7 @@ from evocomp.labeling import label_and_store
 from evocomp.mllm.base import ModelError
 from evocomp.mllm.hf_llava import DTYPES, HFLlava, checkpoint_id
 from evocomp.prepared import load_prepared
+from evocomp.search import run_spec
 
 RETRYABLE = (OperationalError, InterfaceError, db.StoreError, OSError)  # I/O that can heal
 FEATURE_BATCH = 64  # samples per vision-tower pass
@@ -228,7 +229,7 @@ def open_run(
         for s in samples
     ]
     db.upsert_samples(engine, ds, rows)
-    spec = search.model_dump(mode="json")
+    spec = run_spec(search)
     run_id = db.get_or_create_run(engine, model_id, spec, version)
     return run_id, db.labelled_sample_ids(engine, model_id, db.params_hash(spec))
 

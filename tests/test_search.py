@@ -387,3 +387,14 @@ def test_bad_inputs_raise_clear_errors():
     for over, match in cases:
         with pytest.raises(ValueError, match=match):
             _search(**over)
+
+
+def test_a_new_search_algorithm_version_keys_a_new_label_run(monkeypatch):
+    """Stored labels of an older search are not reused as if the search were unchanged."""
+    from evocomp import search
+    from evocomp.store import params_hash
+
+    before = params_hash(search.run_spec(PAPER))
+    assert search.run_spec(PAPER) == PAPER.model_dump(mode="json") | {"algorithm": 2}
+    monkeypatch.setattr(search, "ALGORITHM_VERSION", 3)
+    assert params_hash(search.run_spec(PAPER)) != before

@@ -4,16 +4,20 @@
     .venv/bin/python bench/ablation.py --samples 120 --epochs 5    # a smoke run
 
 A held-out shapes-vqa set (``bench/_setup.py``; train / val / test by image hash) is labelled
-in ``paper`` mode on its train and val splits (labels cached per (model id, search params,
-grouping) next to the features, so variants and re-runs share them). Compressors are trained
-(early stopping on val) and evaluated on the test split at keep ratios 1/4.5 and 1/9 (exact-match
-accuracy of the generated answer, ``evocomp.evaluate.evaluate_methods``):
+on its train and val splits with the pipeline's search (``label`` in params.yaml: mode, keep
+ratio; population / parents / generations from the flags), labels cached per (model id, search
+params, grouping) next to the features, so variants and re-runs share them. Compressors are
+trained with params.yaml's ``train`` section (early stopping on val) and evaluated on the test
+split at keep ratios 1/4.5 and 1/9 (exact-match accuracy of the generated answer,
+``evocomp.evaluate.evaluate_methods``):
 
 - ``full``: GHM-C + cosine separation, with the question as input (``train`` in params.yaml);
 - ``ce_only``: plain BCE, no cosine term (``loss=bce, cos_alpha=0``);
 - ``ghm_no_cos``: GHM-C without the cosine term (``cos_alpha=0``);
 - ``no_text``: the compressor does not see the question (``use_text=false``);
-- ``random_in_group``: the labels replaced by one random token per vocabulary group (no search);
+- ``random_in_group``: the labels replaced by a random candidate of the same search space (no
+  search): one random token per vocabulary group in ``paper`` mode, a random set of k tokens
+  within the group quotas in ``budget`` mode;
 - ``kmeans_groups``: labels from the same search with the vocabulary groups replaced by k-means
   clusters of the (unit-normalised) visual tokens, as many clusters as the sample has groups.
 
@@ -54,7 +58,7 @@ from evocomp.evaluate import evaluate_methods  # noqa: E402
 from evocomp.grouping import group_ids, groups_as_lists  # noqa: E402
 from evocomp.labeling import label_sample  # noqa: E402
 from evocomp.mllm.quality import ratio_key  # noqa: E402
-from evocomp.search import sample_seed  # noqa: E402
+from evocomp.search import repair, sample_seed, search_space  # noqa: E402
 from evocomp.training import items_from_labels  # noqa: E402
 
 RATIOS = (1 / 4.5, 1 / 9)
@@ -137,7 +141,11 @@ def make_labels(ws: Workspace, samples: list, grouping: str, params: SearchParam
         seed = sample_seed(params.seed, s.id)
         if grouping == "random_in_group":
             rng = random.Random(seed)
-            kept = sorted(rng.choice(m) for m in groups_as_lists(group_ids(feats.nearest)))
+            if params.mode == "paper":
+                kept = sorted(rng.choice(m) for m in groups_as_lists(group_ids(feats.nearest)))
+            else:
+                space = search_space(feats.tokens, group_ids(feats.nearest), None, params)
+                kept = repair((), space, rng)
             prompt = ws.mllm.encode(s.question, s.answer)
             loss = float(ws.mllm.subset_loss(prompt, feats.tokens, torch.tensor([kept]))[0])
             soft = None
@@ -270,9 +278,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = {name: len(ws.split(name)) for name in ("train", "val", "test")}
     if not ws.split("train") or not test:
         raise SystemExit(f"{splits}: need train and test samples; raise --samples")
-    search = SearchParams(
-        mode="paper", population=args.population, parents=args.parents, generations=args.generations
-    )
+    search = load_params(args.params).label.search().model_copy(
+        update={"population": args.population, "parents": args.parents,
+                "generations": args.generations}
+    )  # fmt: skip
     label_sets = {}
     for grouping in dict.fromkeys(VARIANTS[v][0] for v in args.variants):
         df = make_labels(ws, labelled, grouping, search)

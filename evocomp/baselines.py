@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 HEURISTICS = ("random", "pooling", "fastv", "visionzip", "divprune", "dart")
+NEEDS = {"random": None, "pooling": "grid", "fastv": "text_attn", "visionzip": "cls_attn",
+         "divprune": "tokens", "dart": "tokens"}  # the context each method reads  # fmt: skip
 
 
 def _check_vector(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -162,30 +164,34 @@ def select(
     Returns:
         (k,) LongTensor, sorted ascending, no duplicates.
     """
-    needs = {
-        "random": None,
-        "pooling": "grid",
-        "fastv": "text_attn",
-        "visionzip": "cls_attn",
-        "divprune": "tokens",
-        "dart": "tokens",
-    }
-    if method not in needs:
-        raise ValueError(f"unknown selection method {method!r} (known: {', '.join(HEURISTICS)})")
+    n = _check_context((method,), k, tokens, grid, text_attn, cls_attn)
+    return _pick(method, k, n, tokens, grid, text_attn, cls_attn, seed)
+
+
+def _check_context(methods, k, tokens, grid, text_attn, cls_attn) -> int:
+    """Validate what ``methods`` need (each tensor scanned once); returns N."""
     context = {"tokens": tokens, "grid": grid, "text_attn": text_attn, "cls_attn": cls_attn}
-    need = needs[method]
-    if need is not None and context[need] is None:
-        raise ValueError(f"method {method!r} needs {need}=...")
+    for method in methods:
+        if method not in NEEDS:
+            raise ValueError(
+                f"unknown selection method {method!r} (known: {', '.join(HEURISTICS)})"
+            )
+        need = NEEDS[method]
+        if need is not None and context[need] is None:
+            raise ValueError(f"method {method!r} needs {need}=...")
     n = _infer_n(tokens, grid, text_attn, cls_attn)
     if n is None:
         raise ValueError(
-            f"method {method!r} needs one of tokens, grid, text_attn, cls_attn (for N)"
+            f"method {methods[0]!r} needs one of tokens, grid, text_attn, cls_attn (for N)"
         )
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..N={n}, got {k}")
     if tokens is not None and not torch.isfinite(tokens).all():
         raise ValueError("tokens contain NaN/Inf")
+    return n
 
+
+def _pick(method, k, n, tokens, grid, text_attn, cls_attn, seed) -> torch.Tensor:
     if method == "random":
         picks = _random(n, k, seed)
     elif method == "pooling":
@@ -211,9 +217,13 @@ def heuristic_sets(
     seed: int = 0,
     methods: tuple[str, ...] = HEURISTICS,
 ) -> dict[str, torch.Tensor]:
-    """``{method: select(method, k, ...)}`` for every method, in the given order."""
-    context = {"tokens": tokens, "grid": grid, "text_attn": text_attn, "cls_attn": cls_attn}
-    return {m: select(m, k, seed=seed, **context) for m in methods}
+    """``{method: select(method, k, ...)}`` for every method, in the given order.
+
+    The context is validated once for all methods (this runs once per labelled sample).
+    """
+    context = (tokens, grid, text_attn, cls_attn)
+    n = _check_context(methods, k, *context) if methods else 0
+    return {m: _pick(m, k, n, *context, seed) for m in methods}
 
 
 def visionzip_merge(

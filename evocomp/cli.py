@@ -149,14 +149,20 @@ def mllm_train(
 
 @mllm_app.command("eval")
 def mllm_eval(
-    data: Path = typer.Option(None, help="prepared shapes-vqa samples (default: a fresh held-out synth set)"),
+    data: Path = typer.Option(
+        None, help="prepared shapes-vqa samples (default: a fresh held-out synth set)"
+    ),
     n: int = typer.Option(None, help="images of the fresh synth set (default: mllm.eval_images)"),
-    synth_seed: int = typer.Option(None, help="seed of the fresh synth set (default: 10000 + mllm.seed)"),
+    synth_seed: int = typer.Option(
+        None, help="seed of the fresh synth set (default: 10000 + mllm.seed)"
+    ),
     model: Path = typer.Option(None, help="checkpoint folder (default: mllm.checkpoint)"),
     split: str = typer.Option("test", help="split of --data to evaluate"),
     limit: int = typer.Option(None, help="evaluate the first N samples only"),
     out: Path = typer.Option(Path("metrics/mllm.json")),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: EVOCOMP_DEVICE or runtime.device)"),
+    device: str = typer.Option(
+        None, help="cpu, cuda, cuda:1 (default: EVOCOMP_DEVICE or runtime.device)"
+    ),
     dtype: str = typer.Option(None),
     params_path: Path = ParamsOpt,
 ) -> None:
@@ -173,7 +179,9 @@ def mllm_eval(
         with tempfile.TemporaryDirectory() as tmp:
             if data is None:  # images the model never saw: a seed outside the training range
                 seed = 10000 + params.mllm.seed if synth_seed is None else synth_seed
-                samples = read_dataset(write_dataset(tmp, n or params.mllm.eval_images, seed))[:limit]
+                samples = read_dataset(write_dataset(tmp, n or params.mllm.eval_images, seed))[
+                    :limit
+                ]
                 where = f"a fresh shapes-vqa set (seed {seed})"
             else:
                 samples = load_prepared(data, split, limit)
@@ -184,11 +192,18 @@ def mllm_eval(
     metrics["evaluated_on"] = where
     write_json(out, metrics)
     typer.echo(f"full accuracy {metrics['full']:.3f} on {len(samples)} samples of {where}")
-    typer.echo("  by type: " + "  ".join(f"{q} {a:.3f}" for q, a in metrics["full_by_type"].items()))
+    typer.echo(
+        "  by type: " + "  ".join(f"{q} {a:.3f}" for q, a in metrics["full_by_type"].items())
+    )
     for r, row in metrics["ratios"].items():
-        typer.echo(f"  keep {r}: " + "  ".join(f"{m} {row[m]:.3f}" for m in ("oracle", "random", "anti")))
-    typer.echo(f"median distinct nearest words per image: {metrics['median_distinct_words']}; "
-               f"meaningful nearest word: {metrics['meaningful_nearest_word']:.3f}")
+        typer.echo(
+            f"  keep {r}: "
+            + "  ".join(f"{m} {row[m]:.3f}" for m in ("oracle", "objects", "random", "anti"))
+        )
+    typer.echo(
+        f"median distinct nearest words per image: {metrics['median_distinct_words']}; "
+        f"meaningful nearest word: {metrics['meaningful_nearest_word']:.3f}"
+    )
     typer.echo(f"wrote {out}")
 
 

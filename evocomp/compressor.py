@@ -414,7 +414,9 @@ def fit_compressor(
             # Early stopping watches what selection needs: top-k precision at the label's k
             # (GHM-C re-weights easy tokens away, so a validation loss can rise while the
             # ranking improves); ties go to the lower validation BCE.
-            if val and row["val_precision"] is not None:
+            if val and params.monitor == "loss":
+                monitored = row["val_loss"]
+            elif val and row["val_precision"] is not None:
                 monitored = -row["val_precision"] + 1e-6 * row["val_loss"]
             else:
                 monitored = row["train_loss"]

@@ -51,7 +51,9 @@ class MLLMParams(_Strict):
     lm_lr: float = Field(1e-3, gt=0)  # 2e-3 learnt slower (and stalled at a constant rate)
     align_batch_size: int = Field(64, ge=1)  # images per alignment step
     batch_size: int = Field(64, ge=1)  # (image, question) rows per LM step
-    drop_max: float = Field(0.8, ge=0.0, le=1.0)  # max prob. of dropping an irrelevant token
+    drop_max: float = Field(
+        1.0, ge=0.0, le=1.0
+    )  # max prob. of dropping an irrelevant token (1: all, as a selector at 1/9 may)
     curriculum_steps: int = Field(500, ge=0)  # first LM steps drop most distractors
     qk_tied_init: bool = True  # W_k = W_q at init: attention starts word-matching
     lm_heads: int = Field(8, ge=1)  # of the 128-wide LM; 4 heads learnt slower and less surely
@@ -125,13 +127,23 @@ class TrainParams(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     patience: int = Field(10, ge=1)
+    monitor: Literal["precision", "loss"] = (
+        "precision"  # early stopping on val top-k precision or BCE
+    )
     seed: int = 0
 
 
 class EvaluateParams(_Strict):
     ratios: tuple[float, ...] = (0.5, 1 / 3, 1 / 4.5, 1 / 9)
     methods: tuple[str, ...] = (
-        "random", "pooling", "fastv", "visionzip", "divprune", "dart", "evocomp", "oracle",
+        "random",
+        "pooling",
+        "fastv",
+        "visionzip",
+        "divprune",
+        "dart",
+        "evocomp",
+        "oracle",
     )
     prune_layer: Literal[0, 2] = 0
     max_samples: int | None = Field(None, ge=1)

@@ -74,7 +74,9 @@ def _resolve_image(root: Path, rel: Any, where: str) -> tuple[Path, bytes]:
     root = root.resolve()
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
-        raise DatasetError(f"{where}: image path {rel!r} escapes the dataset folder {root}; refused")
+        raise DatasetError(
+            f"{where}: image path {rel!r} escapes the dataset folder {root}; refused"
+        )
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -93,8 +95,12 @@ def _check_text(value: Any, what: str, where: str) -> str:
     return value.strip()
 
 
-def read_llava(path: str | Path, images_dir: str | Path | None = None,
-               val_fraction: float = 0.1, test_fraction: float = 0.15) -> list[Sample]:
+def read_llava(
+    path: str | Path,
+    images_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.15,
+) -> list[Sample]:
     """Read a LLaVA instruction JSON (a list of conversations); one sample per turn."""
     path = Path(path)
     root = Path(images_dir) if images_dir else path.parent
@@ -118,24 +124,38 @@ def read_llava(path: str | Path, images_dir: str | Path | None = None,
             raise DatasetError(f"{where}: the first human turn has no {IMAGE_TOKEN} token")
         meta = rec.get("metadata") or {}
         turns_meta = meta.get("turns") or []
-        pairs = [(conv[i], conv[i + 1] if i + 1 < len(conv) else None) for i in range(0, len(conv), 2)]
+        pairs = [
+            (conv[i], conv[i + 1] if i + 1 < len(conv) else None) for i in range(0, len(conv), 2)
+        ]
         for t, (human, gpt) in enumerate(pairs):
             if human.get("from") != "human":
-                raise DatasetError(f"{where} turn {t}: expected a 'human' turn, got {human.get('from')!r}")
+                raise DatasetError(
+                    f"{where} turn {t}: expected a 'human' turn, got {human.get('from')!r}"
+                )
             if gpt is None or gpt.get("from") != "gpt":
                 raise DatasetError(f"{where} turn {t}: the question has no 'gpt' answer")
-            question = _check_text(str(human.get("value", "")).replace(IMAGE_TOKEN, ""), "question", f"{where} turn {t}")
+            question = _check_text(
+                str(human.get("value", "")).replace(IMAGE_TOKEN, ""),
+                "question",
+                f"{where} turn {t}",
+            )
             answer = _check_text(gpt.get("value"), "answer", f"{where} turn {t}")
             m = {k: v for k, v in meta.items() if k != "turns"}
             if t < len(turns_meta):
                 m.update(turns_meta[t])
             m["source_id"], m["turn"], m["image_rel"] = rec.get("id"), t, rec["image"]
-            samples.append(Sample(sample_id(data, question, answer), img_path, question, answer, split, m))
+            samples.append(
+                Sample(sample_id(data, question, answer), img_path, question, answer, split, m)
+            )
     return samples
 
 
-def read_jsonl(path: str | Path, images_dir: str | Path | None = None,
-               val_fraction: float = 0.1, test_fraction: float = 0.15) -> list[Sample]:
+def read_jsonl(
+    path: str | Path,
+    images_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.15,
+) -> list[Sample]:
     """Read JSONL lines of ``{"image", "question", "answer"}`` (extra keys go to metadata)."""
     path = Path(path)
     root = Path(images_dir) if images_dir else path.parent
@@ -151,17 +171,25 @@ def read_jsonl(path: str | Path, images_dir: str | Path | None = None,
         except json.JSONDecodeError as err:
             raise DatasetError(f"{where}: not valid JSON: {err}") from None
         img_path, data = _resolve_image(root, rec.get("image"), where)
-        question = _check_text(str(rec.get("question", "")).replace(IMAGE_TOKEN, ""), "question", where)
+        question = _check_text(
+            str(rec.get("question", "")).replace(IMAGE_TOKEN, ""), "question", where
+        )
         answer = _check_text(rec.get("answer"), "answer", where)
         meta = {k: v for k, v in rec.items() if k not in ("image", "question", "answer")}
         meta["image_rel"] = rec["image"]
         split = assign_split(data, val_fraction, test_fraction)
-        samples.append(Sample(sample_id(data, question, answer), img_path, question, answer, split, meta))
+        samples.append(
+            Sample(sample_id(data, question, answer), img_path, question, answer, split, meta)
+        )
     return samples
 
 
-def read_dataset(path: str | Path, images_dir: str | Path | None = None,
-                 val_fraction: float = 0.1, test_fraction: float = 0.15) -> list[Sample]:
+def read_dataset(
+    path: str | Path,
+    images_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.15,
+) -> list[Sample]:
     """Read a dataset by extension (.json: LLaVA format; .jsonl: one sample a line)."""
     path = Path(path)
     if not path.exists():

@@ -24,7 +24,9 @@ from evocomp.training import grid_positions
 HEURISTIC = ("random", "pooling", "fastv", "divprune", "dart")
 
 
-def prefill_flops(info: dict, n_text: int, n_visual: int, n_kept: int, prune_layer: int = 0) -> float:
+def prefill_flops(
+    info: dict, n_text: int, n_visual: int, n_kept: int, prune_layer: int = 0
+) -> float:
     """Analytic LLM prefill FLOPs: 2 x (per-token weights) x tokens + 4 x hidden x L^2 per layer.
 
     Per-token weights per layer ~ 4 h^2 (attention) + 3 h f (gated MLP); the first
@@ -55,14 +57,23 @@ class Selector:
 
     def __init__(self, mllm, info: dict, compressor=None, labels=None, seed: int = 0):
         self.mllm, self.info, self.compressor, self.seed = mllm, info, compressor, seed
-        self.labels = {r.sample_id: r for r in labels.itertuples(index=False)} if labels is not None else {}
+        self.labels = (
+            {r.sample_id: r for r in labels.itertuples(index=False)} if labels is not None else {}
+        )
 
     def scores(self, method: str, samples: list[Sample], feats: list) -> list[torch.Tensor] | None:
         if method == "evocomp":
             from evocomp.compressor import Item
 
-            items = [Item(f.tokens, grid_positions(f.tokens.shape[0], self.info["grid"]), f.text,
-                          torch.zeros(f.tokens.shape[0])) for f in feats]
+            items = [
+                Item(
+                    f.tokens,
+                    grid_positions(f.tokens.shape[0], self.info["grid"]),
+                    f.text,
+                    torch.zeros(f.tokens.shape[0]),
+                )
+                for f in feats
+            ]
             b = collate(items)
             with torch.no_grad():
                 out = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask)
@@ -70,20 +81,46 @@ class Selector:
         if method == "oracle":
             missing = [s.id for s in samples if s.id not in self.labels]
             if missing:
-                raise ValueError(f"no GA label for test sample {missing[0]} (label the test split for the oracle)")
+                raise ValueError(
+                    f"no GA label for test sample {missing[0]} (label the test split for the oracle)"
+                )
             return [oracle_ranking(self.labels[s.id]) for s in samples]
         return None
 
-    def kept(self, method: str, k: int, samples: list[Sample], feats: list, scores) -> list[torch.Tensor]:
+    def kept(
+        self, method: str, k: int, samples: list[Sample], feats: list, scores
+    ) -> list[torch.Tensor]:
         if scores is not None:
             return [select_topk(sc, k=k) for sc in scores]
-        return [select(method, k, tokens=f.tokens, grid=self.info["grid"], text_attn=f.text_attn,
-                       cls_attn=f.cls_attn, seed=sample_seed(self.seed, s.id)) for s, f in zip(samples, feats, strict=True)]
+        return [
+            select(
+                method,
+                k,
+                tokens=f.tokens,
+                grid=self.info["grid"],
+                text_attn=f.text_attn,
+                cls_attn=f.cls_attn,
+                seed=sample_seed(self.seed, s.id),
+            )
+            for s, f in zip(samples, feats, strict=True)
+        ]
 
 
-def evaluate_methods(mllm, info: dict, samples: list[Sample], fstore: FeatureStore, ratios, methods,
-                     compressor=None, labels=None, prune_layer: int = 0, seed: int = 0, batch: int = 64,
-                     max_new_tokens: int = 8, progress=None) -> dict:
+def evaluate_methods(
+    mllm,
+    info: dict,
+    samples: list[Sample],
+    fstore: FeatureStore,
+    ratios,
+    methods,
+    compressor=None,
+    labels=None,
+    prune_layer: int = 0,
+    seed: int = 0,
+    batch: int = 64,
+    max_new_tokens: int = 8,
+    progress=None,
+) -> dict:
     """Accuracy of every method at every ratio (plus full), per question type."""
     if not samples:
         raise ValueError("no test samples to evaluate")
@@ -92,7 +129,7 @@ def evaluate_methods(mllm, info: dict, samples: list[Sample], fstore: FeatureSto
     hits: dict[str, list[bool]] = defaultdict(list)
     by_type: dict[tuple[str, str], list[bool]] = defaultdict(list)
     for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
+        chunk = samples[start : start + batch]
         feats = [fstore.get(s.id) for s in chunk]
         vis = [f.tokens for f in feats]
         qs = [s.question for s in chunk]
@@ -111,8 +148,13 @@ def evaluate_methods(mllm, info: dict, samples: list[Sample], fstore: FeatureSto
                 name = f"{method}@{ratio_key(r)}"
                 if method == "visionzip":
                     merged = [visionzip_merge(f.tokens, f.cls_attn, k) for f in feats]
-                    answers = mllm.generate(qs, [m[0] for m in merged], [None] * len(chunk), max_new_tokens,
-                                            vis_pos=[m[1] for m in merged])
+                    answers = mllm.generate(
+                        qs,
+                        [m[0] for m in merged],
+                        [None] * len(chunk),
+                        max_new_tokens,
+                        vis_pos=[m[1] for m in merged],
+                    )
                 else:
                     kept = sel.kept(method, k, chunk, feats, scores)
                     answers = mllm.generate(qs, vis, kept, max_new_tokens, prune_layer=prune_layer)
@@ -127,18 +169,32 @@ def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: 
         return round(sum(xs) / max(1, len(xs)), 4)
 
     full = acc(raw["hits"]["full"])
-    out: dict = {"full": full, "samples": len(raw["hits"]["full"]), "prune_layer": prune_layer,
-                 "ratios": {}, "retention": {}, "tokens": {}, "prefill_flops": {}, "by_type": {}}
+    out: dict = {
+        "full": full,
+        "samples": len(raw["hits"]["full"]),
+        "prune_layer": prune_layer,
+        "ratios": {},
+        "retention": {},
+        "tokens": {},
+        "prefill_flops": {},
+        "by_type": {},
+    }
     n = info["n_tokens"]
     full_flops = prefill_flops(info, n_text, n, n)
     for r in ratios:
         key, k = ratio_key(r), budget(r, n)
         out["ratios"][key] = {m: acc(raw["hits"][f"{m}@{key}"]) for m in methods}
-        out["retention"][key] = {m: round(100 * v / full, 2) if full else 0.0 for m, v in out["ratios"][key].items()}
+        out["retention"][key] = {
+            m: round(100 * v / full, 2) if full else 0.0 for m, v in out["ratios"][key].items()
+        }
         out["tokens"][key] = k
-        out["prefill_flops"][key] = {"flops": prefill_flops(info, n_text, n, k, prune_layer),
-                                     "ratio_to_full": prefill_flops(info, n_text, n, k, prune_layer) / full_flops}
+        out["prefill_flops"][key] = {
+            "flops": prefill_flops(info, n_text, n, k, prune_layer),
+            "ratio_to_full": prefill_flops(info, n_text, n, k, prune_layer) / full_flops,
+        }
     types = sorted({q for (_, q) in raw["by_type"]})
-    out["by_type"] = {name: {q: acc(raw["by_type"][(name, q)]) for q in types if (name, q) in raw["by_type"]}
-                      for name in sorted(raw["hits"])}
+    out["by_type"] = {
+        name: {q: acc(raw["by_type"][(name, q)]) for q in types if (name, q) in raw["by_type"]}
+        for name in sorted(raw["hits"])
+    }
     return out

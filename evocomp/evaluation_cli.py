@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evocomp.config import Params
+from evocomp.config import EvaluateParams, Params
 from evocomp.evaluate import Selector, evaluate_methods, summarise
 from evocomp.features import ensure_features
 from evocomp.mllm.hf_llava import checkpoint_info
@@ -141,8 +141,12 @@ def write_plot(path: Path, result: dict) -> None:
 
 
 def print_table(result: dict) -> str:
-    ratios = list(result["ratios"])
-    methods = list(next(iter(result["ratios"].values())))
+    # eval.json is written with sorted keys: restore the reading order (largest budget
+    # first, the methods as params.yaml lists them)
+    ratios = sorted(result["ratios"], key=float, reverse=True)
+    present = list(next(iter(result["ratios"].values())))
+    order = EvaluateParams.model_fields["methods"].default
+    methods = [m for m in order if m in present] + [m for m in present if m not in order]
     lines = [
         f"full-token accuracy {result['full']:.3f} on {result['samples']} test samples "
         f"(prune layer {result['prune_layer']}); cells: accuracy (retention %)",

@@ -43,12 +43,16 @@ class Features:
         """Refuse unusable features (NaN/Inf, ragged shapes) naming the sample."""
         n = self.tokens.shape[0]
         if self.tokens.ndim != 2 or n == 0:
-            raise ValueError(f"sample {sample_id}: visual tokens must be (N, D) with N > 0, got {tuple(self.tokens.shape)}")
+            raise ValueError(
+                f"sample {sample_id}: visual tokens must be (N, D) with N > 0, got {tuple(self.tokens.shape)}"
+            )
         if not torch.isfinite(self.tokens).all():
             raise ValueError(f"sample {sample_id}: visual tokens contain NaN/Inf")
         for name in ("nearest", "cls_attn", "text_attn"):
             if getattr(self, name).shape != (n,):
-                raise ValueError(f"sample {sample_id}: {name} has shape {tuple(getattr(self, name).shape)}, expected ({n},)")
+                raise ValueError(
+                    f"sample {sample_id}: {name} has shape {tuple(getattr(self, name).shape)}, expected ({n},)"
+                )
 
 
 class FeatureStore:
@@ -78,7 +82,9 @@ class FeatureStore:
     def get(self, sample_id: str) -> Features:
         shard = self._load_index().get(sample_id)
         if shard is None:
-            raise KeyError(f"no features for sample {sample_id} under {self.dir} (run `evocomp features`)")
+            raise KeyError(
+                f"no features for sample {sample_id} under {self.dir} (run `evocomp features`)"
+            )
         with safe_open(shard, "pt") as f:
             feats = Features(**{k: f.get_tensor(f"{sample_id}/{k}") for k in FIELDS})
         feats.check(sample_id)
@@ -89,7 +95,9 @@ class FeatureStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256("".join(sorted(feats)).encode()).hexdigest()[:16]
         path = self.dir / f"shard-{name}.safetensors"
-        tensors = {f"{sid}/{k}": getattr(f, k).contiguous() for sid, f in feats.items() for k in FIELDS}
+        tensors = {
+            f"{sid}/{k}": getattr(f, k).contiguous() for sid, f in feats.items() for k in FIELDS
+        }
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"model_id": self.model_id})
         os.replace(tmp, path)
@@ -111,20 +119,27 @@ def compute(mllm, samples: list[Sample]) -> dict[str, Features]:
             tokens=tok.contiguous(),
             nearest=nearest_vocab(tok, vocab),
             cls_attn=c.contiguous(),
-            text_attn=mllm.text_attention(prompt, tok, layer=min(2, mllm.model.config.text_config.num_hidden_layers)),
+            text_attn=mllm.text_attention(
+                prompt, tok, layer=min(2, mllm.model.config.text_config.num_hidden_layers)
+            ),
             text=mllm.question_embeddings(s.question),
         )
     return out
 
 
-def ensure_features(mllm, samples: list[Sample], root: str | Path, batch_size: int = 64,
-                    progress: Callable[[int, int], None] | None = None) -> FeatureStore:
+def ensure_features(
+    mllm,
+    samples: list[Sample],
+    root: str | Path,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatureStore:
     """Compute and store the features of the samples that have none yet."""
     store = FeatureStore(root, mllm.model_id)
     todo = store.missing(s.id for s in samples)
     by_id = {s.id: s for s in samples}
     for start in range(0, len(todo), batch_size):
-        chunk = [by_id[i] for i in todo[start:start + batch_size]]
+        chunk = [by_id[i] for i in todo[start : start + batch_size]]
         store.put(compute(mllm, chunk))
         if progress:
             progress(min(start + batch_size, len(todo)), len(todo))

@@ -122,9 +122,18 @@ def register_samples(engine, dataset: str, source: str, samples: list[Sample]) -
     from evocomp.store import ensure_dataset, upsert_samples
 
     dataset_id = ensure_dataset(engine, dataset, source)
-    rows = [{"id": s.id, "split": s.split, "qtype": s.meta.get("qtype"), "question": s.question,
-             "answer": s.answer, "image": str(s.image), "meta": json.loads(json.dumps(s.meta, default=str))}
-            for s in samples]
+    rows = [
+        {
+            "id": s.id,
+            "split": s.split,
+            "qtype": s.meta.get("qtype"),
+            "question": s.question,
+            "answer": s.answer,
+            "image": str(s.image),
+            "meta": json.loads(json.dumps(s.meta, default=str)),
+        }
+        for s in samples
+    ]
     for start in range(0, len(rows), 500):
-        upsert_samples(engine, dataset_id, rows[start:start + 500])
+        upsert_samples(engine, dataset_id, rows[start : start + 500])
     return dataset_id

@@ -1,6 +1,6 @@
 """The prepared samples table (``data/prepared/samples.parquet``), the pipeline's input.
 
-    evocomp prepare --source data/raw/shapes-vqa/dataset.json --out data/prepared
+evocomp prepare --source data/raw/shapes-vqa/dataset.json --out data/prepared
 """
 
 from __future__ import annotations
@@ -28,8 +28,15 @@ def write_prepared(samples: list[Sample], out: str | Path, source: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [
-        {"id": s.id, "split": s.split, "qtype": s.meta.get("qtype"), "question": s.question,
-         "answer": s.answer, "image": _portable(s.image), "meta": json.dumps(s.meta, sort_keys=True)}
+        {
+            "id": s.id,
+            "split": s.split,
+            "qtype": s.meta.get("qtype"),
+            "question": s.question,
+            "answer": s.answer,
+            "image": _portable(s.image),
+            "meta": json.dumps(s.meta, sort_keys=True),
+        }
         for s in sorted(samples, key=lambda s: s.id)
     ]
     df = pd.DataFrame(rows, columns=COLUMNS)
@@ -37,12 +44,18 @@ def write_prepared(samples: list[Sample], out: str | Path, source: str) -> Path:
     df.to_parquet(tmp, index=False)
     os.replace(tmp, out / "samples.parquet")
     counts = df["split"].value_counts().to_dict()
-    manifest = {"source": source, "samples": len(df), "splits": {k: int(v) for k, v in counts.items()}}
+    manifest = {
+        "source": source,
+        "samples": len(df),
+        "splits": {k: int(v) for k, v in counts.items()},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out / "samples.parquet"
 
 
-def load_prepared(path: str | Path, split: str | None = None, limit: int | None = None) -> list[Sample]:
+def load_prepared(
+    path: str | Path, split: str | None = None, limit: int | None = None
+) -> list[Sample]:
     """Samples of one split (or all), in id order; ``limit`` keeps the first ones."""
     path = Path(path)
     if path.is_dir():

@@ -346,6 +346,13 @@ def _check_inputs(tokens, groups, k, params) -> _Space:
     return _Space(members, gids.tolist(), k, floor, cap)
 
 
+def search_space(
+    tokens: torch.Tensor, groups: torch.Tensor, k: int | None, params: SearchParams
+) -> _Space:
+    """The candidates the search ranges over for one sample (validated as search_sample does)."""
+    return _check_inputs(tokens, groups, k, params)
+
+
 def search_sample(
     tokens: torch.Tensor,
     groups: torch.Tensor,

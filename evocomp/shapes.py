@@ -23,7 +23,12 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 80, 220),
+    "yellow": (230, 200, 30),
+}
 SHAPES = ("circle", "square", "triangle", "cross")
 COUNT_WORDS = ("zero", "one", "two", "three")
 QTYPES = ("colour", "shape", "exists", "count")
@@ -33,9 +38,27 @@ GRID = IMAGE_SIZE // CELL  # 6 x 6 patches
 BACKGROUND = (235, 235, 235)
 # The word-level vocabulary the reference model speaks (tokenizer built from it).
 WORDS = (
-    "USER:", "ASSISTANT:", "what", "colour", "is", "the", "shape", "object", "?",
-    "there", "a", "how", "many", "objects", "are", "yes", "no", "background",
-    *COLOURS, *SHAPES, *COUNT_WORDS,
+    "USER:",
+    "ASSISTANT:",
+    "what",
+    "colour",
+    "is",
+    "the",
+    "shape",
+    "object",
+    "?",
+    "there",
+    "a",
+    "how",
+    "many",
+    "objects",
+    "are",
+    "yes",
+    "no",
+    "background",
+    *COLOURS,
+    *SHAPES,
+    *COUNT_WORDS,
 )
 
 
@@ -119,7 +142,9 @@ def make_question(objs: list[Obj], rng: random.Random, qtype: str | None = None)
     if qtype == "exists":
         present = {(o.colour, o.shape) for o in objs}
         hard_no = [
-            (c, s) for c in COLOURS for s in SHAPES
+            (c, s)
+            for c in COLOURS
+            for s in SHAPES
             if (c, s) not in present and (by_colour[c] or by_shape[s])
         ]
         if rng.random() < 0.5 or not hard_no:

@@ -1,6 +1,6 @@
 """Write the built-in shapes-vqa benchmark in the LLaVA instruction format.
 
-    evocomp synth --n 1000 --seed 1 --out data/raw/shapes-vqa
+evocomp synth --n 1000 --seed 1 --out data/raw/shapes-vqa
 """
 
 from __future__ import annotations
@@ -37,20 +37,27 @@ def write_dataset(out: str | Path, n: int, seed: int, questions_per_image: int =
                 {"from": "gpt", "value": qa.answer},
             ]
             turns.append({"qtype": qa.qtype, "relevant": list(qa.relevant)})
-        records.append({
-            "id": f"shapes-{seed}-{i}",
-            "image": name,
-            "conversations": conv,
-            "metadata": {
-                "grid": [GRID, GRID],
-                "objects": [
-                    {"colour": o.colour, "shape": o.shape, "cell": o.cell, "patches": [o.cell],
-                     "box": list(o.box)}
-                    for o in objs
-                ],
-                "turns": turns,
-            },
-        })
+        records.append(
+            {
+                "id": f"shapes-{seed}-{i}",
+                "image": name,
+                "conversations": conv,
+                "metadata": {
+                    "grid": [GRID, GRID],
+                    "objects": [
+                        {
+                            "colour": o.colour,
+                            "shape": o.shape,
+                            "cell": o.cell,
+                            "patches": [o.cell],
+                            "box": list(o.box),
+                        }
+                        for o in objs
+                    ],
+                    "turns": turns,
+                },
+            }
+        )
     path = out / "dataset.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(records, indent=1))

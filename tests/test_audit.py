@@ -354,6 +354,9 @@ def test_write_refuses_a_file_changed_since_the_diff(tmp_path):
 
 def test_repo_params_yaml_round_trips(repo_root):
     text = (repo_root / "params.yaml").read_text()
-    update = audit.propose_train_update(text, {"ghm_bins": 30})
+    (line,) = [x for x in text.splitlines() if x.startswith("  ghm_bins:")]
+    current = int(line.split(":")[1].split("#")[0])
+    update = audit.propose_train_update(text, {"ghm_bins": current + 5})
     removed, added = changed_lines(update.diff)
-    assert removed == ["  ghm_bins: 10"] and added == ["  ghm_bins: 30"]
+    # only that line changes, and its comment stays
+    assert removed == [line] and added == [line.replace(f": {current}", f": {current + 5}", 1)]

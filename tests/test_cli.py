@@ -76,7 +76,9 @@ def test_mllm_eval_on_a_checkpoint(tiny_llava, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "m.json").read_text())
     assert set(m["ratios"]) == {"0.500", "0.333", "0.222", "0.111"}
-    assert {"oracle", "random", "anti"} <= set(m["ratios"]["0.333"]) and 0 <= m["full"] <= 1
+    assert {"oracle", "objects", "random", "anti"} <= set(m["ratios"]["0.333"]) and 0 <= m[
+        "full"
+    ] <= 1
 
 
 def test_db_upgrade(tmp_path):

@@ -8,7 +8,9 @@ from evocomp.config import Params, ParamsError, load_params, parse_params
 
 def test_repo_params_are_valid(repo_root):
     p = load_params(repo_root / "params.yaml")
-    assert p.label.mode == "paper" and p.label.population == 48 and p.label.generations == 10
+    # the paper's search settings; the demo labels in budget mode (params.yaml says why)
+    assert p.label.mode == "budget" and p.label.population == 48 and p.label.generations == 10
+    assert p.label.keep_ratio == pytest.approx(1 / 9, abs=1e-3) and p.train.soft_labels
 
 
 @pytest.mark.parametrize("profile", ["full", "tiny"])

@@ -100,4 +100,20 @@ def test_train_reference_writes_a_checkpoint_that_loads(tmp_path):
     assert m.model.config.evocomp["lm_steps_run"] == 4
     assert set(m.model.config.evocomp["held_out_accuracy"]) == set(shapes.QTYPES)
     img = shapes.render(_scenes(1, seed=9)[0][1])
-    assert isinstance(m.generate(["what colour is the circle ?"], m.visual_tokens([img]), [None])[0], str)
+    assert isinstance(
+        m.generate(["what colour is the circle ?"], m.visual_tokens([img]), [None])[0], str
+    )
+
+
+def test_oracle_sets_put_what_they_promise_first():
+    from evocomp.datasets import Sample
+    from evocomp.mllm.quality import oracle_sets
+
+    objects = [{"cell": c, "colour": "red", "shape": "circle"} for c in (3, 10, 20)]
+    s = Sample(id="x", image=None, question="q", answer="a",
+               meta={"relevant": [10], "objects": objects})  # fmt: skip
+    sets = oracle_sets(s, 36, 3)
+    assert 10 in sets["oracle"] and not {3, 20} & set(sets["oracle"].tolist())  # + background
+    assert sets["objects"].tolist() == [3, 10, 20]
+    assert 10 not in sets["anti"]
+    assert all(v.tolist() == sorted(v.tolist()) and len(v) == 3 for v in sets.values())

@@ -35,8 +35,13 @@ class MLLM(Protocol):
     def subset_loss(self, prompt: Prompt, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """Mean answer cross-entropy ``(P,)`` for P kept-index rows ``(P, k)``, one forward."""
 
-    def generate(self, questions: list[str], visual: list[torch.Tensor], kept: list[torch.Tensor | None],
-                 max_new_tokens: int = 8) -> list[str]:
+    def generate(
+        self,
+        questions: list[str],
+        visual: list[torch.Tensor],
+        kept: list[torch.Tensor | None],
+        max_new_tokens: int = 8,
+    ) -> list[str]:
         """Greedy answers, batched over samples; ``kept[i]`` None keeps all tokens."""
 
     def text_attention(self, prompt: Prompt, visual: torch.Tensor, layer: int = 2) -> torch.Tensor:

@@ -42,8 +42,13 @@ def checkpoint_id(path: Path) -> str:
 class HFLlava:
     """The MLLM protocol over a local HF LLaVA checkpoint directory."""
 
-    def __init__(self, path: str | Path, device: str = "cpu", dtype: str = "float32",
-                 template: str | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        template: str | None = None,
+    ):
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
         path = Path(path)
@@ -51,11 +56,17 @@ class HFLlava:
             raise ModelError(f"{path}: not a model checkpoint directory (no config.json)")
         config = AutoConfig.from_pretrained(path)
         if config.model_type not in SUPPORTED:
-            raise ModelError(f"{path}: model_type {config.model_type!r} is not a LLaVA model (supported: {SUPPORTED})")
+            raise ModelError(
+                f"{path}: model_type {config.model_type!r} is not a LLaVA model (supported: {SUPPORTED})"
+            )
         if dtype not in DTYPES:
             raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         self.path, self.device, self.dtype = path, torch.device(device), DTYPES[dtype]
-        self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.model = (
+            LlavaForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
+            .to(self.device)
+            .eval()
+        )
         self.processor = AutoProcessor.from_pretrained(path)
         self.tokenizer = self.processor.tokenizer
         extra = getattr(config, "evocomp", None) or {}
@@ -79,8 +90,10 @@ class HFLlava:
         out = self.model.model.get_image_features(pixel_values=self.pixel_values(images))
         feats = torch.stack(list(out.pooler_output)).float().cpu()  # (B, N, D)
         if feats.shape[1] != self.n_tokens:
-            raise ModelError(f"{self.path}: the vision tower gave {feats.shape[1]} tokens per image, "
-                             f"config.image_seq_length says {self.n_tokens}")
+            raise ModelError(
+                f"{self.path}: the vision tower gave {feats.shape[1]} tokens per image, "
+                f"config.image_seq_length says {self.n_tokens}"
+            )
         return feats
 
     def vocab_embeddings(self) -> torch.Tensor:
@@ -89,7 +102,11 @@ class HFLlava:
     @torch.no_grad()
     def cls_attention(self, images: list[Image.Image]) -> torch.Tensor:
         cfg = self.model.config
-        layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer[-1]
+        layer = (
+            cfg.vision_feature_layer
+            if isinstance(cfg.vision_feature_layer, int)
+            else cfg.vision_feature_layer[-1]
+        )
         with self._eager():
             out = self.model.model.vision_tower(self.pixel_values(images), output_attentions=True)
         attn = out.attentions[layer].float().sum(1)  # (B, S, S), summed over heads
@@ -108,8 +125,10 @@ class HFLlava:
 
     def check_visual(self, visual: torch.Tensor) -> None:
         if visual.ndim != 2 or visual.shape != (self.n_tokens, self.hidden_size):
-            raise ModelError(f"visual tokens of shape {tuple(visual.shape)} do not fit {self.path} "
-                             f"(expects ({self.n_tokens}, {self.hidden_size})); features from another model?")
+            raise ModelError(
+                f"visual tokens of shape {tuple(visual.shape)} do not fit {self.path} "
+                f"(expects ({self.n_tokens}, {self.hidden_size})); features from another model?"
+            )
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
@@ -125,8 +144,9 @@ class HFLlava:
 
     # ---- LLM ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def subset_loss(self, prompt: Prompt, visual: torch.Tensor, kept: torch.Tensor,
-                    max_rows: int = 64) -> torch.Tensor:
+    def subset_loss(
+        self, prompt: Prompt, visual: torch.Tensor, kept: torch.Tensor, max_rows: int = 64
+    ) -> torch.Tensor:
         """Mean answer cross-entropy per row of ``kept (P, k)``; rows share one forward (chunked by max_rows)."""
         self.check_visual(visual)
         if not prompt.answer:
@@ -139,13 +159,17 @@ class HFLlava:
         losses = []
         for rows in kept.split(max_rows):
             P, k = rows.shape
-            x = torch.cat([pre.expand(P, -1, -1), vis[rows], tail.expand(P, -1, -1)], dim=1)  # (P, L, D)
+            x = torch.cat(
+                [pre.expand(P, -1, -1), vis[rows], tail.expand(P, -1, -1)], dim=1
+            )  # (P, L, D)
             pos = positions(len(prompt.prefix), self.n_tokens, rows, tail.shape[0])
             # An explicit mask: with none, transformers reads the gaps in our position ids as
             # packed-sequence boundaries and walls the answer off from the visual tokens.
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=self.device)
-            h = self.lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-            logits = self.model.lm_head(h[:, -n_ans - 1:-1]).float()  # (P, n_ans, V)
+            h = self.lm(
+                inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False
+            ).last_hidden_state
+            logits = self.model.lm_head(h[:, -n_ans - 1 : -1]).float()  # (P, n_ans, V)
             ce = F.cross_entropy(logits.transpose(1, 2), ans.expand(P, -1), reduction="none")
             losses.append(ce.mean(1))
         return torch.cat(losses).cpu()
@@ -160,8 +184,12 @@ class HFLlava:
             if vis_pos is None:  # visual rows are the full N tokens, select them
                 self.check_visual(visual[i])
                 v = v[idx]
-            p_ids = positions(len(p.prefix), self.n_tokens,
-                              (idx if vis_pos is None else vis_pos[i].to(self.device))[None], len(p.suffix))[0]
+            p_ids = positions(
+                len(p.prefix),
+                self.n_tokens,
+                (idx if vis_pos is None else vis_pos[i].to(self.device))[None],
+                len(p.suffix),
+            )[0]
             rows.append(torch.cat([self._ids(p.prefix), v, self._ids(p.suffix)]))
             pos.append(p_ids)
         return left_pad(rows, pos)
@@ -177,7 +205,9 @@ class HFLlava:
         lm = self.lm
 
         def prep(h, m, p):
-            cm = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=m, cache=None, position_ids=p)
+            cm = create_causal_mask(
+                config=lm.config, inputs_embeds=h, attention_mask=m, cache=None, position_ids=p
+            )
             return cm, lm.rotary_emb(h, position_ids=p)
 
         h = x
@@ -185,16 +215,24 @@ class HFLlava:
         for i, block in enumerate(lm.layers[: lm.config.num_hidden_layers]):
             if i == layer:
                 keep = [survive[b] & mask[b].bool() for b in range(h.shape[0])]
-                h, mask, pos = left_pad([h[b][keep[b]] for b in range(h.shape[0])],
-                                        [pos[b][keep[b]] for b in range(h.shape[0])])
+                h, mask, pos = left_pad(
+                    [h[b][keep[b]] for b in range(h.shape[0])],
+                    [pos[b][keep[b]] for b in range(h.shape[0])],
+                )
                 cm, pe = prep(h, mask, pos)
             h = block(h, attention_mask=cm, position_embeddings=pe, position_ids=pos)
         return lm.norm(h)[:, -1]
 
     @torch.no_grad()
-    def generate(self, questions: list[str], visual: list[torch.Tensor], kept: list[torch.Tensor | None],
-                 max_new_tokens: int = 8, vis_pos: list[torch.Tensor] | None = None,
-                 prune_layer: int = 0) -> list[str]:
+    def generate(
+        self,
+        questions: list[str],
+        visual: list[torch.Tensor],
+        kept: list[torch.Tensor | None],
+        max_new_tokens: int = 8,
+        vis_pos: list[torch.Tensor] | None = None,
+        prune_layer: int = 0,
+    ) -> list[str]:
         """Greedy decoding; with ``vis_pos`` the ``visual[i]`` rows are ready-made tokens at those positions.
 
         ``prune_layer`` l > 0 feeds all N tokens to the first l LLM layers and drops the
@@ -210,7 +248,9 @@ class HFLlava:
         done = torch.zeros(B, dtype=torch.bool)
         cache = None
         for t in range(max_new_tokens):
-            res = self.lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            res = self.lm(
+                inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
+            )
             cache = res.cache if hasattr(res, "cache") else res.past_key_values
             nxt = self.model.lm_head(res.last_hidden_state[:, -1]).argmax(-1).cpu()
             nxt[done] = out[done, t]
@@ -223,7 +263,9 @@ class HFLlava:
             pos = pos[:, -1:] + 1
         return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out.tolist()]
 
-    def _generate_pruned(self, questions, visual, kept, max_new_tokens: int, layer: int) -> list[str]:
+    def _generate_pruned(
+        self, questions, visual, kept, max_new_tokens: int, layer: int
+    ) -> list[str]:
         n_layers = self.model.config.text_config.num_hidden_layers
         if not 0 < layer < n_layers:
             raise ValueError(f"prune layer {layer} must be in 1..{n_layers - 1} for {self.path}")
@@ -234,12 +276,16 @@ class HFLlava:
                 start = mask.shape[1] - int(mask[b].sum()) + len(self.encode(q).prefix)
                 vis = torch.zeros(self.n_tokens, dtype=torch.bool)
                 vis[k] = True
-                survive[b, start:start + self.n_tokens] = vis.to(survive.device)
+                survive[b, start : start + self.n_tokens] = vis.to(survive.device)
         B, eos = x.shape[0], self.tokenizer.eos_token_id
         out = torch.full((B, max_new_tokens), eos if eos is not None else 0, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool)
         for t in range(max_new_tokens):
-            nxt = self.model.lm_head(self._hidden_pruned(x, mask, pos, survive, layer)).argmax(-1).cpu()
+            nxt = (
+                self.model.lm_head(self._hidden_pruned(x, mask, pos, survive, layer))
+                .argmax(-1)
+                .cpu()
+            )
             nxt[done] = out[done, t]
             out[:, t] = nxt
             done |= nxt == eos
@@ -257,12 +303,14 @@ class HFLlava:
         n_layers = self.model.config.text_config.num_hidden_layers
         if not 1 <= layer <= n_layers:
             raise ValueError(f"layer {layer} outside 1..{n_layers}")
-        x = torch.cat([self._ids(prompt.prefix), visual.to(self.device, self.dtype), self._ids(prompt.suffix)])[None]
+        x = torch.cat(
+            [self._ids(prompt.prefix), visual.to(self.device, self.dtype), self._ids(prompt.suffix)]
+        )[None]
         with self._eager():
             res = self.lm(inputs_embeds=x, output_attentions=True, use_cache=False)
         a = res.attentions[layer - 1][0].float().mean(0)  # (L, L), mean over heads
         start = len(prompt.prefix)
-        return a[-1, start:start + self.n_tokens].cpu()
+        return a[-1, start : start + self.n_tokens].cpu()
 
 
 def checkpoint_info(path: str | Path) -> dict:
@@ -272,12 +320,18 @@ def checkpoint_info(path: str | Path) -> dict:
         raise ModelError(f"{path}: not a model checkpoint directory (no config.json)")
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type") not in SUPPORTED:
-        raise ModelError(f"{path}: model_type {cfg.get('model_type')!r} is not a LLaVA model (supported: {SUPPORTED})")
+        raise ModelError(
+            f"{path}: model_type {cfg.get('model_type')!r} is not a LLaVA model (supported: {SUPPORTED})"
+        )
     n = int(cfg["image_seq_length"])
     side = int(round(n**0.5))
     text = cfg.get("text_config", {})
     return {
-        "model_id": checkpoint_id(path), "n_tokens": n, "grid": (side, side) if side * side == n else (1, n),
-        "hidden_size": text.get("hidden_size"), "heads": text.get("num_attention_heads"),
-        "ffn": text.get("intermediate_size"), "layers": text.get("num_hidden_layers"),
+        "model_id": checkpoint_id(path),
+        "n_tokens": n,
+        "grid": (side, side) if side * side == n else (1, n),
+        "hidden_size": text.get("hidden_size"),
+        "heads": text.get("num_attention_heads"),
+        "ffn": text.get("intermediate_size"),
+        "layers": text.get("num_hidden_layers"),
     }

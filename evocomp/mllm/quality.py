@@ -1,7 +1,8 @@
 """How well the reference model separates good token selections from bad ones.
 
 On the test split: full-token accuracy, and at each keep ratio the accuracy of
-random, oracle (the patches that hold the answer first) and anti-oracle (those
+random, oracle (the patches that hold the answer first, then background), objects
+(the answer's patches, then the other objects) and anti-oracle (the answer's patches
 last) selections, per question type; plus how meaningful every visual token's
 nearest vocabulary word is (the labeling engine groups tokens by it).
 
@@ -20,6 +21,7 @@ from evocomp.datasets import Sample
 from evocomp.grouping import nearest_vocab
 
 RATIOS = (0.5, 1 / 3, 1 / 4.5, 1 / 9)
+SELECTIONS = ("random", "oracle", "objects", "anti")
 
 
 def ratio_key(r: float) -> str:
@@ -32,20 +34,37 @@ def budget(ratio: float, n: int) -> int:
     return max(1, round(ratio * n))
 
 
-def oracle_sets(s: Sample, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(oracle, anti-oracle) kept sets for a shapes-vqa sample."""
+def oracle_sets(s: Sample, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Kept sets of k tokens for a shapes-vqa sample, by what they put first.
+
+    ``oracle``: the answer's patches, then background, then the other objects;
+    ``objects``: the answer's patches, then the other objects (what an object-seeking
+    selector keeps: no background at small k); ``anti``: the answer's patches last.
+    """
     if "relevant" not in s.meta or "objects" not in s.meta:
         raise ValueError(f"sample {s.id} has no ground-truth patch metadata (not shapes-vqa?)")
-    order = shapes.oracle_order(s.meta["relevant"], s.meta["objects"], n)
-    anti = [i for i in order if i not in s.meta["relevant"]][::-1] + list(s.meta["relevant"])
-    return torch.tensor(sorted(order[:k])), torch.tensor(sorted(anti[:k]))
+    rel = list(s.meta["relevant"])
+    order = shapes.oracle_order(rel, s.meta["objects"], n)
+    cells = {o["cell"] for o in s.meta["objects"]}
+    objects = (
+        rel
+        + [i for i in order if i in cells and i not in rel]
+        + [i for i in order if i not in cells]
+    )
+    anti = [i for i in order if i not in rel][::-1] + rel
+    return {
+        name: torch.tensor(sorted(o[:k]))
+        for name, o in (("oracle", order), ("objects", objects), ("anti", anti))
+    }
 
 
 def normalise(answer: str) -> str:
     return answer.strip().lower().rstrip(".").strip()
 
 
-def evaluate_reference(mllm, samples: list[Sample], ratios=RATIOS, seed: int = 0, batch: int = 128) -> dict:
+def evaluate_reference(
+    mllm, samples: list[Sample], ratios=RATIOS, seed: int = 0, batch: int = 128
+) -> dict:
     """Accuracy per method, ratio and question type; nearest-word statistics."""
     if not samples:
         raise ValueError("no test samples to evaluate")
@@ -56,16 +75,18 @@ def evaluate_reference(mllm, samples: list[Sample], ratios=RATIOS, seed: int = 0
     vocab = mllm.vocab_embeddings()
     distinct, meaningful = [], []
     for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
+        chunk = samples[start : start + batch]
         vis = mllm.visual_tokens([s.load_image() for s in chunk])  # (B, N, D)
         qs = [s.question for s in chunk]
         runs: dict[str, list] = {"full": [None] * len(chunk)}
         for r in ratios:
             k = budget(r, n)
             sets = [oracle_sets(s, n, k) for s in chunk]
-            runs[f"oracle@{ratio_key(r)}"] = [o for o, _ in sets]
-            runs[f"anti@{ratio_key(r)}"] = [a for _, a in sets]
-            runs[f"random@{ratio_key(r)}"] = [torch.randperm(n, generator=gen)[:k].sort().values for _ in chunk]
+            for name in SELECTIONS[1:]:
+                runs[f"{name}@{ratio_key(r)}"] = [x[name] for x in sets]
+            runs[f"random@{ratio_key(r)}"] = [
+                torch.randperm(n, generator=gen)[:k].sort().values for _ in chunk
+            ]
         for name, kept in runs.items():
             answers = mllm.generate(qs, list(vis), kept, max_new_tokens=4)
             for s, a in zip(chunk, answers, strict=True):
@@ -74,8 +95,10 @@ def evaluate_reference(mllm, samples: list[Sample], ratios=RATIOS, seed: int = 0
             near = words(nearest_vocab(v, vocab).tolist())
             distinct.append(len(set(near)))
             cells = {o["cell"]: o for o in s.meta.get("objects", [])}
-            ok = [(w in (cells[i]["colour"], cells[i]["shape"])) if i in cells else w == "background"
-                  for i, w in enumerate(near)]
+            ok = [
+                (w in (cells[i]["colour"], cells[i]["shape"])) if i in cells else w == "background"
+                for i, w in enumerate(near)
+            ]
             meaningful.append(sum(ok) / len(ok))
     return summarise(hits, ratios) | {
         "median_distinct_words": statistics.median(distinct),
@@ -85,16 +108,27 @@ def evaluate_reference(mllm, samples: list[Sample], ratios=RATIOS, seed: int = 0
 
 def summarise(hits: dict[tuple[str, str], list[bool]], ratios) -> dict:
     def acc(name: str, qtype: str | None = None) -> float:
-        vals = [h for (m, q), hs in hits.items() if m == name and (qtype is None or q == qtype) for h in hs]
+        vals = [
+            h
+            for (m, q), hs in hits.items()
+            if m == name and (qtype is None or q == qtype)
+            for h in hs
+        ]
         return round(sum(vals) / max(1, len(vals)), 4)
 
     qtypes = sorted({q for _, q in hits})
-    out: dict = {"full": acc("full"), "full_by_type": {q: acc("full", q) for q in qtypes}, "ratios": {}}
+    out: dict = {
+        "full": acc("full"),
+        "full_by_type": {q: acc("full", q) for q in qtypes},
+        "ratios": {},
+    }
     for r in ratios:
         key = ratio_key(r)
-        out["ratios"][key] = {m: acc(f"{m}@{key}") for m in ("random", "oracle", "anti")}
+        out["ratios"][key] = {m: acc(f"{m}@{key}") for m in SELECTIONS}
         out["ratios"][key]["by_type"] = {
-            m: {q: acc(f"{m}@{key}", q) for q in qtypes} for m in ("random", "oracle", "anti")
+            m: {q: acc(f"{m}@{key}", q) for q in qtypes} for m in SELECTIONS
         }
-    out["samples"] = len(next(iter(hits.values()))) and sum(len(v) for (m, _), v in hits.items() if m == "full")
+    out["samples"] = len(next(iter(hits.values()))) and sum(
+        len(v) for (m, _), v in hits.items() if m == "full"
+    )
     return out

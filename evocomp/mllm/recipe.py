@@ -49,7 +49,9 @@ def visual(model, px: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
-def lr_factor(step: int, total: int, warmup: int, floor: float = 0.05, cosine: bool = False) -> float:
+def lr_factor(
+    step: int, total: int, warmup: int, floor: float = 0.05, cosine: bool = False
+) -> float:
     """Linear warmup, then cosine or linear decay to ``floor`` at ``total``."""
     if step < warmup:
         return (step + 1) / warmup
@@ -76,7 +78,10 @@ def align(model, tokenizer, scenes, params: MLLMParams, log: Callable[[str], Non
             targets[i, o.cell, ids(o.colour)] = 0.5
             targets[i, o.cell, ids(o.shape)] = 0.5
             is_object[i, o.cell] = 1.0
-    trainable = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    trainable = [
+        *model.model.vision_tower.parameters(),
+        *model.model.multi_modal_projector.parameters(),
+    ]
     opt = torch.optim.AdamW(trainable, lr=params.align_lr, weight_decay=0.0)
     rng = np.random.default_rng(params.seed)
     model.train()
@@ -90,7 +95,9 @@ def align(model, tokenizer, scenes, params: MLLMParams, log: Callable[[str], Non
         # Objects are ~1 patch in 8: with a plain mean, 150 steps left ~12% of object
         # tokens nearest a wrong shape word (measured), which the LM then cannot find.
         obj = is_object[b]
-        ce = (ce * obj).sum() / obj.sum().clamp(min=1) + (ce * (1 - obj)).sum() / (1 - obj).sum().clamp(min=1)
+        ce = (ce * obj).sum() / obj.sum().clamp(min=1) + (ce * (1 - obj)).sum() / (
+            1 - obj
+        ).sum().clamp(min=1)
         loss = ce + ((v.norm(dim=-1) - norm) ** 2).mean() / norm**2
         opt.zero_grad()
         loss.backward()
@@ -142,13 +149,15 @@ def lm_batch(rows, prefix: list[int], feats: torch.Tensor, embed, keep: torch.Te
     mask = torch.zeros(B, L, dtype=torch.long)
     labels = torch.full((B, L), -100, dtype=torch.long)
     x[:, : len(prefix)] = embed(torch.tensor(prefix))
-    mask[:, :head] = 1 if keep is None else torch.cat([torch.ones(B, len(prefix), dtype=torch.long), keep], 1)
+    mask[:, :head] = (
+        1 if keep is None else torch.cat([torch.ones(B, len(prefix), dtype=torch.long), keep], 1)
+    )
     for r, (i, (suf, ans)) in enumerate(rows):
         n = head + len(suf) + len(ans)
-        x[r, len(prefix):head] = feats[i]
+        x[r, len(prefix) : head] = feats[i]
         x[r, head:n] = embed(torch.tensor(suf + ans))
         mask[r, head:n] = 1
-        labels[r, n - len(ans) - 1:n - 1] = torch.tensor(ans)  # predicted one position early
+        labels[r, n - len(ans) - 1 : n - 1] = torch.tensor(ans)  # predicted one position early
     return x, mask, labels, torch.arange(L).expand(B, L)
 
 
@@ -158,29 +167,53 @@ def val_accuracy(lm, head, embed, prefix, val, feats) -> dict[str, float]:
     lm.eval()
     rows, types = [(i, qa) for i, qa, _ in val], [t for *_, t in val]
     x, mask, labels, pos = lm_batch(rows, prefix, feats, embed)
-    h = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    h = lm(
+        inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False
+    ).last_hidden_state
     first = (labels != -100).int().argmax(1)
     pred = head(h[torch.arange(len(rows)), first]).argmax(-1)
     ok = (pred == labels[torch.arange(len(rows)), first]).tolist()
     lm.train()
-    return {t: sum(o for o, tt in zip(ok, types, strict=True) if tt == t) / types.count(t) for t in set(types)}
+    return {
+        t: sum(o for o, tt in zip(ok, types, strict=True) if tt == t) / types.count(t)
+        for t in set(types)
+    }
 
 
-def _row(scenes, rng: random.Random, weights: dict[str, float], questions, n_vis: int,
-         p_drop: float | None):
+def _row(
+    scenes,
+    rng: random.Random,
+    weights: dict[str, float],
+    questions,
+    n_vis: int,
+    p_drop: float | None,
+):
     """One training row: an image, a question of a type drawn by ``weights``, its keep mask."""
     i = rng.randrange(len(scenes))
-    qa = shapes.make_question(scenes[i][1], rng, rng.choices(list(weights), weights=list(weights.values()))[0])
+    qa = shapes.make_question(
+        scenes[i][1], rng, rng.choices(list(weights), weights=list(weights.values()))[0]
+    )
     keep = torch.ones(n_vis, dtype=torch.long)
     if p_drop is not None:
-        drop = torch.rand(n_vis, generator=torch.Generator().manual_seed(rng.randrange(2**31))) < p_drop
+        drop = (
+            torch.rand(n_vis, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+            < p_drop
+        )
         drop[list(qa.relevant)] = False  # never what the answer needs
         keep[drop] = 0
     return (i, questions(qa)), keep
 
 
-def train_lm(model, tokenizer, scenes, feats: torch.Tensor, val_scenes, val_feats: torch.Tensor,
-             params: MLLMParams, log: Callable[[str], None]) -> dict:
+def train_lm(
+    model,
+    tokenizer,
+    scenes,
+    feats: torch.Tensor,
+    val_scenes,
+    val_feats: torch.Tensor,
+    params: MLLMParams,
+    log: Callable[[str], None],
+) -> dict:
     """Stage 2: train the LM on cached visual tokens with question-aware token dropout.
 
     ``batch_size`` rows of one image and one fresh question per step. Question types are
@@ -191,7 +224,9 @@ def train_lm(model, tokenizer, scenes, feats: torch.Tensor, val_scenes, val_feat
     embed = model.get_input_embeddings()
     for p in model.parameters():
         p.requires_grad_(False)
-    trainable = [p for n, p in lm.named_parameters() if "embed_tokens" not in n] + list(head.parameters())
+    trainable = [p for n, p in lm.named_parameters() if "embed_tokens" not in n] + list(
+        head.parameters()
+    )
     for p in trainable:
         p.requires_grad_(True)
     if params.qk_tied_init:
@@ -205,8 +240,11 @@ def train_lm(model, tokenizer, scenes, feats: torch.Tensor, val_scenes, val_feat
     opt = torch.optim.AdamW(trainable, lr=params.lm_lr, weight_decay=0.01)
     rng, vrng = random.Random(params.seed), random.Random(params.seed + 1)
     questions = Questions(tokenizer)
-    val = [(i, questions(qa), qa.qtype) for i, (_, objs) in enumerate(val_scenes)
-           for qa in [shapes.make_question(objs, vrng, shapes.QTYPES[i % len(shapes.QTYPES)])]]
+    val = [
+        (i, questions(qa), qa.qtype)
+        for i, (_, objs) in enumerate(val_scenes)
+        for qa in [shapes.make_question(objs, vrng, shapes.QTYPES[i % len(shapes.QTYPES)])]
+    ]
     n_vis = feats.shape[1]
     weights = dict.fromkeys(shapes.QTYPES, 1.0)
     acc: dict[str, float] = {}
@@ -218,13 +256,20 @@ def train_lm(model, tokenizer, scenes, feats: torch.Tensor, val_scenes, val_feat
         early = step < params.curriculum_steps  # most distractors dropped: learn to find first
         rows, keeps = [], []
         for _ in range(params.batch_size):
-            p_drop = (rng.uniform(0.5, 0.95) if early else
-                      rng.uniform(0.0, params.drop_max) if rng.random() < 0.5 else None)
+            p_drop = (
+                rng.uniform(0.5, 0.95)
+                if early
+                else rng.uniform(0.0, params.drop_max)
+                if rng.random() < 0.5
+                else None
+            )
             row, keep = _row(scenes, rng, weights, questions, n_vis, p_drop)
             rows.append(row)
             keeps.append(keep)
         x, mask, labels, pos = lm_batch(rows, questions.prefix, feats, embed, torch.stack(keeps))
-        hidden = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        hidden = lm(
+            inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False
+        ).last_hidden_state
         sel = labels != -100
         loss = F.cross_entropy(head(hidden[sel]), labels[sel])
         opt.zero_grad()
@@ -234,11 +279,16 @@ def train_lm(model, tokenizer, scenes, feats: torch.Tensor, val_scenes, val_feat
         if (step + 1) % params.eval_every == 0 and step + 1 < params.lm_steps:
             acc = val_accuracy(lm, head, embed, questions.prefix, val, val_feats)
             weights = {t: 0.1 + 1.0 - acc.get(t, 0.0) for t in shapes.QTYPES}
-            log(f"lm step {step + 1}: loss {loss.item():.4f}, held-out " +
-                " ".join(f"{t} {a:.3f}" for t, a in sorted(acc.items())) + f" ({time.time() - t0:.0f} s)")
+            log(
+                f"lm step {step + 1}: loss {loss.item():.4f}, held-out "
+                + " ".join(f"{t} {a:.3f}" for t, a in sorted(acc.items()))
+                + f" ({time.time() - t0:.0f} s)"
+            )
     acc = val_accuracy(lm, head, embed, questions.prefix, val, val_feats)
-    log(f"lm done after {params.lm_steps} steps ({time.time() - t0:.0f} s): held-out " +
-        " ".join(f"{t} {a:.3f}" for t, a in sorted(acc.items())))
+    log(
+        f"lm done after {params.lm_steps} steps ({time.time() - t0:.0f} s): held-out "
+        + " ".join(f"{t} {a:.3f}" for t, a in sorted(acc.items()))
+    )
     lm.eval()
     for p in model.parameters():
         p.requires_grad_(False)

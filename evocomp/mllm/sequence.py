@@ -26,7 +26,9 @@ class Prompt:
     answer: list[int]  # teacher-forced answer tokens (no EOS)
 
 
-def encode_prompt(tokenizer, question: str, answer: str = "", template: str = DEFAULT_TEMPLATE) -> Prompt:
+def encode_prompt(
+    tokenizer, question: str, answer: str = "", template: str = DEFAULT_TEMPLATE
+) -> Prompt:
     """Tokenize ``template`` split at ``<image>``; the answer follows the assistant tag."""
     if "<image>" not in template or "{question}" not in template:
         raise ValueError(f"prompt template must contain '<image>' and '{{question}}': {template!r}")
@@ -44,13 +46,15 @@ def encode_prompt(tokenizer, question: str, answer: str = "", template: str = DE
         # Encode suffix+answer together so sub-word tokenizers merge the space as in training.
         joint = tokenizer(after + " " + answer.strip(), add_special_tokens=False)["input_ids"]
         if joint[: len(suffix)] == suffix and len(joint) > len(suffix):
-            ans = joint[len(suffix):]
+            ans = joint[len(suffix) :]
         else:
             ans = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
     return Prompt(list(prefix), list(suffix), list(ans))
 
 
-def positions(n_prefix: int, n_visual: int, kept: torch.Tensor, n_tail: int, renumber: bool = False) -> torch.Tensor:
+def positions(
+    n_prefix: int, n_visual: int, kept: torch.Tensor, n_tail: int, renumber: bool = False
+) -> torch.Tensor:
     """Position ids ``(P, n_prefix + k + n_tail)`` for rows of kept indices ``kept (P, k)``."""
     P, k = kept.shape
     dev = kept.device
@@ -64,7 +68,9 @@ def positions(n_prefix: int, n_visual: int, kept: torch.Tensor, n_tail: int, ren
     return torch.cat([pre, vis, tail], dim=1)
 
 
-def left_pad(rows: list[torch.Tensor], pos: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: list[torch.Tensor], pos: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad rows of embeddings ``(L_i, D)`` and positions ``(L_i,)`` into a batch.
 
     Returns ``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``position_ids (B, L)``.
@@ -77,7 +83,7 @@ def left_pad(rows: list[torch.Tensor], pos: list[torch.Tensor]) -> tuple[torch.T
     pid = torch.zeros(B, L, dtype=torch.long, device=rows[0].device)
     for i, (r, p) in enumerate(zip(rows, pos, strict=True)):
         n = r.shape[0]
-        emb[i, L - n:] = r
-        mask[i, L - n:] = 1
-        pid[i, L - n:] = p
+        emb[i, L - n :] = r
+        mask[i, L - n :] = 1
+        pid[i, L - n :] = p
     return emb, mask, pid

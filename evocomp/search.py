@@ -68,13 +68,15 @@ if not hasattr(creator, "EvoIndividual"):
 
 # Part of every label run's key (with the model id and the search params): bump it when a
 # change to the search makes it label differently under the same params, so the label flow
-# re-searches instead of keeping labels of the old algorithm. 2: exact on small spaces.
-ALGORITHM_VERSION = 2
+# re-searches instead of keeping labels of the old algorithm. 2: exact on spaces that fit in
+# one population; 3: also on spaces whose unscored rest fits in one generation's offspring.
+ALGORITHM_VERSION = 3
 
 FitnessFn = Callable[[torch.Tensor], torch.Tensor]
 Key = tuple[int, ...]  # sorted kept-token indices: the identity of a candidate
 NOVELTY_TRIES = 4  # extra mutations of a child that repeats a known candidate
 EXHAUSTIVE_UP_TO = 10_000  # spaces up to this size are tracked for exhaustion (cheap sets)
+SAMPLE_DISTINCT_UP_TO = 1_000  # the initial population of spaces up to this size: from a list
 
 
 @dataclass(frozen=True)
@@ -250,8 +252,12 @@ def _run(
     extra = [key for key in dict.fromkeys(sets.values()) if key not in seen]
     room = max(2, params.population - len(extra))
     size = space.size
-    if params.mode == "paper" and size <= room:
-        fill = iter(space.enumerate_paper())  # the whole space fits: score all of it at once
+    if size <= room:
+        fill = iter(space.enumerate())  # the whole space fits: score all of it at once
+    elif size <= SAMPLE_DISTINCT_UP_TO:
+        # distinct uniform draws without rejection (rejection needs many draws when the
+        # population is most of the space)
+        fill = iter(rng.sample(space.enumerate(), min(size, room + len(population))))
     else:
         fill = (tb.individual() for _ in range(20 * room))  # distinct draws, bounded tries
     for ind in fill:
@@ -281,7 +287,14 @@ def _run(
         else:
             # Distinct parents: clones carry no new information and collapse diversity.
             parents = tb.select(_distinct(population), n_parents)
-            fresh = _breed(tb, parents, n_offspring, params.cx_prob, rng, visited)
+            if size - len(covered) <= n_offspring:
+                # Endgame of a small space: what is left of it fits in the offspring
+                # slots, so score all of it (the label is then the exact optimum)
+                # instead of breeding children that mostly repeat scored candidates.
+                rest = (c for c in space.enumerate() if _key(c) not in covered)
+                fresh = [creator.EvoIndividual(c) for c in rest]
+            else:
+                fresh = _breed(tb, parents, n_offspring, params.cx_prob, rng, visited)
             # Re-evaluate only invalid individuals (here: all offspring); the cache
             # makes unchanged ones free.
             nevals = scorer.evaluate([ind for ind in fresh if not ind.fitness.valid])

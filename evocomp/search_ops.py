@@ -72,9 +72,24 @@ class _Space:
             count[self.group_of[t]] += 1
         return all(lo <= c <= hi for c, lo, hi in zip(count, self.floor, self.cap, strict=True))
 
-    def enumerate_paper(self) -> list[list[int]]:
-        """Every one-token-per-group candidate, slot g holding a member of group g."""
-        return [list(c) for c in itertools.product(*self.members)]
+    def enumerate(self) -> list[list[int]]:
+        """Every candidate of the space (call it on small spaces only: see ``size``).
+
+        Per group, every choice of a count in [floor, cap] members, the groups' choices
+        concatenated in group order: in paper mode slot g holds a member of group g (the
+        individual's layout there), in budget mode the list is sorted (a set of k tokens).
+        """
+        partial: list[tuple[int, tuple[int, ...]]] = [(0, ())]  # (tokens so far, chosen)
+        for members, lo, hi in zip(self.members, self.floor, self.cap, strict=True):
+            partial = [
+                (kept + c, chosen + combo)
+                for kept, chosen in partial
+                for c in range(lo, min(hi, len(members)) + 1)
+                if kept + c <= self.k
+                for combo in itertools.combinations(members, c)
+            ]
+        full = [list(chosen) for kept, chosen in partial if kept == self.k]
+        return full if self.floor == self.cap == [1] * len(self.members) else [sorted(c) for c in full]
 
 
 # ---- operators --------------------------------------------------------------------------

@@ -188,9 +188,12 @@ def test_space_size_counts_every_candidate(sizes, mode, k):
     space = _check_inputs(_tokens(n), groups, k, SearchParams(mode=mode))
     brute = sum(space.contains(c) for c in combinations(range(n), space.k))
     assert space.size == brute > 0
-    if mode == "paper":
-        enumerated = {tuple(sorted(c)) for c in space.enumerate_paper()}
-        assert len(enumerated) == space.size and all(space.contains(c) for c in enumerated)
+    listed = space.enumerate()
+    enumerated = {tuple(sorted(c)) for c in listed}
+    assert len(listed) == len(enumerated) == space.size
+    assert all(space.contains(c) for c in enumerated)
+    if mode == "paper":  # slot g holds a member of group g
+        assert all(space.group_of[t] == g for c in listed for g, t in enumerate(c))
 
 
 def test_a_space_smaller_than_the_population_is_scored_whole_in_one_forward():
@@ -207,8 +210,18 @@ def test_a_space_smaller_than_the_population_is_scored_whole_in_one_forward():
     losses = _hash_loss(5)(everything)
     assert r_small.loss == pytest.approx(float(losses.min()))  # the exact optimum
     assert r_small.kept == everything[int(losses.argmin())].tolist()
-    # the larger space stops as soon as all 60 are scored, before the last generation
-    assert r.n_evals == 60 and len(r.logbook) < PAPER.generations + 1
+    # the larger space: 48 scored first, the 12 left all in the next generation, then stop
+    assert r.n_evals == 60 and [row["nevals"] for row in r.logbook] == [48, 12]
+    assert r.loss == pytest.approx(float(_hash_loss(5)(torch.cat(fitness.calls)).min()))
+
+
+def test_a_space_a_few_generations_wide_is_searched_then_finished_exactly():
+    groups = _groups([30, 2, 2, 1, 1], 4)  # 120 candidates: 48, then 36 bred, then the rest
+    fitness = Recorder(_hash_loss(2))
+    r = search_sample(_tokens(36), groups, fitness, None, PAPER, seed=3)
+    rows = torch.cat(fitness.calls)
+    assert r.n_evals == 120 == len({tuple(sorted(x)) for x in rows.tolist()})
+    assert r.n_forwards <= 4 and r.loss == pytest.approx(float(_hash_loss(2)(rows).min()))
 
 
 def test_an_exhausted_budget_space_stops_with_the_optimum():
@@ -395,6 +408,7 @@ def test_a_new_search_algorithm_version_keys_a_new_label_run(monkeypatch):
     from evocomp.store import params_hash
 
     before = params_hash(search.run_spec(PAPER))
-    assert search.run_spec(PAPER) == PAPER.model_dump(mode="json") | {"algorithm": 2}
-    monkeypatch.setattr(search, "ALGORITHM_VERSION", 3)
+    version = search.ALGORITHM_VERSION
+    assert search.run_spec(PAPER) == PAPER.model_dump(mode="json") | {"algorithm": version}
+    monkeypatch.setattr(search, "ALGORITHM_VERSION", version + 1)
     assert params_hash(search.run_spec(PAPER)) != before

@@ -19,7 +19,9 @@ split at keep ratios 1/4.5 and 1/9 (exact-match accuracy of the generated answer
   search): one random token per vocabulary group in ``paper`` mode, a random set of k tokens
   within the group quotas in ``budget`` mode;
 - ``kmeans_groups``: labels from the same search with the vocabulary groups replaced by k-means
-  clusters of the (unit-normalised) visual tokens, as many clusters as the sample has groups.
+  clusters of the (unit-normalised) visual tokens, as many clusters as the sample has groups;
+- ``paper_labels``: the labels of ``paper`` mode (one token per vocabulary group, as published)
+  whatever params.yaml's label mode, the rest as ``full``.
 
 The heuristics and all tokens are evaluated on the same test samples for reference. Writes
 ``metrics/bench_ablation.json``.
@@ -70,6 +72,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "no_text": ("vocab", {"use_text": False}),
     "random_in_group": ("random_in_group", {}),
     "kmeans_groups": ("kmeans", {}),
+    "paper_labels": ("vocab_paper", {}),
 }
 
 
@@ -126,8 +129,9 @@ def _labels_path(ws: Workspace, grouping: str, params: SearchParams) -> Path:
 def make_labels(ws: Workspace, samples: list, grouping: str, params: SearchParams, log=print):
     """Label set ``DataFrame`` (the columns ``items_from_labels`` reads), cached on disk.
 
-    ``vocab``: the paper's search on the vocabulary groups; ``kmeans``: the same search on
-    k-means groups; ``random_in_group``: one random token per vocabulary group, no search.
+    ``vocab``: the search on the vocabulary groups (``vocab_paper``: the caller passes
+    ``paper`` mode); ``kmeans``: the same search on k-means groups; ``random_in_group``: a
+    random candidate of the vocabulary-group search space, no search.
     """
     path = _labels_path(ws, grouping, params)
     if path.is_file():
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     label_sets = {}
     for grouping in dict.fromkeys(VARIANTS[v][0] for v in args.variants):
-        df = make_labels(ws, labelled, grouping, search)
+        mode = {"mode": "paper"} if grouping == "vocab_paper" else {}
+        df = make_labels(ws, labelled, grouping, search.model_copy(update=mode))
         label_sets[grouping] = {
             "df": df,
             "mean_loss": float(df["loss"].mean()),

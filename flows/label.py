@@ -436,12 +436,14 @@ def _map_prefect(
 ) -> Iterator[tuple]:
     """Submit ``label_batch`` tasks, two per slot in flight; yield (batch, result or error).
 
-    ``batch_size=None`` sizes batches from the search time measured so far: tasks of about
+    ``batch_size=None`` sizes batches from the latest task's time per sample: tasks of about
     TASK_SECONDS (Prefect costs ~25-40 ms of CPU per task), but small enough to keep every
     slot busy until the end.
     """
     finished: queue.Queue = queue.Queue()
-    todo, in_flight, spent = deque(samples), {}, [0.0, 0]  # seconds, samples
+    # The latest finished task's (seconds, samples): a running total would let the first
+    # task's one-off costs (feature index, warm-up) keep later tasks small for long.
+    todo, in_flight, spent = deque(samples), {}, [0.0, 0]
 
     def submit_next() -> None:
         if todo:
@@ -462,7 +464,7 @@ def _map_prefect(
             out = err
         if not isinstance(out, BaseException):
             out, seconds = out
-            spent[0], spent[1] = spent[0] + seconds, spent[1] + len(batch)
+            spent[0], spent[1] = seconds, len(batch)
         while todo and len(in_flight) < 2 * slots:  # one running and one queued per slot
             submit_next()
         yield batch, out

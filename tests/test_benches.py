@@ -107,11 +107,11 @@ def test_ablation(bench, tiny_llava, cache, tmp_path):
     for name, acc in data["accuracy"].items():
         assert set(acc) == {"0.222", "0.111"}, name
         assert all(0.0 <= a <= 1.0 for a in acc.values()), name
-    assert set(data["label_sets"]) == {"vocab", "random_in_group", "kmeans"}
+    assert set(data["label_sets"]) == {"vocab", "random_in_group", "kmeans", "vocab_paper"}
     assert all(_finite(s["mean_loss"]) for s in data["label_sets"].values())
     assert data["splits"]["train"] >= 1 and data["splits"]["test"] >= 1
     labels = list((cache / "shapes-vqa-seed3-n16" / "labels").glob("*/*.parquet"))
-    assert len(labels) == 3  # cached for the next run
+    assert len(labels) == 4  # cached for the next run
     # the variants differ where they should
     train = {n: v["train"]["params"] for n, v in data["variants"].items()}
     assert train["full"]["loss"] == "ghm" and train["full"]["cos_alpha"] > 0

@@ -89,7 +89,9 @@ class _Space:
                 for combo in itertools.combinations(members, c)
             ]
         full = [list(chosen) for kept, chosen in partial if kept == self.k]
-        return full if self.floor == self.cap == [1] * len(self.members) else [sorted(c) for c in full]
+        return (
+            full if self.floor == self.cap == [1] * len(self.members) else [sorted(c) for c in full]
+        )
 
 
 # ---- operators --------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from evocomp.baselines import HEURISTICS  # noqa: E402
 from evocomp.compressor import fit_compressor  # noqa: E402
 from evocomp.config import SearchParams, TrainParams, load_params  # noqa: E402
 from evocomp.evaluate import evaluate_methods  # noqa: E402
-from evocomp.grouping import group_ids, groups_as_lists  # noqa: E402
+from evocomp.grouping import group_ids  # noqa: E402
 from evocomp.labeling import label_sample  # noqa: E402
 from evocomp.mllm.quality import ratio_key  # noqa: E402
 from evocomp.search import repair, sample_seed, search_space  # noqa: E402
@@ -144,12 +144,10 @@ def make_labels(ws: Workspace, samples: list, grouping: str, params: SearchParam
         feats = ws.features(s)
         seed = sample_seed(params.seed, s.id)
         if grouping == "random_in_group":
-            rng = random.Random(seed)
-            if params.mode == "paper":
-                kept = sorted(rng.choice(m) for m in groups_as_lists(group_ids(feats.nearest)))
-            else:
-                space = search_space(feats.tokens, group_ids(feats.nearest), None, params)
-                kept = repair((), space, rng)
+            # a random candidate of the space: one member per group in paper mode, k tokens
+            # within the group quotas in budget mode
+            space = search_space(feats.tokens, group_ids(feats.nearest), None, params)
+            kept = repair((), space, random.Random(seed))
             prompt = ws.mllm.encode(s.question, s.answer)
             loss = float(ws.mllm.subset_loss(prompt, feats.tokens, torch.tensor([kept]))[0])
             soft = None

@@ -411,9 +411,10 @@ def fit_compressor(
             history.append(row)
             if log is not None:
                 log(row)
-            # Early stopping watches what selection needs: top-k precision at the label's k
-            # (GHM-C re-weights easy tokens away, so a validation loss can rise while the
-            # ranking improves); ties go to the lower validation BCE.
+            # Early stopping watches what selection needs: by default top-k precision at the
+            # label's k (GHM-C re-weights easy tokens away, so a validation loss can rise while
+            # the ranking improves), ties to the lower validation BCE; `monitor: loss` watches
+            # the BCE alone (precision at a small k, e.g. 4 tokens, moves in coarse steps).
             if val and params.monitor == "loss":
                 monitored = row["val_loss"]
             elif val and row["val_precision"] is not None:

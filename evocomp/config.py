@@ -51,9 +51,8 @@ class MLLMParams(_Strict):
     lm_lr: float = Field(1e-3, gt=0)  # 2e-3 learnt slower (and stalled at a constant rate)
     align_batch_size: int = Field(64, ge=1)  # images per alignment step
     batch_size: int = Field(64, ge=1)  # (image, question) rows per LM step
-    drop_max: float = Field(
-        1.0, ge=0.0, le=1.0
-    )  # max prob. of dropping an irrelevant token (1: all, as a selector at 1/9 may)
+    # max prob. of dropping an irrelevant token (1: all of them, as a selector at 1/9 may)
+    drop_max: float = Field(1.0, ge=0.0, le=1.0)
     curriculum_steps: int = Field(500, ge=0)  # first LM steps drop most distractors
     qk_tied_init: bool = True  # W_k = W_q at init: attention starts word-matching
     lm_heads: int = Field(8, ge=1)  # of the 128-wide LM; 4 heads learnt slower and less surely
@@ -127,9 +126,8 @@ class TrainParams(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     patience: int = Field(10, ge=1)
-    monitor: Literal["precision", "loss"] = (
-        "precision"  # early stopping on val top-k precision or BCE
-    )
+    # early stopping on val top-k precision (ties: lower BCE) or on val BCE alone
+    monitor: Literal["precision", "loss"] = "precision"
     seed: int = 0
 
 

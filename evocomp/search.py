@@ -36,6 +36,7 @@ projected to one token per group; only one-per-group candidates can be the label
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import random
@@ -252,12 +253,13 @@ def _run(
     extra = [key for key in dict.fromkeys(sets.values()) if key not in seen]
     room = max(2, params.population - len(extra))
     size = space.size
+    everything = functools.cache(space.enumerate)  # listed once, and only for small spaces
     if size <= room:
-        fill = iter(space.enumerate())  # the whole space fits: score all of it at once
+        fill = iter(everything())  # the whole space fits: score all of it at once
     elif size <= SAMPLE_DISTINCT_UP_TO:
         # distinct uniform draws without rejection (rejection needs many draws when the
         # population is most of the space)
-        fill = iter(rng.sample(space.enumerate(), min(size, room + len(population))))
+        fill = iter(rng.sample(everything(), min(size, room + len(population))))
     else:
         fill = (tb.individual() for _ in range(20 * room))  # distinct draws, bounded tries
     for ind in fill:
@@ -291,7 +293,7 @@ def _run(
                 # Endgame of a small space: what is left of it fits in the offspring
                 # slots, so score all of it (the label is then the exact optimum)
                 # instead of breeding children that mostly repeat scored candidates.
-                rest = (c for c in space.enumerate() if _key(c) not in covered)
+                rest = (c for c in everything() if _key(c) not in covered)
                 fresh = [creator.EvoIndividual(c) for c in rest]
             else:
                 fresh = _breed(tb, parents, n_offspring, params.cx_prob, rng, visited)

@@ -443,11 +443,11 @@ def _map_prefect(
     finished: queue.Queue = queue.Queue()
     # The latest finished task's (seconds, samples): a running total would let the first
     # task's one-off costs (feature index, warm-up) keep later tasks small for long.
-    todo, in_flight, spent = deque(samples), {}, [0.0, 0]
+    todo, in_flight, last = deque(samples), {}, [0.0, 0]
 
     def submit_next() -> None:
         if todo:
-            n = batch_size or auto_batch_size(spent[0], spent[1], len(todo), slots)
+            n = batch_size or auto_batch_size(last[0], last[1], len(todo), slots)
             batch = [todo.popleft() for _ in range(min(n, len(todo)))]
             future = label_batch.submit(Batch(batch), *args)
             in_flight[future] = batch
@@ -464,7 +464,7 @@ def _map_prefect(
             out = err
         if not isinstance(out, BaseException):
             out, seconds = out
-            spent[0], spent[1] = seconds, len(batch)
+            last[0], last[1] = seconds, len(batch)
         while todo and len(in_flight) < 2 * slots:  # one running and one queued per slot
             submit_next()
         yield batch, out

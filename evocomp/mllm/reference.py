@@ -4,8 +4,8 @@ Built from the real ``transformers`` classes (CLIP vision tower, LLaVA projector
 Llama LM) and a word-level tokenizer made offline, so it loads exactly like a
 downloaded llava-hf checkpoint (model + processor + chat template).
 
-The training recipe (alignment, then the LM on packed rows) is in
-``recipe.py``; the FACTS probe it starts from and what changed are in
+The training recipe (alignment, then the LM on cached visual tokens, one question
+per row) is in ``recipe.py``; the FACTS probe it starts from and what changed are in
 BENCHMARKS.md.
 
     evocomp mllm train --out models/mllm

@@ -3,14 +3,13 @@
 Not a benchmark itself (nothing runs on import or as a script). Benchmarks import it as
 ``from _common import ...``: running ``bench/<name>.py`` puts ``bench/`` on ``sys.path``.
 
-Timing rules (see ../shared/FACTS.md, "Timings"): warm up first, interleave the variants being
+Timing rules: warm up first, interleave the variants being
 compared so that a noisy neighbour hits them alike, and report the minimum and the median over
 repeats, never a single run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from evocomp.files import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,16 +139,6 @@ def command_line(argv: list[str] | None = None, script: str | Path | None = None
         return os.path.relpath(p) if p.is_absolute() and p.is_relative_to(Path.cwd()) else path
 
     return shlex.join([rel(sys.executable), rel(args[0]), *args[1:]])
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON under a temporary name, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def begin(args) -> tuple[float, dict]:

@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 from _common import REPO
 
-from evocomp.datasets import Sample, read_dataset
-from evocomp.features import Features, FeatureStore, ensure_features
+from evocomp.data.prepared import load_prepared, write_prepared
+from evocomp.data.readers import read_dataset
+from evocomp.data.samples import Sample
+from evocomp.data.synth import write_dataset
+from evocomp.features.cache import Features, FeatureStore
+from evocomp.features.compute import ensure_features
 from evocomp.mllm.hf_llava import HFLlava, checkpoint_info
-from evocomp.prepared import load_prepared, write_prepared
-from evocomp.synth import write_dataset
 
 DEFAULT_CACHE = REPO / ".bench"
 DEFAULT_MODEL = REPO / "models" / "mllm"

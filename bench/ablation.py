@@ -9,7 +9,7 @@ ratio; population / parents / generations from the flags), labels cached per (mo
 params, grouping) next to the features, so variants and re-runs share them. Compressors are
 trained with params.yaml's ``train`` section (early stopping on val) and evaluated on the test
 split at keep ratios 1/4.5 and 1/9 (exact-match accuracy of the generated answer,
-``evocomp.evaluate.evaluate_methods``):
+``evocomp.evaluation.harness.evaluate_methods``):
 
 - ``full``: GHM-C + cosine separation, with the question as input (``train`` in params.yaml);
 - ``ce_only``: plain BCE, no cosine term (``loss=bce, cos_alpha=0``);
@@ -54,14 +54,16 @@ from _common import (
 from _setup import Workspace, add_common_args, build_workspace, check_device, mean  # noqa: E402
 
 from evocomp.baselines import HEURISTICS  # noqa: E402
-from evocomp.compressor import fit_compressor  # noqa: E402
+from evocomp.compress.fit import fit_compressor  # noqa: E402
+from evocomp.compress.training import items_from_labels  # noqa: E402
 from evocomp.config import SearchParams, TrainParams, load_params  # noqa: E402
-from evocomp.evaluate import evaluate_methods  # noqa: E402
-from evocomp.grouping import group_ids  # noqa: E402
-from evocomp.labeling import label_sample  # noqa: E402
-from evocomp.mllm.quality import ratio_key  # noqa: E402
-from evocomp.search import repair, sample_seed, search_space  # noqa: E402
-from evocomp.training import items_from_labels  # noqa: E402
+from evocomp.data.samples import sample_seed  # noqa: E402
+from evocomp.evaluation.harness import evaluate_methods  # noqa: E402
+from evocomp.features.grouping import group_ids  # noqa: E402
+from evocomp.labeling.sample import label_sample  # noqa: E402
+from evocomp.search import SearchSpace  # noqa: E402
+from evocomp.search.operators import repair  # noqa: E402
+from evocomp.tokens import ratio_key  # noqa: E402
 
 RATIOS = (1 / 4.5, 1 / 9)
 # variant -> (label set, train-param overrides); "full" takes params.yaml's train section as is
@@ -146,7 +148,7 @@ def make_labels(ws: Workspace, samples: list, grouping: str, params: SearchParam
         if grouping == "random_in_group":
             # a random candidate of the space: one member per group in paper mode, k tokens
             # within the group quotas in budget mode
-            space = search_space(feats.tokens, group_ids(feats.nearest), None, params)
+            space = SearchSpace.build(feats.nearest, None, params)
             kept = repair((), space, random.Random(seed))
             prompt = ws.mllm.encode(s.question, s.answer)
             loss = float(ws.mllm.subset_loss(prompt, feats.tokens, torch.tensor([kept]))[0])

@@ -34,7 +34,9 @@ from typing import Any
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # dashboards/ is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import REPO, command_line, describe_machine, machine_info, summarize, write_json_atomic
+from _common import REPO, command_line, describe_machine, machine_info, summarize
+
+from evocomp.files import write_json_atomic
 
 PAGES = {
     "overview": "pages/overview.py",
@@ -113,7 +115,8 @@ def _record(rng: random.Random, generations: int, seeds: int):
 def make_store(url: str, n: int, root: Path, seed: int = 0) -> dict[str, Any]:
     """Write a synthetic n-sample label store at ``url`` (images under ``root``); returns counts."""
     from evocomp.config import SearchParams
-    from evocomp.datasets import read_dataset
+    from evocomp.data.readers import read_dataset
+    from evocomp.data.synth import write_dataset
     from evocomp.store import (
         ensure_dataset,
         finish_run,
@@ -125,7 +128,6 @@ def make_store(url: str, n: int, root: Path, seed: int = 0) -> dict[str, Any]:
         write_failure,
         write_label,
     )
-    from evocomp.synth import write_dataset
 
     rng = random.Random(seed)
     write_dataset(root / "pool", n=min(24, n), seed=seed, questions_per_image=1)
@@ -172,26 +174,26 @@ def make_store(url: str, n: int, root: Path, seed: int = 0) -> dict[str, Any]:
 def _page_queries(page: str, url: str) -> None:
     """What a page reads and computes before it draws (its cached functions, called cold)."""
     from dashboards import data
-    from evocomp import audit
+    from evocomp.audit import suspects
 
     facts = data.label_facts(url)
     if page == "overview":
         data.runs(url)
-        audit.run_health(audit.score_suspects(facts))
+        suspects.run_health(suspects.score_suspects(facts))
     elif page == "label_quality":
-        audit.score_suspects(facts)
-        audit.before_after(facts)
+        suspects.score_suspects(facts)
+        suspects.before_after(facts)
     elif page == "sample":
-        top = audit.score_suspects(facts).iloc[0]
+        top = suspects.score_suspects(facts).iloc[0]
         data.sample(url, top["sample_id"])
         data.generations(url, int(top["label_id"]))
         data.elites(url, int(top["label_id"]))
         data.sample_labels(url, top["sample_id"])
     elif page == "imbalance":
-        scope = audit.latest_per_sample(facts)
-        audit.keep_stats(scope)
+        scope = suspects.latest_per_sample(facts)
+        suspects.keep_stats(scope)
         ids = tuple(sorted(int(i) for i in scope["label_id"])[: data.MAX_GROUP_LABELS])
-        audit.keep_by_group_size(data.kept_and_groups(url, ids))
+        suspects.keep_by_group_size(data.kept_and_groups(url, ids))
 
 
 def _apptest_page(page: str) -> float:

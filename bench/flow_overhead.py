@@ -17,8 +17,8 @@ being the steadier figure on a shared machine:
   summary, metrics; the same ``label_and_store`` loop), in a pool thread -- what the flow
   costs without Prefect;
 - flow: ``label_dataset`` with ``ThreadPoolTaskRunner(max_workers=1)`` (like for like),
-  its label tasks sized automatically (one sample each at first, then micro-batches of
-  about 2 s of search; ``--batch-size 1`` measures one task per sample), against the
+  its label tasks planned by ``evocomp.labeling.run.plan_batches`` (about four per worker,
+  at most 128 samples each; ``--batch-size 1`` measures one task per sample), against the
   temporary Prefect server, already up (its one-off start is ``server_start_seconds``).
 
 Each side runs at two sizes (``--samples`` and a quarter of it), interleaved, minimum
@@ -49,22 +49,20 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from _common import (  # noqa: E402
-    command_line,
-    describe_machine,
-    machine_info,
-    write_json_atomic,
-)
+from _common import command_line, describe_machine, machine_info  # noqa: E402
 
 import flows.label as fl  # noqa: E402  (first: it applies the Prefect settings)
 from evocomp import store as db  # noqa: E402
 from evocomp.config import LabelParams  # noqa: E402
-from evocomp.datasets import read_dataset  # noqa: E402
-from evocomp.features import ensure_features  # noqa: E402
-from evocomp.labeling import label_and_store  # noqa: E402
-from evocomp.prepared import load_prepared, write_prepared  # noqa: E402
+from evocomp.data.prepared import load_prepared, write_prepared  # noqa: E402
+from evocomp.data.readers import read_dataset  # noqa: E402
+from evocomp.data.synth import write_dataset  # noqa: E402
+from evocomp.features.compute import ensure_features  # noqa: E402
+from evocomp.files import write_json_atomic  # noqa: E402
+from evocomp.labeling.run import register_samples  # noqa: E402
+from evocomp.labeling.sample import label_and_store  # noqa: E402
+from evocomp.labeling.worker import model_ref, worker_features, worker_mllm  # noqa: E402
 from evocomp.search import run_spec  # noqa: E402
-from evocomp.synth import write_dataset  # noqa: E402
 
 PAPER = LabelParams(
     population=48, parents=12, generations=10, splits=("train", "val", "test"), workers=1
@@ -86,17 +84,13 @@ def direct(samples, ref, params, features: Path, db_url: str, out: Path) -> None
     """The flow's work without Prefect: the same store calls and label_and_store per sample."""
     db.upgrade(db_url)
     engine = db.get_engine(db_url)
-    ds = db.ensure_dataset(engine, "bench", "bench")
-    rows = [{"id": s.id, "split": s.split, "qtype": s.meta.get("qtype"), "question": s.question,
-             "answer": s.answer, "image": str(s.image), "meta": s.meta} for s in samples]  # fmt: skip
-    db.upsert_samples(engine, ds, rows)
+    register_samples(engine, "bench", "bench", samples)
     search = params.search()
     run_id = db.get_or_create_run(engine, ref.model_id, run_spec(search), "bench")
-    mllm = fl.worker_mllm(ref)
+    mllm = worker_mllm(ref)
     for s in samples:
-        label_and_store(
-            mllm, s, fl.worker_features(str(features), ref.model_id, s.id), search, engine, run_id
-        )
+        feats = worker_features(str(features), ref.model_id, s.id)
+        label_and_store(mllm, s, feats, search, engine, run_id)
     db.finish_run(engine, run_id, "done")
     db.export_labels(engine, out, model_id=ref.model_id)
 
@@ -126,9 +120,9 @@ def run(tmp: Path, argv: list[str] | None) -> dict:
     write_prepared(read_dataset(tmp / "raw"), tmp / "prepared", "bench")
     every = [s for split in PAPER.splits for s in load_prepared(tmp / "prepared", split)]
     sizes = {"small": max(1, args.samples // 4), "large": args.samples}
-    ref = fl.model_ref(model)
+    ref = model_ref(model)
     with ThreadPoolExecutor(max_workers=1) as pool:  # shared by both sides, not timed
-        pool.submit(ensure_features, fl.worker_mllm(ref), every, tmp / "features").result()
+        pool.submit(ensure_features, worker_mllm(ref), every, tmp / "features").result()
     info = machine_info("cpu")
     print(describe_machine(info))
     print(f"model: {model_note}; {sizes} samples; paper search (48/12/10); one thread each side")

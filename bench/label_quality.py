@@ -47,8 +47,8 @@ from _common import (
 from _setup import Workspace, add_common_args, build_workspace, check_device, mean  # noqa: E402
 
 from evocomp.config import SearchParams  # noqa: E402
-from evocomp.grouping import group_ids  # noqa: E402
-from evocomp.labeling import Labelled, label_sample  # noqa: E402
+from evocomp.features.grouping import group_ids  # noqa: E402
+from evocomp.labeling.sample import Labelled, label_sample  # noqa: E402
 
 MODES = ("paper", "budget")
 # Grouping is called degenerate when most images' tokens fall into one or two words, or when

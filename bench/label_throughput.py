@@ -48,7 +48,7 @@ from _common import (
 from _setup import add_common_args, build_workspace, check_device, mean  # noqa: E402
 
 from evocomp.config import SearchParams  # noqa: E402
-from evocomp.labeling import label_sample  # noqa: E402
+from evocomp.labeling.sample import label_sample  # noqa: E402
 
 TARGETS = {"ratio_to_floor": ("<=", 1.3), "batched_speedup": (">=", 5.0)}
 

@@ -53,7 +53,8 @@ from _common import (
 )
 from torch import Tensor  # noqa: E402
 
-from evocomp.compressor import CompressorConfig, TokenCompressor, select_topk  # noqa: E402
+from evocomp.compress.model import CompressorConfig, TokenCompressor, select_topk  # noqa: E402
+from evocomp.tokens import keep_count, ratio_key  # noqa: E402
 
 ALL = "1.000"  # the key of the uncompressed run
 DEFAULT_RATIOS = "0.5,0.333,0.222,0.111"  # keep 1/2, 1/3, 1/4.5, 1/9 of the visual tokens
@@ -111,14 +112,6 @@ def build_model(
     with torch.device(device):
         model = LlavaForConditionalGeneration(cfg)
     return model.to(dtype=dtype).eval()
-
-
-def ratio_key(ratio: float) -> str:
-    return f"{ratio:.3f}"
-
-
-def keep_count(ratio: float, n: int) -> int:
-    return max(1, round(ratio * n))  # as select_topk(ratio=...)
 
 
 def _assemble(before: Tensor, visual: Tensor, question: Tensor, keep: Tensor | None) -> Tensor:

@@ -10,9 +10,10 @@ import torch
 
 from evocomp.baselines import heuristic_sets
 from evocomp.config import Params
-from evocomp.datasets import Sample
-from evocomp.features import FeatureStore, compute
-from evocomp.search import sample_seed
+from evocomp.data.samples import Sample, sample_seed
+from evocomp.evaluation.answers import is_correct
+from evocomp.features.cache import FeatureStore
+from evocomp.features.compute import compute
 
 MAX_NEW_TOKENS = 8
 
@@ -88,7 +89,7 @@ def answers(
                 "selection": name,
                 "tokens": len(idx),
                 "answer": out,
-                "correct": out.strip().lower() == sample["answer"].strip().lower(),
+                "correct": is_correct(out, sample["answer"]),
                 "answer loss": round(loss, 4),
             }
         )

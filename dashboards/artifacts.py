@@ -51,7 +51,7 @@ def label_set_info(path: str, stamp: float) -> dict[str, Any] | None:
     """The Parquet label set: its hash (as ``evocomp train`` records it), rows and runs."""
     import pyarrow.parquet as pq
 
-    from evocomp.training import file_hash
+    from evocomp.compress.training import file_hash
 
     p = Path(path)
     if not p.is_file():
@@ -95,10 +95,11 @@ def grad_stats(
     """
     import numpy as np
 
-    from evocomp.audit import gradient_norms
-    from evocomp.compressor import load_compressor
-    from evocomp.features import FeatureStore
-    from evocomp.training import items_from_labels, load_label_set
+    from evocomp.audit.ghm import gradient_norms
+    from evocomp.compress.model import load_compressor
+    from evocomp.compress.training import items_from_labels, load_label_set
+    from evocomp.features.cache import FeatureStore
+    from evocomp.tokens import grid_shape
 
     try:
         model, extra = load_compressor(compressor, device)
@@ -113,8 +114,7 @@ def grad_stats(
                 f"{len(df)} labels of {labels} (run `evocomp features`)"
             }
         n = int(present["n_tokens"].iloc[0])
-        side = round(n**0.5)
-        grid = (side, side) if side * side == n else (1, n)
+        grid = grid_shape(n)
         chosen = present.sort_values("sample_id").head(max(1, MAX_GHM_TOKENS // n))
         gs, overlap, weight = [], 0.0, 0
         for start in range(0, len(chosen), CHUNK):

@@ -25,6 +25,7 @@ from sqlalchemy import case, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from evocomp.errors import StoreError
 from evocomp.store import (
     Dataset,
     Elite,
@@ -32,7 +33,6 @@ from evocomp.store import (
     Label,
     LabelRun,
     SampleRow,
-    StoreError,
     default_db_url,
     get_engine,
     mask_url,

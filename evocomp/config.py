@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evocomp.errors import ParamsError
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -167,10 +169,6 @@ class Params(_Strict):
     label: LabelParams = LabelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
-
-
-class ParamsError(ValueError):
-    """params.yaml is missing, malformed or has a bad key; the message names it."""
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def main() -> None:
     # (`dvc metrics show` prints every nested key on one very wide line; the table reads better)
     ev = root / "metrics" / "eval.json"
     if ev.is_file():
-        from evocomp.evaluation_cli import print_table
+        from evocomp.evaluation.report import print_table
 
         print("\n" + print_table(json.loads(ev.read_text())))
     print("""

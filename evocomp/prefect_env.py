@@ -1,7 +1,7 @@
 """Robust Prefect settings, applied before ``prefect`` is first imported.
 
 Prefect reads its settings once, when it is imported, so this module must be
-imported first (``flows/__init__.py`` and ``evocomp/cli_label.py`` do)::
+imported first (``flows/__init__.py``, ``flows/label.py`` and the CLI commands that start Prefect do)::
 
     import evocomp.prefect_env  # noqa: F401  (before any prefect import)
 

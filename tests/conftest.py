@@ -87,7 +87,7 @@ def tiny_llava(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> Path:
     """A small shapes-vqa dataset in LLaVA format (2 questions per image)."""
-    from evocomp.synth import write_dataset
+    from evocomp.data.synth import write_dataset
 
     out = tmp_path_factory.mktemp("shapes")
     write_dataset(out, n=40, seed=3, questions_per_image=2)

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from evocomp import audit
-from evocomp.config import ParamsError, TrainParams, parse_params
+from evocomp.audit import ghm, params_edit, suspects
+from evocomp.config import TrainParams, parse_params
+from evocomp.errors import ParamsError
 
-RULES = audit.SuspectRules()
+RULES = suspects.SuspectRules()
 
 
 def fact(sample: str, run: int = 1, **kw) -> dict:
@@ -47,7 +48,7 @@ def frame(*rows: dict) -> pd.DataFrame:
 
 
 def test_healthy_label_is_not_suspect():
-    out = audit.score_suspects(frame(fact("a")))
+    out = suspects.score_suspects(frame(fact("a")))
     assert not out["suspect"].iloc[0] and out["score"].iloc[0] == 0 and out["reasons"].iloc[0] == ""
 
 
@@ -61,7 +62,7 @@ def test_healthy_label_is_not_suspect():
     ],
 )
 def test_each_reason_fires_alone(override, reason):
-    out = audit.score_suspects(frame(fact("a", **override)))
+    out = suspects.score_suspects(frame(fact("a", **override)))
     assert out["suspect"].iloc[0] and out["reasons"].iloc[0] == reason
     assert 0 < out["score"].iloc[0] <= 1.0
 
@@ -74,34 +75,36 @@ def test_ranking_orders_by_severity_and_reason_count():
         fact("two-reasons", margin=0.0099, agreement=0.1),
         fact("failed", status="failed", margin=None, loss=None, full_loss=None),
     )
-    out = audit.score_suspects(rows)
+    out = suspects.score_suspects(rows)
     assert list(out["sample_id"])[:3] == ["two-reasons", "negative-margin", "just-under-margin"]
     assert out.set_index("sample_id").loc["failed", "suspect"] == False  # noqa: E712
     assert int(out["suspect"].sum()) == 3
 
 
 def test_agreement_absent_with_one_seed_is_not_a_reason():
-    out = audit.score_suspects(frame(fact("a", agreement=None), fact("b", agreement=float("nan"))))
+    out = suspects.score_suspects(
+        frame(fact("a", agreement=None), fact("b", agreement=float("nan")))
+    )
     assert not out["suspect"].any()
 
 
 def test_generation_zero_search_is_not_called_unconverged():
-    out = audit.score_suspects(frame(fact("a", converged_gen=0, last_gen=0)))
+    out = suspects.score_suspects(frame(fact("a", converged_gen=0, last_gen=0)))
     assert not out["suspect"].iloc[0]
 
 
 def test_rules_are_thresholds():
     rows = frame(fact("a", margin=0.05))
-    assert not audit.score_suspects(rows)["suspect"].iloc[0]
-    assert audit.score_suspects(rows, audit.SuspectRules(min_margin=0.1))["suspect"].iloc[0]
+    assert not suspects.score_suspects(rows)["suspect"].iloc[0]
+    assert suspects.score_suspects(rows, suspects.SuspectRules(min_margin=0.1))["suspect"].iloc[0]
 
 
 def test_empty_facts():
     cols = list(fact("a"))
-    out = audit.score_suspects(pd.DataFrame(columns=cols))
+    out = suspects.score_suspects(pd.DataFrame(columns=cols))
     assert out.empty and "score" in out
-    assert audit.run_health(out).empty
-    assert audit.before_after(pd.DataFrame(columns=cols)).empty
+    assert suspects.run_health(out).empty
+    assert suspects.before_after(pd.DataFrame(columns=cols)).empty
 
 
 # ---- health, latest, before/after ---------------------------------------------------------
@@ -115,7 +118,7 @@ def test_health_counts_failures_and_suspects():
         fact("d", status="failed"),
         fact("a", run=2),
     )
-    health = audit.run_health(audit.score_suspects(rows)).set_index("run_id")
+    health = suspects.run_health(suspects.score_suspects(rows)).set_index("run_id")
     assert health.loc[1, "done"] == 3 and health.loc[1, "failed"] == 1
     assert health.loc[1, "health"] == pytest.approx(1 - (1 + 1) / 4)
     assert health.loc[2, "health"] == 1.0
@@ -128,9 +131,9 @@ def test_latest_label_per_sample_and_before_after():
         fact("a", run=2, loss=0.4),
         fact("b", run=2, status="failed"),
     )
-    latest = audit.latest_per_sample(rows).set_index("sample_id")
+    latest = suspects.latest_per_sample(rows).set_index("sample_id")
     assert latest.loc["a", "run_id"] == 2 and latest.loc["b", "run_id"] == 1
-    ba = audit.before_after(rows)
+    ba = suspects.before_after(rows)
     assert list(ba["sample_id"]) == ["a"]
     assert ba["delta"].iloc[0] == pytest.approx(-0.5)
 
@@ -144,7 +147,7 @@ def test_keep_stats():
         fact("b", k=12, n_groups=12, qtype="count"),
         fact("c", status="failed", k=0, n_tokens=0),
     )
-    stats = audit.keep_stats(rows)
+    stats = suspects.keep_stats(rows)
     assert stats["labels"] == 2
     assert stats["keep_ratio"] == pytest.approx(18 / 72)
     by_q = stats["by_qtype"].set_index("qtype")["keep_ratio"]
@@ -153,16 +156,16 @@ def test_keep_stats():
 
 
 def test_keep_stats_empty():
-    stats = audit.keep_stats(pd.DataFrame(columns=list(fact("a"))))
+    stats = suspects.keep_stats(pd.DataFrame(columns=list(fact("a"))))
     assert stats["labels"] == 0 and stats["keep_ratio"] is None
 
 
 def test_keep_by_group_size():
     # 6 tokens: group 0 has 4 members, group 1 has 2; one token kept per group
-    out = audit.keep_by_group_size([([0, 4], [0, 0, 0, 0, 1, 1])]).set_index("group_size")
+    out = suspects.keep_by_group_size([([0, 4], [0, 0, 0, 0, 1, 1])]).set_index("group_size")
     assert out.loc[4, "tokens"] == 4 and out.loc[4, "kept"] == 1
     assert out.loc[2, "keep_rate"] == pytest.approx(0.5)
-    assert audit.keep_by_group_size([]).empty
+    assert suspects.keep_by_group_size([]).empty
 
 
 # ---- GHM recommendation -------------------------------------------------------------------
@@ -172,21 +175,21 @@ TRAIN = TrainParams()  # bins 10, momentum 0, alpha 0.1, batch 32
 
 def test_spread_histogram_keeps_ten_bins():
     g = np.linspace(0, 1, 10_000)
-    rec = audit.recommend_ghm(g, 0.7, TRAIN, mean_tokens=36, n_train=1000)
+    rec = ghm.recommend_ghm(g, 0.7, TRAIN, mean_tokens=36, n_train=1000)
     assert rec.ghm_bins == 10 and "spread" in rec.reasons[0]
 
 
 def test_concentrated_histogram_gets_more_bins():
     rng = np.random.default_rng(0)
     g = np.concatenate([rng.uniform(0, 0.09, 9000), rng.uniform(0, 1, 1000)])  # 90% easy
-    rec = audit.recommend_ghm(g, 0.7, TRAIN, 36, 1000)
+    rec = ghm.recommend_ghm(g, 0.7, TRAIN, 36, 1000)
     assert rec.ghm_bins in (20, 30) and "concentrated" in rec.reasons[0]
-    shares = audit.region_shares(g, rec.ghm_bins)
-    assert shares.max() <= audit.CONCENTRATED or rec.ghm_bins == 30
+    shares = ghm.region_shares(g, rec.ghm_bins)
+    assert shares.max() <= ghm.CONCENTRATED or rec.ghm_bins == 30
 
 
 def test_extremely_concentrated_caps_at_thirty():
-    rec = audit.recommend_ghm(np.full(1000, 0.001), 0.7, TRAIN, 36, 1000)
+    rec = ghm.recommend_ghm(np.full(1000, 0.001), 0.7, TRAIN, 36, 1000)
     assert rec.ghm_bins == 30
 
 
@@ -194,7 +197,7 @@ def test_extremely_concentrated_caps_at_thirty():
     ("n_train", "batch", "momentum"), [(1000, 32, 0.0), (10, 32, 0.75), (1000, 2, 0.75)]
 )
 def test_momentum_when_batches_are_small(n_train, batch, momentum):
-    rec = audit.recommend_ghm(None, None, TrainParams(batch_size=batch), 36, n_train)
+    rec = ghm.recommend_ghm(None, None, TrainParams(batch_size=batch), 36, n_train)
     assert rec.ghm_momentum == momentum
     assert rec.ghm_bins == TRAIN.ghm_bins and rec.cos_alpha == TRAIN.cos_alpha  # nothing to judge
 
@@ -203,20 +206,21 @@ def test_momentum_when_batches_are_small(n_train, batch, momentum):
     ("overlap", "alpha"), [(0.95, 0.3), (0.7, 0.1), (0.2, 0.05), (math.nan, 0.1)]
 )
 def test_alpha_from_overlap(overlap, alpha):
-    rec = audit.recommend_ghm(np.linspace(0, 1, 100), overlap, TRAIN, 36, 1000)
+    rec = ghm.recommend_ghm(np.linspace(0, 1, 100), overlap, TRAIN, 36, 1000)
     assert rec.cos_alpha == alpha
     assert any(r.startswith("cos_alpha") for r in rec.reasons)
 
 
 def test_recommendation_is_valid_params():
-    rec = audit.recommend_ghm(np.full(10, 0.5), 0.99, TRAIN, 36, 1)
+    rec = ghm.recommend_ghm(np.full(10, 0.5), 0.99, TRAIN, 36, 1)
     TrainParams(**rec.updates())  # never a value the validator refuses
 
 
 def test_gradient_norms_match_definition():
     import torch
 
-    from evocomp.compressor import CompressorConfig, Item, TokenCompressor
+    from evocomp.compress.fit import Item
+    from evocomp.compress.model import CompressorConfig, TokenCompressor
 
     torch.manual_seed(0)
     model = TokenCompressor(CompressorConfig(dim=8, heads=2)).eval()
@@ -229,14 +233,14 @@ def test_gradient_norms_match_definition():
         )
         for n in (6, 9)
     ]
-    stats = audit.gradient_norms(model, items, batch_size=1)
+    stats = ghm.gradient_norms(model, items, batch_size=1)
     assert stats.g.shape == (15,) and ((stats.g >= 0) & (stats.g <= 1)).all()
     with torch.no_grad():
         out = model(items[0].visual[None], items[0].grid_pos[None], None, items[0].text[None])
     expected = (out.logits[0].sigmoid() - items[0].target).abs().numpy()
     assert stats.g[:6] == pytest.approx(expected, abs=1e-6)
     assert -1 <= stats.overlap <= 1
-    assert audit.gradient_norms(model, []).overlap is None
+    assert ghm.gradient_norms(model, []).overlap is None
 
 
 # ---- params.yaml edits --------------------------------------------------------------------
@@ -271,7 +275,7 @@ def changed_lines(diff: str) -> tuple[list[str], list[str]]:
 def test_update_changes_exactly_what_the_diff_shows(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(PARAMS)
-    update = audit.propose_train_update(
+    update = params_edit.propose_train_update(
         PARAMS, {"ghm_bins": 30, "ghm_momentum": 0.75, "cos_alpha": 0.3}, str(path)
     )
     removed, added = changed_lines(update.diff)
@@ -285,7 +289,7 @@ def test_update_changes_exactly_what_the_diff_shows(tmp_path):
         "  ghm_momentum: 0.75",
         "  cos_alpha: 0.3",
     ]
-    audit.write_params(path, update)
+    params_edit.write_params(path, update)
     new = path.read_text()
     assert new == update.new_text
     old_lines, new_lines = PARAMS.splitlines(), new.splitlines()
@@ -297,19 +301,19 @@ def test_update_changes_exactly_what_the_diff_shows(tmp_path):
 
 
 def test_missing_key_is_appended_to_the_train_block():
-    update = audit.propose_train_update(PARAMS, {"lr": 1e-5})
+    update = params_edit.propose_train_update(PARAMS, {"lr": 1e-5})
     lines = update.new_text.splitlines()
     assert lines[lines.index("  epochs: 60") + 1] == "  lr: 1.0e-05"  # before the comment
     assert parse_params(yaml.safe_load(update.new_text)).train.lr == 1e-5
 
 
 def test_missing_train_section_is_created():
-    update = audit.propose_train_update("profile: demo\n", {"ghm_bins": 20})
+    update = params_edit.propose_train_update("profile: demo\n", {"ghm_bins": 20})
     assert update.new_text == "profile: demo\ntrain:\n  ghm_bins: 20\n"
 
 
 def test_same_values_give_an_empty_diff():
-    assert audit.propose_train_update(PARAMS, {"ghm_bins": 10}).diff == ""
+    assert params_edit.propose_train_update(PARAMS, {"ghm_bins": 10}).diff == ""
 
 
 @pytest.mark.parametrize(
@@ -325,7 +329,7 @@ def test_same_values_give_an_empty_diff():
 )
 def test_invalid_values_are_refused(updates, message):
     with pytest.raises(ParamsError, match=message):
-        audit.propose_train_update(PARAMS, updates)
+        params_edit.propose_train_update(PARAMS, updates)
 
 
 def test_profile_override_is_refused():
@@ -334,21 +338,21 @@ def test_profile_override_is_refused():
         + "profiles:\n  tiny:\n    train: {ghm_bins: 5}\n"
     )
     with pytest.raises(ParamsError, match="profile 'tiny' overrides train.ghm_bins"):
-        audit.propose_train_update(text, {"ghm_bins": 20})
+        params_edit.propose_train_update(text, {"ghm_bins": 20})
 
 
 def test_inline_train_section_is_refused():
     with pytest.raises(ParamsError, match="inline"):
-        audit.propose_train_update("train: {ghm_bins: 10}\n", {"ghm_bins": 20})
+        params_edit.propose_train_update("train: {ghm_bins: 10}\n", {"ghm_bins": 20})
 
 
 def test_write_refuses_a_file_changed_since_the_diff(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(PARAMS)
-    update = audit.propose_train_update(PARAMS, {"ghm_bins": 20})
+    update = params_edit.propose_train_update(PARAMS, {"ghm_bins": 20})
     path.write_text(PARAMS + "# edited meanwhile\n")
     with pytest.raises(ParamsError, match="changed since the diff"):
-        audit.write_params(path, update)
+        params_edit.write_params(path, update)
     assert path.read_text().endswith("# edited meanwhile\n")
 
 
@@ -356,7 +360,7 @@ def test_repo_params_yaml_round_trips(repo_root):
     text = (repo_root / "params.yaml").read_text()
     (line,) = [x for x in text.splitlines() if x.startswith("  ghm_bins:")]
     current = int(line.split(":")[1].split("#")[0])
-    update = audit.propose_train_update(text, {"ghm_bins": current + 5})
+    update = params_edit.propose_train_update(text, {"ghm_bins": current + 5})
     removed, added = changed_lines(update.diff)
     # only that line changes, and its comment stays
     assert removed == [line] and added == [line.replace(f": {current}", f": {current + 5}", 1)]

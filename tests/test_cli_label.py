@@ -10,9 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from evocomp.cli import app
-from evocomp.cli_label import parse_shard, read_ids
-from evocomp.datasets import DatasetError, read_dataset
-from evocomp.prepared import load_prepared, write_prepared
+from evocomp.data.prepared import load_prepared, write_prepared
+from evocomp.data.readers import read_dataset
+from evocomp.errors import DatasetError
+from evocomp.labeling.selection import parse_shard, read_ids
 
 PARAMS = "label: {population: 8, parents: 4, generations: 2, splits: [test], max_samples: 4}\n"
 

@@ -9,13 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evocomp.compressor import (
+from evocomp.compress.fit import Item, collate, fit_compressor
+from evocomp.compress.model import (
     PAD_LOGIT,
     CompressorConfig,
-    Item,
     TokenCompressor,
-    collate,
-    fit_compressor,
     load_compressor,
     save_compressor,
     select_topk,

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from evocomp.config import Params, ParamsError, load_params, parse_params
+from evocomp.config import Params, load_params, parse_params
+from evocomp.errors import ParamsError
 
 
 def test_repo_params_are_valid(repo_root):

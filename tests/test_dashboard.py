@@ -19,7 +19,7 @@ from conftest import REPO
 from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
-from evocomp import audit
+from evocomp.audit import suspects
 from evocomp.config import SearchParams, TrainParams, parse_params
 from evocomp.store import Elite, Generation, Label, LabelRun, SampleRow, get_engine, upgrade
 
@@ -91,12 +91,13 @@ def test_page_on_an_empty_store(page, migrated, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def real(tiny_llava, shapes_data, tmp_path_factory):
-    from evocomp.datasets import read_dataset
-    from evocomp.features import ensure_features
-    from evocomp.labeling import label_and_store, register_samples
+    from evocomp.compress.training import file_hash, train_compressor
+    from evocomp.data.readers import read_dataset
+    from evocomp.features.compute import ensure_features
+    from evocomp.labeling.run import register_samples
+    from evocomp.labeling.sample import label_and_store
     from evocomp.mllm.hf_llava import HFLlava, checkpoint_info
     from evocomp.store import export_labels, finish_run, get_or_create_run, write_failure
-    from evocomp.training import file_hash, train_compressor
 
     root = tmp_path_factory.mktemp("dash-real")
     samples = read_dataset(shapes_data)
@@ -160,7 +161,7 @@ def at_real(real, monkeypatch):
 
 def expected_suspects(engine, qtype: str | None = None) -> set[tuple[int, str]]:
     """The suspect rules as one SQL query, independent of the pandas path the page takes."""
-    r = audit.SuspectRules()
+    r = suspects.SuspectRules()
     last = select(func.max(Generation.gen)).where(Generation.label_id == Label.id).scalar_subquery()
     stmt = (
         select(Label.run_id, Label.sample_id)
@@ -385,7 +386,7 @@ def test_queries_agree_on_sqlite_and_postgres(postgres_url, tmp_path, monkeypatc
     ]
     pd.testing.assert_frame_equal(fa[cols], fb[cols], check_dtype=False)
     assert ra[["done", "failed", "pending"]].equals(rb[["done", "failed", "pending"]])
-    sa, sb = audit.score_suspects(fa), audit.score_suspects(fb)
+    sa, sb = suspects.score_suspects(fa), suspects.score_suspects(fb)
     assert sa["suspect"].sum() == sb["suspect"].sum() > 0
 
 

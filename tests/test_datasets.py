@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from evocomp import shapes
-from evocomp.datasets import DatasetError, read_dataset, read_jsonl, read_llava
-from evocomp.prepared import load_prepared, write_prepared
-from evocomp.synth import write_dataset
+from evocomp.data import shapes
+from evocomp.data.prepared import load_prepared, write_prepared
+from evocomp.data.readers import read_dataset, read_jsonl, read_llava
+from evocomp.data.synth import write_dataset
+from evocomp.errors import DatasetError
 
 
 def test_synth_is_deterministic(tmp_path):

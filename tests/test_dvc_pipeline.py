@@ -18,7 +18,7 @@ import pytest
 import yaml
 from sqlalchemy import text
 
-from evocomp.synth import write_dataset
+from evocomp.data.synth import write_dataset
 from tests.conftest import make_tiny_llava
 
 pytestmark = pytest.mark.slow

@@ -27,8 +27,11 @@ from typer.testing import CliRunner
 
 import flows.label as fl
 from evocomp.config import LabelParams
-from evocomp.datasets import read_dataset
-from evocomp.prepared import load_prepared, write_prepared
+from evocomp.data.prepared import load_prepared, write_prepared
+from evocomp.data.readers import read_dataset
+from evocomp.labeling import run as steps
+from evocomp.labeling import worker
+from evocomp.labeling.selection import select_samples
 
 SMALL = LabelParams(population=8, parents=4, generations=2, splits=("train", "test"), workers=2)
 
@@ -94,11 +97,11 @@ def test_flow_labels_each_sample_once_and_reruns_skip_model_work(
     assert set(metrics["mean_heuristic_loss"]) == set(SMALL.heuristics)
     assert 0 < metrics["mean_kept_fraction"] < 1 and metrics["median_groups"] >= 1
 
-    fl._models.clear()  # a re-run must not even load the model
-    loads = fl.model_loads
+    worker._models.clear()  # a re-run must not even load the model
+    loads = worker.model_loads
     again = run(tmp_path, data, tiny_llava, params)
     assert (again["searched"], again["skipped"], again["done"]) == (0, 6, 6)
-    assert fl.model_loads == loads
+    assert worker.model_loads == loads
     pd.testing.assert_frame_equal(labels(f"sqlite:///{tmp_path / 'store.db'}"), df)
 
     grown = run(tmp_path, data, tiny_llava, params.model_copy(update={"max_samples": 4}))
@@ -140,17 +143,18 @@ def test_nan_features_are_a_failed_label_with_its_reason(tiny_llava, shapes_data
     import torch
 
     from evocomp import store
-    from evocomp.features import FeatureStore, ensure_features
+    from evocomp.features.cache import FeatureStore
+    from evocomp.features.compute import ensure_features
 
     data = prepare_copy(shapes_data, tmp_path)
     sample = load_prepared(data, "test", 1)[0]
-    ref = fl.model_ref(tiny_llava)
-    feats = ensure_features(fl.worker_mllm(ref), [sample], tmp_path / "f").get(sample.id)
+    ref = worker.model_ref(tiny_llava)
+    feats = ensure_features(worker.worker_mllm(ref), [sample], tmp_path / "f").get(sample.id)
     bad = dataclasses.replace(feats, tokens=torch.full_like(feats.tokens, float("nan")))
     FeatureStore(tmp_path / "nan", ref.model_id).put({sample.id: bad})
     db_url = f"sqlite:///{tmp_path / 'store.db'}"
-    run_id, _ = fl.open_run.fn(db_url, str(data), [sample], ref.model_id, SMALL.search(), "test")
-    out, _ = fl.label_batch.fn([sample], ref, SMALL.search(), str(tmp_path / "nan"), db_url, run_id)
+    run_id, _ = steps.open_run(db_url, str(data), [sample], ref.model_id, SMALL.search(), "test")
+    out = steps.label_batch([sample], ref, SMALL.search(), str(tmp_path / "nan"), db_url, run_id)
     assert out == {sample.id: "failed"}
     summary = store.run_summary(store.get_engine(db_url), run_id)
     assert "NaN" in summary["failures"][0]["error"]
@@ -167,34 +171,35 @@ def test_only_io_errors_are_retried(exc, retried):
 
 
 @pytest.mark.parametrize(
-    "seconds, searched, remaining, slots, expected",
+    "n, workers, batch_size, sizes",
     [
-        (0.0, 0, 1000, 2, 1),  # nothing timed yet: one sample per task
-        (10.0, 10, 1000, 2, 2),  # 1 s a sample: 2 per ~2 s task
-        (0.1, 10, 1000, 2, fl.MAX_BATCH),  # 10 ms a sample: capped
-        (0.3, 10, 40, 2, 20),  # near the end: no more than a slot's share
-        (0.3, 10, 3, 2, 2),
-        (0.3, 10, 1, 2, 1),
-        (100.0, 10, 1000, 2, 1),  # slow samples: one per task
+        (0, 2, None, []),
+        (5, 2, None, [1] * 5),  # fewer samples than 4 tasks per worker: one each
+        (200, 2, None, [25] * 8),  # four tasks per worker
+        (960, 1, None, [128] * 7 + [64]),  # capped at MAX_BATCH
+        (10, 2, 4, [4, 4, 2]),  # --batch-size wins
     ],
 )
-def test_auto_batch_size(seconds, searched, remaining, slots, expected):
-    assert fl.auto_batch_size(seconds, searched, remaining, slots) == expected
+def test_plan_batches(n, workers, batch_size, sizes):
+    samples = list(range(n))
+    batches = steps.plan_batches(samples, workers, batch_size)
+    assert [len(b) for b in batches] == sizes
+    assert [x for b in batches for x in b] == samples  # every sample once, in order
 
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_shards_partition_the_samples(shapes_data, tmp_path, n):
     data = prepare_copy(shapes_data, tmp_path)
-    everything = [s.id for s in fl.select_samples(data, ["train", "val", "test"])]
+    everything = [s.id for s in select_samples(data, ["train", "val", "test"])]
     parts = [
-        [s.id for s in fl.select_samples(data, ["train", "val", "test"], shard=(i, n))]
+        [s.id for s in select_samples(data, ["train", "val", "test"], shard=(i, n))]
         for i in range(n)
     ]
     assert sorted(sum(parts, [])) == sorted(everything)
     if n > 1:
         assert all(parts)  # 80 samples: no shard is empty
     with pytest.raises(ValueError, match="0 <= i < n"):
-        fl.select_samples(data, ["train"], shard=(n, n))
+        select_samples(data, ["train"], shard=(n, n))
 
 
 def test_crash_resume_loses_and_duplicates_nothing(prefect_api, tiny_llava, shapes_data, tmp_path):

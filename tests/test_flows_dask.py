@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from evocomp.config import LabelParams
-from evocomp.datasets import read_dataset
-from evocomp.prepared import load_prepared, write_prepared
+from evocomp.data.prepared import load_prepared, write_prepared
+from evocomp.data.readers import read_dataset
 
 pytestmark = pytest.mark.postgres
 EVOCOMP = str(Path(sys.executable).parent / "evocomp")
@@ -85,12 +85,13 @@ def test_label_flow_on_dask_with_postgres(
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     import flows.label as fl
+    from evocomp.labeling import worker
 
     write_prepared(read_dataset(shapes_data), tmp_path / "prepared", str(shapes_data))
     samples = [
         s for split in ("train", "test") for s in load_prepared(tmp_path / "prepared", split, 4)
     ]
-    loads = fl.model_loads
+    loads = worker.model_loads
     params = LabelParams(population=8, parents=4, generations=2, splits=("train", "test"),
                          max_samples=4, workers=2)  # fmt: skip
     summary = fl.run_label(
@@ -99,7 +100,7 @@ def test_label_flow_on_dask_with_postgres(
         labels_out=str(tmp_path / "labels.parquet"), metrics_out=str(tmp_path / "labels.json"),
     )  # fmt: skip
     assert (summary["selected"], summary["done"], summary["failed"]) == (8, 8, 0)
-    assert fl.model_loads == loads  # features and labels were computed in the Dask workers
+    assert worker.model_loads == loads  # features and labels were computed in the Dask workers
 
     engine = sa.create_engine(postgres_url)
     with engine.connect() as conn:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evocomp.grouping import group_ids, groups_as_lists, nearest_vocab
+from evocomp.features.grouping import group_ids, groups_as_lists, nearest_vocab
 
 
 def _dense_nearest(tokens: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:

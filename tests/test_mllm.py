@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from evocomp import shapes
-from evocomp.mllm.base import ModelError
+from evocomp.data import shapes
+from evocomp.errors import ModelError
 from evocomp.mllm.hf_llava import HFLlava
 from evocomp.mllm.recipe import pixels
 from tests.conftest import make_tiny_llava

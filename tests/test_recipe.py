@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evocomp import shapes
 from evocomp.config import MLLMParams
-from evocomp.grouping import nearest_vocab
+from evocomp.data import shapes
+from evocomp.features.grouping import nearest_vocab
 from evocomp.mllm.hf_llava import HFLlava
 from evocomp.mllm.recipe import Questions, align, lm_batch, lr_factor, pixels, visual
 from evocomp.mllm.reference import build_model, build_tokenizer, train_reference
@@ -106,8 +106,8 @@ def test_train_reference_writes_a_checkpoint_that_loads(tmp_path):
 
 
 def test_oracle_sets_put_what_they_promise_first():
-    from evocomp.datasets import Sample
-    from evocomp.mllm.quality import oracle_sets
+    from evocomp.data.samples import Sample
+    from evocomp.mllm.reference_eval import oracle_sets
 
     objects = [{"cell": c, "colour": "red", "shape": "circle"} for c in (3, 10, 20)]
     s = Sample(id="x", image=None, question="q", answer="a",

@@ -12,8 +12,10 @@ from deap import creator
 
 from evocomp.baselines import heuristic_sets
 from evocomp.config import SearchParams
-from evocomp.grouping import group_ids, groups_as_lists
-from evocomp.search import SearchResult, group_quotas, repair, sample_seed, search_sample
+from evocomp.data.samples import sample_seed
+from evocomp.features.grouping import group_ids, groups_as_lists
+from evocomp.search import SearchResult, SearchSpace, group_quotas, search_sample
+from evocomp.search.operators import repair
 
 PAPER = SearchParams()
 BUDGET = SearchParams(mode="budget")
@@ -181,11 +183,9 @@ def test_progress_reports_every_generation_with_a_non_increasing_best():
 def test_space_size_counts_every_candidate(sizes, mode, k):
     from itertools import combinations
 
-    from evocomp.search import _check_inputs
-
     groups = _groups(sizes, 0)
     n = sum(sizes)
-    space = _check_inputs(_tokens(n), groups, k, SearchParams(mode=mode))
+    space = SearchSpace.build(groups, k, SearchParams(mode=mode))
     brute = sum(space.contains(c) for c in combinations(range(n), space.k))
     assert space.size == brute > 0
     listed = space.enumerate()
@@ -332,10 +332,8 @@ def test_group_quotas_properties(k):
 
 @pytest.mark.parametrize("k", [2, 7, 12, 36])
 def test_repair_restores_exact_size_and_quotas(k):
-    from evocomp.search import _check_inputs
-
     groups = _groups([12, 8, 6, 4, 3, 2, 1], 0)
-    space = _check_inputs(_tokens(36), groups, k, BUDGET)
+    space = SearchSpace.build(groups, k, BUDGET)
     rng = random.Random(0)
     for _ in range(50):
         broken = rng.sample(range(36), rng.randint(0, 36))
@@ -404,7 +402,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_a_new_search_algorithm_version_keys_a_new_label_run(monkeypatch):
     """Stored labels of an older search are not reused as if the search were unchanged."""
-    from evocomp import search
+    from evocomp.search import ga as search
     from evocomp.store import params_hash
 
     before = params_hash(search.run_spec(PAPER))

@@ -8,14 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
+from evocomp.compress.training import items_from_labels, train_compressor
 from evocomp.config import Params, SearchParams, TrainParams
-from evocomp.datasets import read_dataset
-from evocomp.features import FeatureStore, ensure_features
-from evocomp.labeling import label_and_store, label_sample, register_samples
+from evocomp.data.prepared import load_prepared, write_prepared
+from evocomp.data.readers import read_dataset
+from evocomp.features.cache import FeatureStore
+from evocomp.features.compute import ensure_features
+from evocomp.labeling.run import register_samples
+from evocomp.labeling.sample import label_and_store, label_sample
 from evocomp.mllm.hf_llava import HFLlava, checkpoint_info
-from evocomp.prepared import load_prepared, write_prepared
 from evocomp.store import export_labels, get_engine, get_or_create_run, upgrade
-from evocomp.training import items_from_labels, train_compressor
 
 SMALL = SearchParams(population=8, parents=4, generations=2)
 
@@ -97,9 +99,9 @@ def test_train_and_refuse_mismatch(world, tiny_llava, tmp_path):
 
 
 def test_evaluate_every_method(world, tiny_llava, tmp_path):
-    from contextlib import nullcontext
 
-    from evocomp.evaluation_cli import print_table, run_evaluation
+    from evocomp.evaluation.report import print_table
+    from evocomp.evaluation.run import run_evaluation
 
     info = checkpoint_info(tiny_llava)
     train_compressor(
@@ -110,6 +112,7 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
         tmp_path / "comp",
     )
     params = Params()
+    seen: list[tuple[str, int, int]] = []
     result = run_evaluation(
         params,
         world["root"] / "prepared",
@@ -118,8 +121,11 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
         tmp_path / "comp",
         world["mllm"],
         tmp_path / "no-bench.json",
-        lambda n, what: nullcontext(lambda *a: None),
+        progress=lambda phase, done, total: seen.append((phase, done, total)),
     )
+    n_test = result["samples"]  # progress reached every test sample at both pruning positions
+    assert ("evaluate (l=0)", n_test, n_test) in seen
+    assert ("evaluate evocomp (l=1)", n_test, n_test) in seen
     assert set(result["ratios"]) == {"0.500", "0.333", "0.222", "0.111"}
     assert set(result["ratios"]["0.333"]) == set(params.evaluate.methods)
     assert result["tokens"]["0.333"] == 12 and "evocomp_l1" in result
@@ -140,14 +146,13 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
             tmp_path / "missing",
             world["mllm"],
             tmp_path / "x.json",
-            lambda n, what: nullcontext(lambda *a: None),
         )
 
 
 def test_oracle_ranking_prefers_label():
     from types import SimpleNamespace
 
-    from evocomp.evaluate import oracle_ranking
+    from evocomp.evaluation.harness import oracle_ranking
 
     row = SimpleNamespace(n_tokens=6, kept=[4, 1], soft=[0, 0.5, 0, 0.9, 1.0, 0])
     assert oracle_ranking(row).topk(3).indices.tolist() == [4, 1, 3]

@@ -16,6 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, func, select, text
 
+from evocomp.errors import StoreError
 from evocomp.store import (
     Base,
     Elite,
@@ -24,7 +25,6 @@ from evocomp.store import (
     LabelRecord,
     LabelRun,
     SampleRow,
-    StoreError,
     default_db_url,
     dispose_engines,
     ensure_dataset,

@@ -11,8 +11,9 @@ import plotly.express as px
 import streamlit as st
 
 from dashboards import artifacts, data, ui
-from evocomp import audit
-from evocomp.config import ParamsError, load_params
+from evocomp.audit import ghm, params_edit, suspects
+from evocomp.config import load_params
+from evocomp.errors import ParamsError
 
 s = data.settings()
 st.title("Class imbalance")
@@ -37,14 +38,14 @@ if ui.store_ready(s):
             ),
         )
         scope = (
-            audit.latest_per_sample(facts)
+            suspects.latest_per_sample(facts)
             if which == "latest"
             else facts[(facts["run_id"] == which) & (facts["status"] == "done")]
         )
         if scope.empty:
             st.info("No done labels here: every label of this run failed.")
 if not scope.empty:
-    stats = audit.keep_stats(scope)
+    stats = suspects.keep_stats(scope)
     c = st.columns(3)
     c[0].metric("Labels", stats["labels"])
     c[1].metric("Keep ratio (kept / all tokens)", f"{stats['keep_ratio']:.3f}")
@@ -80,7 +81,7 @@ if not scope.empty:
     )
     c[0].plotly_chart(fig, key="imb-kept-fraction")
     ids = tuple(sorted(int(i) for i in scope["label_id"])[: data.MAX_GROUP_LABELS])
-    by_size = audit.keep_by_group_size(data.kept_and_groups(s.db_url, ids))
+    by_size = suspects.keep_by_group_size(data.kept_and_groups(s.db_url, ids))
     if by_size.empty:
         c[1].info("The labels store no vocabulary groups.")
     else:
@@ -119,7 +120,7 @@ else:
     else:
         g, overlap = gs["g"], gs["overlap"]
         mean_tokens, n_train = gs["mean_tokens"], gs["n_train"]
-        counts, edges = np.histogram(np.clip(g, 0, 1), bins=audit.FINE_BINS, range=(0, 1))
+        counts, edges = np.histogram(np.clip(g, 0, 1), bins=ghm.FINE_BINS, range=(0, 1))
         hist = pd.DataFrame({"g": (edges[:-1] + edges[1:]) / 2, "tokens": counts})
         fig = px.bar(
             hist,
@@ -136,7 +137,7 @@ else:
             f"Kept vs dropped hidden-state cosine: {overlap:.3f}."
         )
 
-rec = audit.recommend_ghm(g, overlap, current, mean_tokens, n_train)
+rec = ghm.recommend_ghm(g, overlap, current, mean_tokens, n_train)
 st.subheader("Recommended setting")
 st.dataframe(
     pd.DataFrame(
@@ -172,7 +173,7 @@ flash = st.session_state.pop("params-written", None)
 if flash:
     st.success(flash)
 try:
-    update = audit.propose_train_update(s.params.read_text(), values, str(s.params))
+    update = params_edit.propose_train_update(s.params.read_text(), values, str(s.params))
 except ParamsError as err:
     st.error(f"Refused: {err}")
     st.stop()
@@ -182,7 +183,7 @@ if not update.diff:
 st.code(update.diff, language="diff")
 if st.button("Write to params.yaml", type="primary", key="w-write"):
     try:
-        audit.write_params(s.params, update)
+        params_edit.write_params(s.params, update)
     except (ParamsError, OSError) as err:
         st.error(f"Not written: {err}")
     else:

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboards import data, ui
-from evocomp import audit
+from evocomp.audit.suspects import REASONS, SuspectRules, before_after, score_suspects
 
 PREVIEW = 100  # ids shown in the export preview
 
@@ -17,9 +17,9 @@ st.title("Label quality")
 facts = ui.labels_or_stop(s)
 
 with st.expander("Suspect rules", icon=":material/tune:"):
-    d = audit.SuspectRules()
+    d = SuspectRules()
     c = st.columns(3)
-    rules = audit.SuspectRules(
+    rules = SuspectRules(
         min_margin=c[0].number_input(
             "Margin below (nats)", 0.0, None, d.min_margin, 0.005, format="%.3f", key="min_margin"
         ),
@@ -39,7 +39,7 @@ with st.expander("Suspect rules", icon=":material/tune:"):
         "not_converged weighs 0.5)."
     )
 
-scored = audit.score_suspects(facts, rules)
+scored = score_suspects(facts, rules)
 scored = scored[scored["status"] == "done"]
 
 st.subheader("Filters")
@@ -50,9 +50,9 @@ for label, col, key in (
     ("Run", "run_id", "f-run"),
 ):
     view = ui.apply_filter(view, col, ui.filter_with_distribution(label, view[col], key))
-reason_counts = pd.Series({r: int(view[f"r_{r}"].gt(0).sum()) for r in audit.REASONS})
+reason_counts = pd.Series({r: int(view[f"r_{r}"].gt(0).sum()) for r in REASONS})
 left, right = st.columns([2, 3])
-reasons = left.multiselect("Reason", list(audit.REASONS), key="f-reason", placeholder="any")
+reasons = left.multiselect("Reason", list(REASONS), key="f-reason", placeholder="any")
 right.plotly_chart(
     ui.counts_chart(reason_counts), key="f-reason-dist", config={"displayModeBar": False}
 )
@@ -126,7 +126,7 @@ if ids:
 
 # ---- before / after -----------------------------------------------------------------------
 st.header("Before / after re-labelling")
-ba = audit.before_after(facts[facts["sample_id"].isin(set(view["sample_id"]))])
+ba = before_after(facts[facts["sample_id"].isin(set(view["sample_id"]))])
 if ba.empty:
     st.info(
         "No sample has labels in several runs yet. Export the suspects above and re-label "

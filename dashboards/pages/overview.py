@@ -9,7 +9,7 @@ import plotly.express as px
 import streamlit as st
 
 from dashboards import artifacts, data, ui
-from evocomp import audit
+from evocomp.audit import suspects
 
 s = data.settings()
 st.title("Overview")
@@ -29,7 +29,7 @@ if ui.store_ready(s):
         ui.no_labels()
     else:
         facts = data.label_facts(s.db_url)
-        health = audit.run_health(audit.score_suspects(facts))
+        health = suspects.run_health(suspects.score_suspects(facts))
         table = runs.merge(health[["run_id", "suspects", "health"]], on="run_id", how="left")
         latest = table.iloc[-1]
         c = st.columns(5)

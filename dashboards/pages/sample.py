@@ -11,15 +11,16 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboards import artifacts, data, ui
-from evocomp import audit
-from evocomp.config import ParamsError, load_params
+from evocomp.audit import suspects
+from evocomp.config import load_params
+from evocomp.errors import ParamsError
 
 s = data.settings()
 st.title("Sample drill-down")
 facts = ui.labels_or_stop(s)
 
 # ---- which sample ---------------------------------------------------------------------------
-ranked = audit.score_suspects(facts)
+ranked = suspects.score_suspects(facts)
 ranked = ranked[ranked["status"] == "done"]
 top = list(dict.fromkeys(ranked["sample_id"]))[:100]
 wanted = st.session_state.pop("drill_sample", None) or st.query_params.get("sample")

@@ -1,8 +1,9 @@
-"""The one protocol every MLLM backend implements, and its errors."""
+"""The one protocol every MLLM backend implements (errors: :class:`evocomp.errors.ModelError`)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -10,15 +11,16 @@ from PIL import Image
 from evocomp.mllm.sequence import Prompt
 
 
-class ModelError(ValueError):
-    """A checkpoint cannot be used (not found, not a LLaVA model, shape mismatch)."""
-
-
 class MLLM(Protocol):
+    """What the pipeline asks of a model; :func:`evocomp.mllm.loader.load_mllm` returns one."""
+
+    path: Path  # the checkpoint directory
     model_id: str  # content-derived: same checkpoint -> same id (store and cache keys use it)
     n_tokens: int  # visual tokens per image
     grid: tuple[int, int]  # patch grid (rows, cols), rows * cols == n_tokens
     hidden_size: int  # LLM embedding width D
+    n_layers: int  # LLM decoder layers (a prune layer l lies in 1..n_layers - 1)
+    tokenizer: Any  # the checkpoint's tokenizer (decodes ids, names vocabulary words)
 
     def visual_tokens(self, images: list[Image.Image]) -> torch.Tensor:
         """Projected visual tokens ``(B, N, D)`` (float32, CPU)."""
@@ -41,8 +43,16 @@ class MLLM(Protocol):
         visual: list[torch.Tensor],
         kept: list[torch.Tensor | None],
         max_new_tokens: int = 8,
+        vis_pos: list[torch.Tensor] | None = None,
+        prune_layer: int = 0,
     ) -> list[str]:
-        """Greedy answers, batched over samples; ``kept[i]`` None keeps all tokens."""
+        """Greedy answers, batched over samples; ``kept[i]`` None keeps all tokens.
+
+        ``vis_pos``: the ``visual[i]`` rows are ready-made tokens (e.g. VisionZip's merged
+        ones) at these original positions, not all N tokens to select from. ``prune_layer``
+        l > 0: the first l LLM layers see every visual token, the unkept ones are dropped
+        after them (the paper's l=2).
+        """
 
     def text_attention(self, prompt: Prompt, visual: torch.Tensor, layer: int = 2) -> torch.Tensor:
         """FastV score ``(N,)``: attention of the last prompt token to each visual token at ``layer``."""

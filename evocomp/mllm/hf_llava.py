@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evocomp.mllm.base import ModelError
+from evocomp.errors import ModelError
+from evocomp.mllm.decoding import greedy
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE, Prompt, encode_prompt, left_pad, positions
+from evocomp.tokens import grid_shape
 
 SUPPORTED = ("llava",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,9 +77,9 @@ class HFLlava:
         self.lm = self.model.model.language_model
         self.embed = self.model.get_input_embeddings()
         self.hidden_size = config.text_config.hidden_size
+        self.n_layers = config.text_config.num_hidden_layers
         self.n_tokens = int(config.image_seq_length)
-        side = int(round(self.n_tokens**0.5))
-        self.grid = (side, side) if side * side == self.n_tokens else (1, self.n_tokens)
+        self.grid = grid_shape(self.n_tokens)
         self._lock = threading.Lock()
 
     # ---- visual side -------------------------------------------------------------------------
@@ -242,33 +244,36 @@ class HFLlava:
         if prune_layer > 0:
             return self._generate_pruned(questions, visual, kept, max_new_tokens, prune_layer)
         x, mask, pos = self._prompt_rows(questions, visual, kept, vis_pos)
-        B = x.shape[0]
-        eos = self.tokenizer.eos_token_id
-        out = torch.full((B, max_new_tokens), eos if eos is not None else 0, dtype=torch.long)
-        done = torch.zeros(B, dtype=torch.bool)
-        cache = None
-        for t in range(max_new_tokens):
+        B, state = x.shape[0], {"cache": None, "x": x, "mask": mask, "pos": pos}
+
+        def step(prev: torch.Tensor | None) -> torch.Tensor:
+            if prev is not None:  # feed the chosen tokens after the cached sequence
+                state["x"] = self.embed(prev.to(self.device))[:, None]
+                one = torch.ones(B, 1, dtype=state["mask"].dtype, device=self.device)
+                state["mask"] = torch.cat([state["mask"], one], dim=1)
+                state["pos"] = state["pos"][:, -1:] + 1
             res = self.lm(
-                inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
+                inputs_embeds=state["x"],
+                attention_mask=state["mask"],
+                position_ids=state["pos"],
+                cache=state["cache"],
+                use_cache=True,
             )
-            cache = res.cache if hasattr(res, "cache") else res.past_key_values
-            nxt = self.model.lm_head(res.last_hidden_state[:, -1]).argmax(-1).cpu()
-            nxt[done] = out[done, t]
-            out[:, t] = nxt
-            done |= nxt == eos
-            if bool(done.all()):
-                break
-            x = self.embed(nxt.to(self.device))[:, None]
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-            pos = pos[:, -1:] + 1
-        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out.tolist()]
+            state["cache"] = res.cache if hasattr(res, "cache") else res.past_key_values
+            return self.model.lm_head(res.last_hidden_state[:, -1])
+
+        return self._decode(greedy(step, B, max_new_tokens, self.tokenizer.eos_token_id))
+
+    def _decode(self, ids: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids.tolist()]
 
     def _generate_pruned(
         self, questions, visual, kept, max_new_tokens: int, layer: int
     ) -> list[str]:
-        n_layers = self.model.config.text_config.num_hidden_layers
-        if not 0 < layer < n_layers:
-            raise ValueError(f"prune layer {layer} must be in 1..{n_layers - 1} for {self.path}")
+        if not 0 < layer < self.n_layers:
+            raise ValueError(
+                f"prune layer {layer} must be in 1..{self.n_layers - 1} for {self.path}"
+            )
         x, mask, pos = self._prompt_rows(questions, visual, [None] * len(questions))
         survive = torch.ones_like(mask, dtype=torch.bool)
         for b, (q, k) in enumerate(zip(questions, kept, strict=True)):
@@ -277,32 +282,28 @@ class HFLlava:
                 vis = torch.zeros(self.n_tokens, dtype=torch.bool)
                 vis[k] = True
                 survive[b, start : start + self.n_tokens] = vis.to(survive.device)
-        B, eos = x.shape[0], self.tokenizer.eos_token_id
-        out = torch.full((B, max_new_tokens), eos if eos is not None else 0, dtype=torch.long)
-        done = torch.zeros(B, dtype=torch.bool)
-        for t in range(max_new_tokens):
-            nxt = (
-                self.model.lm_head(self._hidden_pruned(x, mask, pos, survive, layer))
-                .argmax(-1)
-                .cpu()
+        B, state = x.shape[0], {"x": x, "mask": mask, "pos": pos, "survive": survive}
+
+        def step(prev: torch.Tensor | None) -> torch.Tensor:
+            # No KV cache on this path: the whole sequence goes through every layer again.
+            if prev is not None:
+                one = torch.ones(B, 1, dtype=mask.dtype, device=mask.device)
+                state["x"] = torch.cat([state["x"], self.embed(prev.to(self.device))[:, None]], 1)
+                state["mask"] = torch.cat([state["mask"], one], 1)
+                state["pos"] = torch.cat([state["pos"], state["pos"][:, -1:] + 1], 1)
+                state["survive"] = torch.cat([state["survive"], one.bool()], 1)
+            h = self._hidden_pruned(
+                state["x"], state["mask"], state["pos"], state["survive"], layer
             )
-            nxt[done] = out[done, t]
-            out[:, t] = nxt
-            done |= nxt == eos
-            if bool(done.all()):
-                break
-            one = torch.ones(B, 1, dtype=mask.dtype, device=mask.device)
-            x = torch.cat([x, self.embed(nxt.to(self.device))[:, None]], dim=1)
-            mask, pos = torch.cat([mask, one], 1), torch.cat([pos, pos[:, -1:] + 1], 1)
-            survive = torch.cat([survive, one.bool()], 1)
-        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out.tolist()]
+            return self.model.lm_head(h)
+
+        return self._decode(greedy(step, B, max_new_tokens, self.tokenizer.eos_token_id))
 
     @torch.no_grad()
     def text_attention(self, prompt: Prompt, visual: torch.Tensor, layer: int = 2) -> torch.Tensor:
         self.check_visual(visual)
-        n_layers = self.model.config.text_config.num_hidden_layers
-        if not 1 <= layer <= n_layers:
-            raise ValueError(f"layer {layer} outside 1..{n_layers}")
+        if not 1 <= layer <= self.n_layers:
+            raise ValueError(f"layer {layer} outside 1..{self.n_layers}")
         x = torch.cat(
             [self._ids(prompt.prefix), visual.to(self.device, self.dtype), self._ids(prompt.suffix)]
         )[None]
@@ -324,12 +325,11 @@ def checkpoint_info(path: str | Path) -> dict:
             f"{path}: model_type {cfg.get('model_type')!r} is not a LLaVA model (supported: {SUPPORTED})"
         )
     n = int(cfg["image_seq_length"])
-    side = int(round(n**0.5))
     text = cfg.get("text_config", {})
     return {
         "model_id": checkpoint_id(path),
         "n_tokens": n,
-        "grid": (side, side) if side * side == n else (1, n),
+        "grid": grid_shape(n),
         "hidden_size": text.get("hidden_size"),
         "heads": text.get("num_attention_heads"),
         "ffn": text.get("intermediate_size"),

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evocomp import shapes
 from evocomp.config import MLLMParams
+from evocomp.data import shapes
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE, encode_prompt
 
 

@@ -30,8 +30,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from evocomp import shapes
 from evocomp.config import MLLMParams
+from evocomp.data import shapes
 from evocomp.mllm.recipe import align, pixels, train_lm, visual
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE
 

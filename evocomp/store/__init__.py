@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from evocomp.store.engine import (
     DB_URL_ENV,
-    StoreError,
     default_db_url,
     dispose_engines,
     get_engine,
@@ -25,8 +24,10 @@ from evocomp.store.engine import (
 from evocomp.store.export import export_labels
 from evocomp.store.models import Base, Dataset, Elite, Generation, Label, LabelRun, SampleRow
 from evocomp.store.queries import (
+    count_labels,
     ensure_dataset,
     finish_run,
+    generation_means,
     get_or_create_run,
     labelled_sample_ids,
     params_hash,
@@ -39,6 +40,7 @@ from evocomp.store.queries import (
 from evocomp.store.records import LabelRecord
 
 __all__ = [
+    "count_labels",
     "DB_URL_ENV",
     "Base",
     "Dataset",
@@ -48,12 +50,12 @@ __all__ = [
     "LabelRecord",
     "LabelRun",
     "SampleRow",
-    "StoreError",
     "default_db_url",
     "dispose_engines",
     "ensure_dataset",
     "export_labels",
     "finish_run",
+    "generation_means",
     "get_engine",
     "get_or_create_run",
     "labelled_sample_ids",

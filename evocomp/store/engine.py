@@ -19,6 +19,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from evocomp.errors import StoreError
+
 DB_URL_ENV = "EVOCOMP_DB_URL"
 PACKAGE_DIR = Path(__file__).resolve().parent
 ALEMBIC_INI = PACKAGE_DIR / "alembic.ini"
@@ -27,10 +29,6 @@ CONNECT_TIMEOUT_S = 5  # an unreachable server must fail fast, not hang a flow
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
-
-
-class StoreError(RuntimeError):
-    """A store problem the user can act on (unreachable URL, unwritable path, bad schema)."""
 
 
 def default_db_url() -> str:

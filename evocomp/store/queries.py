@@ -18,8 +18,8 @@ from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from evocomp.store.engine import StoreError, session_scope
-from evocomp.store.export import export_labels  # noqa: F401  (part of the queries API)
+from evocomp.errors import StoreError
+from evocomp.store.engine import session_scope
 from evocomp.store.models import Dataset, Elite, Generation, Label, LabelRun, SampleRow
 from evocomp.store.records import LabelRecord
 
@@ -284,3 +284,33 @@ def run_summary(bind: Bind, run_id: int) -> dict[str, Any]:
         "mean_full_loss": _mean(r.full_loss for r in done),
         "mean_heuristic_loss": {m: _mean(r.heuristic_losses.get(m) for r in done) for m in methods},
     }
+
+
+def generation_means(bind: Bind, run_id: int) -> list[tuple]:
+    """Per generation of a run's done labels: ``(gen, mean min, mean avg, mean max, labels)``."""
+    stmt = (
+        select(
+            Generation.gen,
+            func.avg(Generation.min),
+            func.avg(Generation.avg),
+            func.avg(Generation.max),
+            func.count(),
+        )
+        .join(Label, Generation.label_id == Label.id)
+        .where(Label.run_id == run_id, Label.status == "done")
+        .group_by(Generation.gen)
+        .order_by(Generation.gen)
+    )
+    with _tx(bind) as session:
+        return [tuple(r) for r in session.execute(stmt).all()]
+
+
+def count_labels(bind: Bind, run_id: int, status: str = "done") -> int:
+    """How many labels of a run have ``status`` (progress of a running flow)."""
+    stmt = (
+        select(func.count())
+        .select_from(Label)
+        .where(Label.run_id == run_id, Label.status == status)
+    )
+    with _tx(bind) as session:
+        return int(session.scalar(stmt))

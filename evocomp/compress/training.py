@@ -1,4 +1,4 @@
-"""Train the compressor on a frozen label set and the cached features.
+"""The `train` stage: a frozen label set + the cached features -> a saved compressor.
 
 evocomp train --labels data/labels/labels.parquet --out models/compressor
 """
@@ -13,9 +13,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from evocomp.compressor import Item, fit_compressor, save_compressor
+from evocomp.compress.fit import Item, best_epoch, fit_compressor
+from evocomp.compress.model import save_compressor
 from evocomp.config import TrainParams
-from evocomp.features import FeatureStore
+from evocomp.features.cache import FeatureStore
+from evocomp.tokens import grid_positions
 
 REQUIRED = ("sample_id", "split", "model_id", "n_tokens", "kept", "soft")
 
@@ -33,12 +35,6 @@ def load_label_set(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: not an EvoComp label set (missing columns {missing})")
     return df
-
-
-def grid_positions(n: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(row, col) of each of n tokens in a row-major grid ``(n, 2)``."""
-    idx = torch.arange(n)
-    return torch.stack([idx // grid[1], idx % grid[1]], dim=1)
 
 
 def items_from_labels(
@@ -85,7 +81,7 @@ def train_compressor(
     device: str = "cpu",
     log: Callable[[dict], None] | None = None,
 ) -> tuple[list[dict], dict]:
-    """Fit on the train split (early stopping on val), save to ``out``; returns (history, summary)."""
+    """Fit on the train split (early stopping on val), save to ``out``; ``(history, summary)``."""
     df = load_label_set(labels)
     items = items_from_labels(df, FeatureStore(features, info["model_id"]), info["grid"])
     if not items["train"]:
@@ -99,14 +95,7 @@ def train_compressor(
         llm_heads=info.get("heads"),
         llm_ffn=info.get("ffn"),
     )
-    best = min(
-        history,
-        key=lambda r: (
-            (-r["val_precision"], r["val_loss"])
-            if r["val_precision"] is not None
-            else (0.0, r["train_loss"])
-        ),
-    )
+    best = best_epoch(history, params.monitor)  # the epoch fit_compressor restored
     summary = {
         "label_set": str(labels),
         "label_set_hash": file_hash(Path(labels)),

@@ -1,7 +1,9 @@
-"""Glue of ``evocomp evaluate``: load what the harness needs, time it, shape eval.json.
+"""The `evaluate` stage: load what the harness needs, run it at both pruning positions, time it.
 
-The harness itself is ``evocomp/evaluate.py``; this module reads files and
-formats the result (metrics/eval.json, plots/retention.csv, a printed table).
+    evocomp evaluate --out metrics/eval.json
+
+The harness itself is :mod:`evocomp.evaluation.harness`; how the result is shown is
+:mod:`evocomp.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -9,17 +11,19 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
-
-from evocomp.config import EvaluateParams, Params
-from evocomp.evaluate import Selector, evaluate_methods, summarise
-from evocomp.features import ensure_features
+from evocomp.compress.model import load_compressor
+from evocomp.compress.training import load_label_set
+from evocomp.config import Params
+from evocomp.data.prepared import load_prepared
+from evocomp.evaluation.harness import Selector, evaluate_methods, summarise
+from evocomp.features.compute import ensure_features
 from evocomp.mllm.hf_llava import checkpoint_info
-from evocomp.mllm.quality import budget, ratio_key
-from evocomp.prepared import load_prepared
-from evocomp.training import load_label_set
+from evocomp.tokens import keep_count, ratio_key
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: int = 3) -> dict:
@@ -36,7 +40,7 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
         out["full"].append(min(ts))
     for method in [m for m in methods if m not in ("visionzip", "oracle")]:
         for r in ratios:
-            k = budget(r, info["n_tokens"])
+            k = keep_count(r, info["n_tokens"])
             key = f"{method}@{ratio_key(r)}"
             out[key] = []
             for s, f in zip(few, feats, strict=True):
@@ -59,8 +63,15 @@ def run_evaluation(
     compressor_dir: Path,
     mllm,
     speed: Path,
-    progress_bar,
+    progress: Progress | None = None,
 ) -> dict:
+    """``metrics/eval.json`` (DESIGN.md, Metrics files) for the test split of ``data``.
+
+    Every method of ``params.evaluate.methods`` at every keep ratio at the configured prune
+    layer, the compressor at the paper's other pruning position too, latencies, and the
+    real-shape speedups of ``speed`` (``bench/speedup.py``). ``progress(phase, done, total)``
+    is called as test samples finish.
+    """
     p = params.evaluate
     info = checkpoint_info(mllm.path)
     samples = load_prepared(data, "test", p.max_samples)
@@ -70,8 +81,6 @@ def run_evaluation(
     methods = list(p.methods)
     compressor, label_df = None, None
     if "evocomp" in methods:
-        from evocomp.compressor import load_compressor
-
         compressor, extra = load_compressor(compressor_dir)
         if extra.get("model_id") not in (None, info["model_id"]):
             raise ValueError(
@@ -81,43 +90,23 @@ def run_evaluation(
     if "oracle" in methods:
         label_df = load_label_set(labels)
         label_df = label_df[label_df["split"] == "test"]
-    n_text = len(mllm.encode(samples[0].question).prefix) + len(
-        mllm.encode(samples[0].question).suffix
-    )
-    with progress_bar(len(samples), f"evaluate (l={p.prune_layer})") as bar:
+    prompt = mllm.encode(samples[0].question)
+    n_text = len(prompt.prefix) + len(prompt.suffix)
+
+    def at_layer(layer: int, which: list[str], labels_df) -> dict:
+        phase = f"evaluate {'evocomp ' if which == ['evocomp'] else ''}(l={layer})"
         raw = evaluate_methods(
-            mllm,
-            info,
-            samples,
-            fstore,
-            p.ratios,
-            methods,
-            compressor,
-            label_df,
-            p.prune_layer,
-            p.seed,
-            progress=bar,
-        )
-    result = summarise(raw, p.ratios, methods, info, n_text, p.prune_layer)
+            mllm, info, samples, fstore, p.ratios, which, compressor, labels_df, layer, p.seed,
+            progress=(lambda done, total: progress(phase, done, total)) if progress else None,
+        )  # fmt: skip
+        return summarise(raw, p.ratios, which, info, n_text, layer)
+
+    result = at_layer(p.prune_layer, methods, label_df)
     if compressor is not None and info["layers"] > 1:
         # The paper's two pruning positions: l=0 (above) and l=2 (after two LLM layers;
         # a 2-layer LLM can only be pruned after layer 1, which is then reported).
         other = min(2, info["layers"] - 1) if p.prune_layer == 0 else 0
-        with progress_bar(len(samples), f"evaluate evocomp (l={other})") as bar:
-            raw2 = evaluate_methods(
-                mllm,
-                info,
-                samples,
-                fstore,
-                p.ratios,
-                ["evocomp"],
-                compressor,
-                None,
-                other,
-                p.seed,
-                progress=bar,
-            )
-        alt = summarise(raw2, p.ratios, ["evocomp"], info, n_text, other)
+        alt = at_layer(other, ["evocomp"], None)
         result[f"evocomp_l{other}"] = {r: alt["ratios"][r]["evocomp"] for r in alt["ratios"]}
     selector = Selector(mllm, info, compressor, label_df, p.seed)
     result["latency_seconds"] = _latency(mllm, info, samples, fstore, selector, p.ratios, methods)
@@ -128,44 +117,3 @@ def run_evaluation(
         result["end_to_end_speedup"] = bench.get("end_to_end_speedup", {})
         result["speedup_source"] = f"{speed} ({bench.get('command', 'bench/speedup.py')})"
     return result
-
-
-def write_plot(path: Path, result: dict) -> None:
-    rows = [
-        {"method": m, "ratio": float(r), "accuracy": acc, "retention": result["retention"][r][m]}
-        for r, accs in result["ratios"].items()
-        for m, acc in accs.items()
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).sort_values(["method", "ratio"]).to_csv(path, index=False)
-
-
-def print_table(result: dict) -> str:
-    # eval.json is written with sorted keys: restore the reading order (largest budget
-    # first, the methods as params.yaml lists them)
-    ratios = sorted(result["ratios"], key=float, reverse=True)
-    present = list(next(iter(result["ratios"].values())))
-    order = EvaluateParams.model_fields["methods"].default
-    methods = [m for m in order if m in present] + [m for m in present if m not in order]
-    lines = [
-        f"full-token accuracy {result['full']:.3f} on {result['samples']} test samples "
-        f"(prune layer {result['prune_layer']}); cells: accuracy (retention %)",
-        f"{'method':<11}" + "".join(f"{'keep ' + r:>18}" for r in ratios),
-    ]
-    for m in methods:
-        lines.append(
-            f"{m:<11}"
-            + "".join(
-                f"{result['ratios'][r][m]:>10.3f} ({result['retention'][r][m]:5.1f})"
-                for r in ratios
-            )
-        )
-    for key in [k for k in result if k.startswith("evocomp_l")]:
-        full = result["full"] or 1
-        lines.append(
-            f"{key:<11}"
-            + "".join(
-                f"{result[key][r]:>10.3f} ({100 * result[key][r] / full:5.1f})" for r in ratios
-            )
-        )
-    return "\n".join(lines)

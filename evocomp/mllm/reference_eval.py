@@ -1,4 +1,4 @@
-"""How well the reference model separates good token selections from bad ones.
+"""How well the reference model separates good token selections from bad ones (shapes-vqa).
 
 On the test split: full-token accuracy, and at each keep ratio the accuracy of
 random, oracle (the patches that hold the answer first, then background), objects
@@ -16,22 +16,14 @@ from collections import defaultdict
 
 import torch
 
-from evocomp import shapes
-from evocomp.datasets import Sample
-from evocomp.grouping import nearest_vocab
+from evocomp.data import shapes
+from evocomp.data.samples import Sample
+from evocomp.evaluation.answers import is_correct
+from evocomp.features.grouping import nearest_vocab
+from evocomp.tokens import keep_count, ratio_key
 
 RATIOS = (0.5, 1 / 3, 1 / 4.5, 1 / 9)
 SELECTIONS = ("random", "oracle", "objects", "anti")
-
-
-def ratio_key(r: float) -> str:
-    return f"{r:.3f}"
-
-
-def budget(ratio: float, n: int) -> int:
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"keep ratio {ratio} is outside (0, 1]")
-    return max(1, round(ratio * n))
 
 
 def oracle_sets(s: Sample, n: int, k: int) -> dict[str, torch.Tensor]:
@@ -58,10 +50,6 @@ def oracle_sets(s: Sample, n: int, k: int) -> dict[str, torch.Tensor]:
     }
 
 
-def normalise(answer: str) -> str:
-    return answer.strip().lower().rstrip(".").strip()
-
-
 def evaluate_reference(
     mllm, samples: list[Sample], ratios=RATIOS, seed: int = 0, batch: int = 128
 ) -> dict:
@@ -80,7 +68,7 @@ def evaluate_reference(
         qs = [s.question for s in chunk]
         runs: dict[str, list] = {"full": [None] * len(chunk)}
         for r in ratios:
-            k = budget(r, n)
+            k = keep_count(r, n)
             sets = [oracle_sets(s, n, k) for s in chunk]
             for name in SELECTIONS[1:]:
                 runs[f"{name}@{ratio_key(r)}"] = [x[name] for x in sets]
@@ -90,7 +78,7 @@ def evaluate_reference(
         for name, kept in runs.items():
             answers = mllm.generate(qs, list(vis), kept, max_new_tokens=4)
             for s, a in zip(chunk, answers, strict=True):
-                hits[(name, s.meta.get("qtype", "all"))].append(normalise(a) == normalise(s.answer))
+                hits[(name, s.meta.get("qtype", "all"))].append(is_correct(a, s.answer))
         for s, v in zip(chunk, vis, strict=True):
             near = words(nearest_vocab(v, vocab).tolist())
             distinct.append(len(set(near)))

@@ -1,23 +1,17 @@
-"""Per-sample model features, cached on disk: computed once per (sample, model).
+"""The feature cache on disk: per (sample, model), written once, read by every later stage.
 
-For every sample: the projected visual tokens ``(N, D)``, each token's nearest
-vocabulary id (the semantic groups), the vision tower's CLS attention
-(VisionZip), the last prompt token's attention at LLM layer 2 (FastV) and the
-question's token embeddings ``(T, D)`` (the compressor's text input).
-
+What is cached per sample is :class:`Features` (computed by :mod:`evocomp.features.compute`).
 Layout: ``ROOT/<model id>/shard-<hash>.safetensors``, tensors named
 ``<sample id>/<field>``. A shard is written whole (temp file + rename), so a
 crash never leaves a half-written shard and re-running computes only what is
 missing.
-
-    evocomp features --data data/prepared --out data/features
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +19,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from evocomp.datasets import Sample
-from evocomp.grouping import nearest_vocab
-
 FIELDS = ("tokens", "nearest", "cls_attn", "text_attn", "text")
 
 
 @dataclass(frozen=True)
 class Features:
+    """What the feature cache holds for one sample (for one model)."""
+
     tokens: torch.Tensor  # (N, D) float32
     nearest: torch.Tensor  # (N,) long, vocabulary id of each token
     cls_attn: torch.Tensor  # (N,) float32
@@ -104,43 +97,3 @@ class FeatureStore:
         if self._index is not None:
             self._index.update(dict.fromkeys(feats, path))
         return path
-
-
-def compute(mllm, samples: list[Sample]) -> dict[str, Features]:
-    """Features of a batch of samples (one vision-tower pass for the batch)."""
-    images = [s.load_image() for s in samples]
-    tokens = mllm.visual_tokens(images)  # (B, N, D)
-    cls = mllm.cls_attention(images)  # (B, N)
-    vocab = mllm.vocab_embeddings()
-    out = {}
-    for s, tok, c in zip(samples, tokens, cls, strict=True):
-        prompt = mllm.encode(s.question)
-        out[s.id] = Features(
-            tokens=tok.contiguous(),
-            nearest=nearest_vocab(tok, vocab),
-            cls_attn=c.contiguous(),
-            text_attn=mllm.text_attention(
-                prompt, tok, layer=min(2, mllm.model.config.text_config.num_hidden_layers)
-            ),
-            text=mllm.question_embeddings(s.question),
-        )
-    return out
-
-
-def ensure_features(
-    mllm,
-    samples: list[Sample],
-    root: str | Path,
-    batch_size: int = 64,
-    progress: Callable[[int, int], None] | None = None,
-) -> FeatureStore:
-    """Compute and store the features of the samples that have none yet."""
-    store = FeatureStore(root, mllm.model_id)
-    todo = store.missing(s.id for s in samples)
-    by_id = {s.id: s for s in samples}
-    for start in range(0, len(todo), batch_size):
-        chunk = [by_id[i] for i in todo[start : start + batch_size]]
-        store.put(compute(mllm, chunk))
-        if progress:
-            progress(min(start + batch_size, len(todo)), len(todo))
-    return store

@@ -1,71 +1,22 @@
-"""Samples and dataset readers: the LLaVA instruction format and JSONL.
+"""Dataset readers: the LLaVA instruction format, JSONL, or a folder with dataset.json.
 
-A ``Sample`` is one (image, question, answer) triple; its id is a content hash
-of the image bytes, the question and the answer, so the same content always has
-the same id (the label store and the resumable flows key on it). The split is a
-hash of the *image* bytes, so all questions on one image land in the same split
-and a grown dataset never moves an old sample to another split.
-
+Each record becomes :class:`~evocomp.data.samples.Sample` objects (one per question turn).
 Errors a user can cause name the file, the record and what was expected.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from evocomp.data.samples import Sample, assign_split, sample_id
+from evocomp.errors import DatasetError
 
 IMAGE_TOKEN = "<image>"
-SPLITS = ("train", "val", "test")
-
-
-class DatasetError(ValueError):
-    """A dataset file or record is unusable; the message names it and says why."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    id: str
-    image: Path  # absolute path
-    question: str
-    answer: str
-    split: str = "train"
-    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def load_image(self) -> Image.Image:
-        return load_image(self.image)
-
-
-def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB, with an error that names the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise DatasetError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetError(f"corrupt or unreadable image {path}: {err}") from None
-
-
-def sample_id(image_bytes: bytes, question: str, answer: str) -> str:
-    h = hashlib.sha256(image_bytes)
-    h.update(b"\0" + question.encode() + b"\0" + answer.encode())
-    return h.hexdigest()[:32]
-
-
-def assign_split(image_bytes: bytes, val_fraction: float, test_fraction: float) -> str:
-    u = int(hashlib.sha256(image_bytes).hexdigest()[:8], 16) / 0xFFFFFFFF
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
 
 
 def _resolve_image(root: Path, rel: Any, where: str) -> tuple[Path, bytes]:

@@ -11,16 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from evocomp.datasets import DatasetError, Sample
+from evocomp.data.samples import Sample, to_row
+from evocomp.errors import DatasetError
 
 COLUMNS = ["id", "split", "qtype", "question", "answer", "image", "meta"]
-
-
-def _portable(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path.resolve())
 
 
 def write_prepared(samples: list[Sample], out: str | Path, source: str) -> Path:
@@ -28,16 +22,8 @@ def write_prepared(samples: list[Sample], out: str | Path, source: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [
-        {
-            "id": s.id,
-            "split": s.split,
-            "qtype": s.meta.get("qtype"),
-            "question": s.question,
-            "answer": s.answer,
-            "image": _portable(s.image),
-            "meta": json.dumps(s.meta, sort_keys=True),
-        }
-        for s in sorted(samples, key=lambda s: s.id)
+        row | {"meta": json.dumps(row["meta"], sort_keys=True)}
+        for row in map(to_row, sorted(samples, key=lambda s: s.id))
     ]
     df = pd.DataFrame(rows, columns=COLUMNS)
     tmp = out / "samples.parquet.tmp"

@@ -14,14 +14,12 @@ from collections import defaultdict
 import torch
 
 from evocomp.baselines import select, visionzip_merge
-from evocomp.compressor import collate, select_topk
-from evocomp.datasets import Sample
-from evocomp.features import FeatureStore
-from evocomp.mllm.quality import budget, normalise, ratio_key
-from evocomp.search import sample_seed
-from evocomp.training import grid_positions
-
-HEURISTIC = ("random", "pooling", "fastv", "divprune", "dart")
+from evocomp.compress.fit import Item, collate
+from evocomp.compress.model import select_topk
+from evocomp.data.samples import Sample, sample_seed
+from evocomp.evaluation.answers import is_correct
+from evocomp.features.cache import FeatureStore
+from evocomp.tokens import grid_positions, keep_count, ratio_key
 
 
 def prefill_flops(
@@ -63,8 +61,6 @@ class Selector:
 
     def scores(self, method: str, samples: list[Sample], feats: list) -> list[torch.Tensor] | None:
         if method == "evocomp":
-            from evocomp.compressor import Item
-
             items = [
                 Item(
                     f.tokens,
@@ -136,7 +132,7 @@ def evaluate_methods(
 
         def record(name: str, answers: list[str], chunk: list[Sample] = chunk) -> None:
             for s, a in zip(chunk, answers, strict=True):
-                ok = normalise(a) == normalise(s.answer)
+                ok = is_correct(a, s.answer)
                 hits[name].append(ok)
                 by_type[(name, s.meta.get("qtype") or "all")].append(ok)
 
@@ -144,7 +140,7 @@ def evaluate_methods(
         for method in methods:
             scores = sel.scores(method, chunk, feats)
             for r in ratios:
-                k = budget(r, n)
+                k = keep_count(r, n)
                 name = f"{method}@{ratio_key(r)}"
                 if method == "visionzip":
                     merged = [visionzip_merge(f.tokens, f.cls_attn, k) for f in feats]
@@ -182,7 +178,7 @@ def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: 
     n = info["n_tokens"]
     full_flops = prefill_flops(info, n_text, n, n)
     for r in ratios:
-        key, k = ratio_key(r), budget(r, n)
+        key, k = ratio_key(r), keep_count(r, n)
         out["ratios"][key] = {m: acc(raw["hits"][f"{m}@{key}"]) for m in methods}
         out["retention"][key] = {
             m: round(100 * v / full, 2) if full else 0.0 for m, v in out["ratios"][key].items()

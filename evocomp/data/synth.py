@@ -9,7 +9,7 @@ import json
 import random
 from pathlib import Path
 
-from evocomp.shapes import GRID, make_question, make_scene, render
+from evocomp.data.shapes import GRID, make_question, make_scene, render
 
 
 def write_dataset(out: str | Path, n: int, seed: int, questions_per_image: int = 1) -> Path:

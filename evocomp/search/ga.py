@@ -37,10 +37,9 @@ projected to one token per group; only one-per-group candidates can be the label
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,16 +47,10 @@ import torch
 from deap import base, creator, tools
 
 from evocomp.config import SearchParams
-from evocomp.grouping import group_ids, groups_as_lists
-from evocomp.search_ops import (  # noqa: F401  (re-exported)
-    _Space,
-    cxHalf,
-    cxSet,
-    group_quotas,
-    mutSwap,
-    mutWithinGroup,
-    repair,
-)
+from evocomp.data.samples import sample_seed
+from evocomp.search.operators import cxHalf, cxSet, mutSwap, mutWithinGroup, repair
+from evocomp.search.scoring import FitnessFn, Key, Scorer, distinct, key_of
+from evocomp.search.space import SearchSpace
 
 # creator is process-global: create the types once, at import, so individuals pickle
 # (threads, Dask workers) and a re-import does not warn about overwriting them.
@@ -73,8 +66,6 @@ if not hasattr(creator, "EvoIndividual"):
 # one population; 3: also on spaces whose unscored rest fits in one generation's offspring.
 ALGORITHM_VERSION = 3
 
-FitnessFn = Callable[[torch.Tensor], torch.Tensor]
-Key = tuple[int, ...]  # sorted kept-token indices: the identity of a candidate
 NOVELTY_TRIES = 4  # extra mutations of a child that repeats a known candidate
 EXHAUSTIVE_UP_TO = 10_000  # spaces up to this size are tracked for exhaustion (cheap sets)
 SAMPLE_DISTINCT_UP_TO = 1_000  # the initial population of spaces up to this size: from a list
@@ -105,62 +96,6 @@ def run_spec(params: SearchParams) -> dict:
     return params.model_dump(mode="json") | {"algorithm": ALGORITHM_VERSION}
 
 
-def sample_seed(global_seed: int, sample_id: str) -> int:
-    """Per-sample seed from a stable hash (Python's ``hash()`` varies per process)."""
-    digest = hashlib.blake2b(f"{global_seed}:{sample_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1  # 63 bits: fits torch / numpy seeds
-
-
-class _Scorer:
-    """Scores candidates in one fitness_fn call each batch; remembers every score."""
-
-    def __init__(self, fitness_fn: FitnessFn, k: int):
-        self.fitness_fn, self.k = fitness_fn, k
-        self.cache: dict[Key, float] = {}
-        self.n_forwards = self.n_evals = 0
-
-    def score(self, keys: Sequence[Key]) -> int:
-        """Score the unseen ones among ``keys`` in one call; return how many were scored."""
-        new = list(dict.fromkeys(key for key in keys if key not in self.cache))
-        if not new:
-            return 0
-        idx = torch.tensor(new, dtype=torch.long).reshape(len(new), self.k)  # (P, k)
-        out = torch.as_tensor(self.fitness_fn(idx))
-        if tuple(out.shape) != (len(new),):
-            raise ValueError(
-                f"fitness_fn returned shape {tuple(out.shape)} for {len(new)} candidates "
-                f"(input shape {tuple(idx.shape)}); expected ({len(new)},), one loss per row"
-            )
-        losses = out.detach().float().cpu()
-        if not torch.isfinite(losses).all():
-            bad = int((~torch.isfinite(losses)).sum())
-            raise ValueError(
-                f"fitness_fn returned NaN/Inf for {bad} of {len(new)} candidates "
-                f"(input shape {tuple(idx.shape)})"
-            )
-        self.cache.update(zip(new, losses.tolist(), strict=True))
-        self.n_forwards += 1
-        self.n_evals += len(new)
-        return len(new)
-
-    def evaluate(self, population: list, extra: Sequence[Key] = ()) -> int:
-        """DEAP's map(evaluate) fused into one forward: set every individual's fitness."""
-        n = self.score([_key(ind) for ind in population] + list(extra))
-        for ind in population:
-            ind.fitness.values = (self.cache[_key(ind)],)
-        return n
-
-
-def _key(ind: Sequence[int]) -> Key:
-    return tuple(sorted(ind))
-
-
-def _distinct(population: list) -> list:
-    """First occurrence of every distinct candidate, in population order."""
-    seen: set[Key] = set()
-    return [ind for ind in population if not (_key(ind) in seen or seen.add(_key(ind)))]
-
-
 # ---- one run ----------------------------------------------------------------------------
 
 
@@ -173,7 +108,7 @@ class _Run:
     converged_gen: int
 
 
-def _toolbox(space: _Space, params: SearchParams, rng: random.Random) -> base.Toolbox:
+def _toolbox(space: SearchSpace, params: SearchParams, rng: random.Random) -> base.Toolbox:
     tb = base.Toolbox()
     # A list copy, not DEAP's deepcopy (a third of the search time on small models):
     # children are always re-scored (through the cache), so the fitness need not follow.
@@ -191,7 +126,7 @@ def _toolbox(space: _Space, params: SearchParams, rng: random.Random) -> base.To
     return tb
 
 
-def _seed_individuals(sets: dict[str, Key], space: _Space, params: SearchParams, rng) -> list:
+def _seed_individuals(sets: dict[str, Key], space: SearchSpace, params: SearchParams, rng) -> list:
     """Heuristic sets as individuals: paper mode keeps one member per group (the lowest
     one in the set, a random member where the set misses the group); budget mode
     takes each set as given and repaired to quota."""
@@ -227,15 +162,15 @@ def _breed(tb, parents: list, n: int, cx_prob: float, rng: random.Random, seen) 
             del child.fitness.values  # invalid: to be (re-)evaluated
             for _ in range(NOVELTY_TRIES + 1):
                 tb.mutate(child)
-                if _key(child) not in seen and _key(child) not in keys:
+                if key_of(child) not in seen and key_of(child) not in keys:
                     break
-            keys.add(_key(child))
+            keys.add(key_of(child))
             offspring.append(child)
     return offspring
 
 
 def _run(
-    space, scorer: _Scorer, params: SearchParams, seed: int, sets: dict[str, Key], progress
+    space, scorer: Scorer, params: SearchParams, seed: int, sets: dict[str, Key], progress
 ) -> _Run:
     rng = random.Random(seed)
     tb = _toolbox(space, params, rng)
@@ -245,8 +180,8 @@ def _run(
     seeds = _seed_individuals(sets, space, params, rng) if params.seed_with_heuristics else []
     population, seen = [], set()
     for s in seeds:
-        if _key(s) not in seen:
-            seen.add(_key(s))
+        if key_of(s) not in seen:
+            seen.add(key_of(s))
             population.append(creator.EvoIndividual(s))
     # Heuristic sets outside the population are scored in the same call: keep that call
     # within `population` rows by shrinking the random fill.
@@ -265,8 +200,8 @@ def _run(
     for ind in fill:
         if len(population) >= room:
             break
-        if _key(ind) not in seen:
-            seen.add(_key(ind))
+        if key_of(ind) not in seen:
+            seen.add(key_of(ind))
             population.append(creator.EvoIndividual(ind))
     # The run stops once it has scored every candidate of the space (small spaces only:
     # the product of the group sizes in paper mode). Budget-mode seeds may sit outside the
@@ -288,12 +223,12 @@ def _run(
             fresh = population
         else:
             # Distinct parents: clones carry no new information and collapse diversity.
-            parents = tb.select(_distinct(population), n_parents)
+            parents = tb.select(distinct(population), n_parents)
             if size - len(covered) <= n_offspring:
                 # Endgame of a small space: what is left of it fits in the offspring
                 # slots, so score all of it (the label is then the exact optimum)
                 # instead of breeding children that mostly repeat scored candidates.
-                rest = (c for c in everything() if _key(c) not in covered)
+                rest = (c for c in everything() if key_of(c) not in covered)
                 fresh = [creator.EvoIndividual(c) for c in rest]
             else:
                 fresh = _breed(tb, parents, n_offspring, params.cx_prob, rng, visited)
@@ -301,13 +236,13 @@ def _run(
             # makes unchanged ones free.
             nevals = scorer.evaluate([ind for ind in fresh if not ind.fitness.valid])
             population = fresh + parents  # ties go to offspring: drift across plateaus
-        keys = [_key(ind) for ind in fresh]
+        keys = [key_of(ind) for ind in fresh]
         visited.update(keys)
         if size <= EXHAUSTIVE_UP_TO:
             covered.update(key for key in keys if space.contains(key))
         for ind in fresh:  # hall of fame: first seen wins ties
             if ind.fitness.values[0] < best_loss:
-                best, best_loss, converged = _key(ind), ind.fitness.values[0], gen
+                best, best_loss, converged = key_of(ind), ind.fitness.values[0], gen
         record = {k: float(v) for k, v in stats.compile(population).items()}
         logbook.record(gen=gen, nevals=nevals, **record)
         if progress is not None:
@@ -327,9 +262,7 @@ def _jaccard(a: Key, b: Key) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
-def _check_inputs(tokens, groups, k, params) -> _Space:
-    if params.mode not in ("paper", "budget"):
-        raise ValueError(f"unknown search mode {params.mode!r} (known: paper, budget)")
+def _check_tokens(tokens: torch.Tensor, groups) -> None:
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (N, D), got shape {tuple(tokens.shape)}")
     n = tokens.shape[0]
@@ -342,30 +275,6 @@ def _check_inputs(tokens, groups, k, params) -> _Space:
         raise ValueError(
             f"groups must have one id per token: got shape {tuple(groups.shape)}, N={n}"
         )
-    if groups.is_floating_point():
-        raise ValueError("groups must be integer group ids")
-    gids = group_ids(groups.cpu())
-    members = groups_as_lists(gids)
-    n_groups = len(members)
-    if params.mode == "paper":
-        k = n_groups
-        floor = cap = [1] * n_groups
-    else:
-        k = max(1, round(params.keep_ratio * n)) if k is None else k
-        if not 1 <= k <= n:
-            raise ValueError(f"k must be in 1..N={n} in budget mode, got {k}")
-        if k >= n_groups:
-            floor = cap = group_quotas([len(m) for m in members], k)
-        else:  # too few tokens to cover every group: at most one per group
-            floor, cap = [0] * n_groups, [1] * n_groups
-    return _Space(members, gids.tolist(), k, floor, cap)
-
-
-def search_space(
-    tokens: torch.Tensor, groups: torch.Tensor, k: int | None, params: SearchParams
-) -> _Space:
-    """The candidates the search ranges over for one sample (validated as search_sample does)."""
-    return _check_inputs(tokens, groups, k, params)
 
 
 def search_sample(
@@ -380,20 +289,43 @@ def search_sample(
 ) -> SearchResult:
     """Label one sample: the kept-token set of lowest answer loss the GA finds.
 
+    Builds the sample's :class:`SearchSpace` and runs :func:`search` on it.
+
     Args:
         tokens: (N, D) the sample's visual tokens (only checked here; fitness_fn owns the model).
         groups: (N,) integer group id per token (any labels, e.g. nearest vocabulary ids).
+        fitness_fn, params, seed, heuristic_sets, progress: as for :func:`search`.
+        k: budget mode: tokens to keep (None: ``keep_count(keep_ratio, N)``); ignored in
+            paper mode.
+    """
+    if params.mode not in ("paper", "budget"):
+        raise ValueError(f"unknown search mode {params.mode!r} (known: paper, budget)")
+    _check_tokens(tokens, groups)
+    space = SearchSpace.build(groups, k, params)
+    return search(space, fitness_fn, params, seed, heuristic_sets, progress)
+
+
+def search(
+    space: SearchSpace,
+    fitness_fn: FitnessFn,
+    params: SearchParams,
+    seed: int,
+    heuristic_sets: dict[str, torch.Tensor] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> SearchResult:
+    """The GA over one sample's space: the lowest-loss candidate ever scored, and its history.
+
+    Args:
+        space: the sample's candidates (:meth:`SearchSpace.build`).
         fitness_fn: ``(P, k) LongTensor of sorted index rows -> (P,) losses``, one batched
             forward; called at most once per generation, with at most ``params.population``
             rows (more only if there are more heuristic sets than that).
-        k: budget mode: tokens to keep (None: ``round(keep_ratio * N)``); ignored in paper mode.
         params: search settings.
-        seed: the sample's seed (see :func:`sample_seed`).
+        seed: the sample's seed (see :func:`evocomp.data.samples.sample_seed`).
         heuristic_sets: ``{name: (k,) indices}`` (G indices in paper mode), scored in the
             first call; they seed the population when ``params.seed_with_heuristics``.
         progress: called as ``progress(gen, best_loss)`` after every generation of every run.
     """
-    space = _check_inputs(tokens, groups, k, params)
     n = len(space.group_of)
     sets: dict[str, Key] = {}
     for name, s in (heuristic_sets or {}).items():
@@ -405,7 +337,7 @@ def search_sample(
             )
         sets[name] = tuple(sorted(key))
 
-    scorer = _Scorer(fitness_fn, space.k)
+    scorer = Scorer(fitness_fn, space.k)
     run_seeds = [seed] + [sample_seed(seed, f"run-{i}") for i in range(1, params.seeds)]
     runs = [_run(space, scorer, params, s, sets, progress) for s in run_seeds]
     top = min(runs, key=lambda r: r.loss)  # earliest run on ties
@@ -413,9 +345,9 @@ def search_sample(
     elite: list[tuple[list[int], float]] = []
     for ind in sorted(top.population, key=lambda ind: ind.fitness.values[0]):
         if len(elite) < min(params.parents, params.population - 1) and all(
-            list(_key(ind)) != e[0] for e in elite
+            list(key_of(ind)) != e[0] for e in elite
         ):
-            elite.append((list(_key(ind)), ind.fitness.values[0]))
+            elite.append((list(key_of(ind)), ind.fitness.values[0]))
     soft = [0.0] * n
     for kept, _ in elite:
         for t in kept:

@@ -1,8 +1,8 @@
-"""Label one sample with the genetic search, and a plain in-process loop over many.
+"""Label one sample: its search space, the heuristics at the same size, the search, the record.
 
-The Prefect flow (``flows/label.py``) wraps :func:`label_and_store` per sample;
-``evocomp label --in-process`` runs :func:`label_samples` without Prefect. Both
-skip samples already labelled under the same (model id, search-params hash).
+:func:`label_and_store` is the unit of work of every label path: the Prefect flow's tasks
+and ``evocomp label --in-process`` both call it per sample (through
+:func:`evocomp.labeling.run.label_batch`).
 
     evocomp label --split test
 """
@@ -18,17 +18,10 @@ import torch
 
 from evocomp.baselines import heuristic_sets
 from evocomp.config import SearchParams
-from evocomp.datasets import Sample
-from evocomp.features import Features
-from evocomp.grouping import group_ids
-from evocomp.search import SearchResult, sample_seed, search_sample
+from evocomp.data.samples import Sample, sample_seed
+from evocomp.features.cache import Features
+from evocomp.search import SearchResult, SearchSpace, search
 from evocomp.store.records import LabelRecord
-
-
-def label_size(params: SearchParams, n_tokens: int, n_groups: int) -> int:
-    if params.mode == "paper":
-        return n_groups
-    return max(1, round(params.keep_ratio * n_tokens))
 
 
 @dataclass(frozen=True)
@@ -49,9 +42,7 @@ def label_sample(
     """Search the kept-token set of lowest answer loss for one sample."""
     t0 = time.perf_counter()
     feats.check(sample.id)
-    groups = group_ids(feats.nearest)
-    n = feats.tokens.shape[0]
-    k = label_size(params, n, int(groups.max()) + 1)
+    space = SearchSpace.build(feats.nearest, None, params)  # groups and k, once
     prompt = mllm.encode(sample.question, sample.answer)
     if not prompt.answer:
         raise ValueError(f"sample {sample.id}: the answer {sample.answer!r} encodes to no tokens")
@@ -61,7 +52,7 @@ def label_sample(
 
     seed = sample_seed(params.seed, sample.id)
     hsets = heuristic_sets(
-        k,
+        space.k,
         tokens=feats.tokens,
         grid=mllm.grid,
         text_attn=feats.text_attn,
@@ -69,13 +60,11 @@ def label_sample(
         seed=seed,
         methods=params.heuristics,
     )
-    result = search_sample(
-        feats.tokens, groups, fitness, k, params, seed, heuristic_sets=hsets, progress=progress
-    )
-    full = float(fitness(torch.arange(n)[None])[0])
+    result = search(space, fitness, params, seed, heuristic_sets=hsets, progress=progress)
+    full = float(fitness(torch.arange(space.n_tokens)[None])[0])
     if not math.isfinite(full) or not math.isfinite(result.loss):
         raise ValueError(f"sample {sample.id}: non-finite loss (full {full}, label {result.loss})")
-    return Labelled(result, full, groups.tolist(), time.perf_counter() - t0)
+    return Labelled(result, full, list(space.group_of), time.perf_counter() - t0)
 
 
 def to_record(lab: Labelled) -> LabelRecord:
@@ -113,27 +102,3 @@ def label_and_store(
         return "failed"
     write_label(engine, run_id, sample.id, to_record(lab))
     return "done"
-
-
-def register_samples(engine, dataset: str, source: str, samples: list[Sample]) -> int:
-    """Upsert the dataset and its samples into the store (labels reference them); returns the dataset id."""
-    import json
-
-    from evocomp.store import ensure_dataset, upsert_samples
-
-    dataset_id = ensure_dataset(engine, dataset, source)
-    rows = [
-        {
-            "id": s.id,
-            "split": s.split,
-            "qtype": s.meta.get("qtype"),
-            "question": s.question,
-            "answer": s.answer,
-            "image": str(s.image),
-            "meta": json.loads(json.dumps(s.meta, default=str)),
-        }
-        for s in samples
-    ]
-    for start in range(0, len(rows), 500):
-        upsert_samples(engine, dataset_id, rows[start : start + 500])
-    return dataset_id

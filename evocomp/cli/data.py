@@ -1,0 +1,57 @@
+"""`evocomp synth` and `evocomp prepare`: the built-in benchmark and the prepared samples table.
+
+evocomp synth --n 1000 --seed 1 --out data/raw/shapes-vqa
+evocomp prepare --source my_data.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from evocomp.cli.common import USER_ERRORS, ParamsOpt, fail, params_or_exit
+
+
+def synth(
+    out: Path = typer.Option(Path("data/raw/shapes-vqa"), help="output folder (LLaVA format)"),
+    n: int = typer.Option(None, help="images (default: prepare.n_images)"),
+    seed: int = typer.Option(None, help="seed (default: prepare.seed)"),
+    questions: int = typer.Option(
+        None, help="questions per image (default: prepare.questions_per_image)"
+    ),
+    params_path: Path = ParamsOpt,
+) -> None:
+    """Write the built-in shapes-vqa benchmark (images + dataset.json), deterministic by seed."""
+    from evocomp.data.synth import write_dataset
+
+    p = params_or_exit(params_path).prepare
+    path = write_dataset(
+        out, n or p.n_images, p.seed if seed is None else seed, questions or p.questions_per_image
+    )
+    typer.echo(f"wrote {path}")
+
+
+def prepare(
+    source: str = typer.Option(
+        None, help="LLaVA .json / .jsonl or a folder with dataset.json (default: prepare.source)"
+    ),
+    images_dir: Path = typer.Option(None, help="image folder (default: next to the dataset file)"),
+    out: Path = typer.Option(Path("data/prepared"), help="output folder"),
+    params_path: Path = ParamsOpt,
+) -> None:
+    """Read a dataset, hash and split its samples, write data/prepared/samples.parquet."""
+    from evocomp.data.prepared import write_prepared
+    from evocomp.data.readers import read_dataset
+
+    p = params_or_exit(params_path).prepare
+    src = source or p.source
+    if src == "synth":
+        src = "data/raw/shapes-vqa"
+    try:
+        samples = read_dataset(src, images_dir or p.images_dir, p.val_fraction, p.test_fraction)
+    except USER_ERRORS as err:
+        fail(str(err))
+    path = write_prepared(samples, out, str(src))
+    splits = {s: sum(1 for x in samples if x.split == s) for s in ("train", "val", "test")}
+    typer.echo(f"wrote {path}: {len(samples)} samples {splits}")

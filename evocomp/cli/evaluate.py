@@ -1,0 +1,65 @@
+"""`evocomp evaluate`: every method x keep ratio on the test split.
+
+evocomp evaluate --out metrics/eval.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from evocomp.cli.common import (
+    USER_ERRORS,
+    DeviceOpt,
+    DtypeOpt,
+    ParamsOpt,
+    device_for,
+    fail,
+    params_or_exit,
+    progress_bars,
+)
+
+
+def evaluate(
+    data: Path = typer.Option(Path("data/prepared")),
+    features_dir: Path = typer.Option(Path("data/features"), "--features"),
+    labels: Path = typer.Option(
+        Path("data/labels/labels.parquet"), help="label set (its test split is the GA oracle)"
+    ),
+    compressor: Path = typer.Option(Path("models/compressor")),
+    model: Path = typer.Option(None, help="checkpoint (default: mllm.checkpoint)"),
+    out: Path = typer.Option(Path("metrics/eval.json")),
+    plots: Path = typer.Option(
+        Path("plots/retention.csv"), help="retention vs ratio for dvc plots"
+    ),
+    speed: Path = typer.Option(
+        Path("metrics/bench_speedup.json"), help="real-shape timings (bench/speedup.py)"
+    ),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    params_path: Path = ParamsOpt,
+) -> None:
+    """Accuracy and retention of every method at every keep ratio on the test split."""
+    from evocomp.evaluation.report import print_table, write_plot
+    from evocomp.evaluation.run import run_evaluation
+    from evocomp.files import write_json_atomic
+    from evocomp.mllm.loader import load_mllm
+
+    params = params_or_exit(params_path)
+    try:
+        mllm = load_mllm(
+            model or params.mllm.checkpoint,
+            device_for(params, device),
+            dtype or params.runtime.dtype,
+        )
+        with progress_bars() as bar:
+            result = run_evaluation(
+                params, data, features_dir, labels, compressor, mllm, speed, bar
+            )
+    except USER_ERRORS as err:
+        fail(str(err))
+    write_json_atomic(out, result)
+    write_plot(plots, result)
+    typer.echo(print_table(result))
+    typer.echo(f"wrote {out}")

@@ -1,0 +1,50 @@
+"""`evocomp db upgrade` and `evocomp labels export`: the label store and its frozen exports.
+
+evocomp db upgrade
+evocomp labels export --out data/labels/labels.parquet
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from evocomp.cli.common import USER_ERRORS, fail
+
+UrlOpt = typer.Option(None, help="database URL (default: EVOCOMP_DB_URL or data/evocomp.db)")
+db_app = typer.Typer(
+    no_args_is_help=True, help="The label store (EVOCOMP_DB_URL, default data/evocomp.db)."
+)
+labels_app = typer.Typer(no_args_is_help=True, help="Frozen label sets.")
+
+
+@db_app.command("upgrade")
+def upgrade(url: str = UrlOpt) -> None:
+    """Create or migrate the store schema (Alembic) to the latest revision."""
+    from evocomp.store import default_db_url, mask_url
+    from evocomp.store import upgrade as migrate
+
+    try:
+        migrate(url)
+    except USER_ERRORS as err:
+        fail(str(err))
+    typer.echo(f"store at {mask_url(url or default_db_url())} is at the latest schema")
+
+
+@labels_app.command("export")
+def export(
+    out: Path = typer.Option(Path("data/labels/labels.parquet")),
+    model_id: str = typer.Option(None, help="only labels of this model id"),
+    url: str = UrlOpt,
+) -> None:
+    """Write the frozen Parquet label set (latest run per sample wins) that DVC versions."""
+    from evocomp.store import export_labels, get_engine
+    from evocomp.store import upgrade as migrate
+
+    try:
+        migrate(url)
+        n = export_labels(get_engine(url), out, model_id=model_id)
+    except USER_ERRORS as err:
+        fail(str(err))
+    typer.echo(f"wrote {n} labels to {out}")

@@ -1,0 +1,68 @@
+"""`evocomp train`: the compressor on the frozen label set (GHM-C + cosine separation).
+
+evocomp train --labels data/labels/labels.parquet --out models/compressor
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from evocomp.cli.common import USER_ERRORS, DeviceOpt, ParamsOpt, device_for, fail, params_or_exit
+
+SUMMARY_KEYS = (
+    "train_samples",
+    "val_samples",
+    "epochs",
+    "best_epoch",
+    "val_loss",
+    "val_precision",
+    "label_set_hash",
+)
+
+
+def train(
+    labels: Path = typer.Option(Path("data/labels/labels.parquet"), help="frozen label set"),
+    features_dir: Path = typer.Option(
+        Path("data/features"), "--features", help="feature cache root"
+    ),
+    model: Path = typer.Option(
+        None, help="checkpoint the labels were made with (default: mllm.checkpoint)"
+    ),
+    out: Path = typer.Option(Path("models/compressor")),
+    curve: Path = typer.Option(Path("plots/train_curve.csv"), help="training curve for dvc plots"),
+    metrics: Path = typer.Option(Path("metrics/train.json")),
+    device: str = DeviceOpt,
+    params_path: Path = ParamsOpt,
+) -> None:
+    """Train the compressor (GHM-C + cosine separation) on the label set, early-stopped on val."""
+    import pandas as pd
+
+    from evocomp.compress.training import train_compressor
+    from evocomp.files import write_json_atomic, write_text_atomic
+    from evocomp.mllm.hf_llava import checkpoint_info
+
+    params = params_or_exit(params_path)
+    try:
+        info = checkpoint_info(model or params.mllm.checkpoint)
+        history, summary = train_compressor(
+            labels,
+            features_dir,
+            info,
+            params.train,
+            out,
+            device_for(params, device),
+            log=lambda r: typer.echo(
+                f"epoch {r['epoch']}: train {r['train_loss']:.4f} val {r['val_loss']}", err=True
+            ),
+        )
+    except USER_ERRORS as err:
+        fail(str(err))
+    write_text_atomic(curve, pd.DataFrame(history).to_csv(index=False))
+    write_json_atomic(metrics, {k: summary[k] for k in SUMMARY_KEYS})
+    typer.echo(
+        f"compressor -> {out}: best epoch {summary['best_epoch']} "
+        f"(monitor {params.train.monitor}), val loss {summary['val_loss']}, "
+        f"val precision {summary['val_precision']}"
+    )

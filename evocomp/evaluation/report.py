@@ -1,0 +1,54 @@
+"""How ``evocomp evaluate`` shows its result: ``plots/retention.csv`` and the printed table.
+
+evocomp evaluate        # writes metrics/eval.json, plots/retention.csv, prints the table
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from evocomp.config import EvaluateParams
+from evocomp.files import write_text_atomic
+
+
+def write_plot(path: Path, result: dict) -> None:
+    rows = [
+        {"method": m, "ratio": float(r), "accuracy": acc, "retention": result["retention"][r][m]}
+        for r, accs in result["ratios"].items()
+        for m, acc in accs.items()
+    ]
+    table = pd.DataFrame(rows).sort_values(["method", "ratio"])
+    write_text_atomic(path, table.to_csv(index=False))
+
+
+def print_table(result: dict) -> str:
+    # eval.json is written with sorted keys: restore the reading order (largest budget
+    # first, the methods as params.yaml lists them)
+    ratios = sorted(result["ratios"], key=float, reverse=True)
+    present = list(next(iter(result["ratios"].values())))
+    order = EvaluateParams.model_fields["methods"].default
+    methods = [m for m in order if m in present] + [m for m in present if m not in order]
+    lines = [
+        f"full-token accuracy {result['full']:.3f} on {result['samples']} test samples "
+        f"(prune layer {result['prune_layer']}); cells: accuracy (retention %)",
+        f"{'method':<11}" + "".join(f"{'keep ' + r:>18}" for r in ratios),
+    ]
+    for m in methods:
+        lines.append(
+            f"{m:<11}"
+            + "".join(
+                f"{result['ratios'][r][m]:>10.3f} ({result['retention'][r][m]:5.1f})"
+                for r in ratios
+            )
+        )
+    for key in [k for k in result if k.startswith("evocomp_l")]:
+        full = result["full"] or 1
+        lines.append(
+            f"{key:<11}"
+            + "".join(
+                f"{result[key][r]:>10.3f} ({100 * result[key][r] / full:5.1f})" for r in ratios
+            )
+        )
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Visual-token arithmetic every stage shares: keep budgets and the patch grid.
+
+One home for each rule, so labeling, training, evaluation, the dashboard and the
+benchmarks cannot disagree on how many tokens a ratio keeps or where a token sits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def keep_count(ratio: float, n: int) -> int:
+    """Tokens kept at keep ratio ``ratio`` of ``n``: ``max(1, round(ratio * n))``.
+
+    Python's ``round`` (half to even): 36 tokens at 1/9 keep 4, at 1/4.5 keep 8.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"keep ratio {ratio} is outside (0, 1]")
+    return max(1, round(ratio * n))
+
+
+def ratio_key(ratio: float) -> str:
+    """How a keep ratio is written in metrics files: 3 decimals (``"0.333"``)."""
+    return f"{ratio:.3f}"
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """The patch grid ``(rows, cols)`` of ``n`` tokens: square when n is a square, else one row."""
+    side = int(round(n**0.5))
+    return (side, side) if side * side == n else (1, n)
+
+
+def grid_positions(n: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(row, col) of each of n tokens in a row-major grid: ``(n, 2)`` long."""
+    idx = torch.arange(n)
+    return torch.stack([idx // grid[1], idx % grid[1]], dim=1)

@@ -54,7 +54,7 @@ from _common import (
 from _setup import Workspace, add_common_args, build_workspace, check_device, mean  # noqa: E402
 
 from evocomp.baselines import HEURISTICS  # noqa: E402
-from evocomp.compress.fit import fit_compressor  # noqa: E402
+from evocomp.compress.fit import best_epoch, fit_compressor  # noqa: E402
 from evocomp.compress.training import items_from_labels  # noqa: E402
 from evocomp.config import SearchParams, TrainParams, load_params  # noqa: E402
 from evocomp.data.samples import sample_seed  # noqa: E402
@@ -195,9 +195,7 @@ def run_variant(ws, labels, test, base: TrainParams, overrides: dict, device: st
     )
     train_s = time.perf_counter() - t0
     raw = evaluate_methods(ws.mllm, ws.info, test, ws.fstore, RATIOS, ["evocomp"], compressor=model)
-    best = min(
-        history, key=lambda r: r["val_loss"] if r["val_loss"] is not None else r["train_loss"]
-    )
+    best = best_epoch(history, tp.monitor)  # the epoch fit_compressor restored
     return {
         "accuracy": accuracy(raw, "evocomp"),
         "full": mean(raw["hits"]["full"]),

@@ -59,8 +59,8 @@ from evocomp.data.readers import read_dataset  # noqa: E402
 from evocomp.data.synth import write_dataset  # noqa: E402
 from evocomp.features.compute import ensure_features  # noqa: E402
 from evocomp.files import write_json_atomic  # noqa: E402
-from evocomp.labeling.run import register_samples  # noqa: E402
 from evocomp.labeling.sample import label_and_store  # noqa: E402
+from evocomp.labeling.steps import register_samples  # noqa: E402
 from evocomp.labeling.worker import model_ref, worker_features, worker_mllm  # noqa: E402
 from evocomp.search import run_spec  # noqa: E402
 

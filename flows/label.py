@@ -1,4 +1,4 @@
-"""The label flow: the steps of a label run (:mod:`evocomp.labeling.run`) as Prefect tasks.
+"""The label flow: the steps of a label run (:mod:`evocomp.labeling.steps`) as Prefect tasks.
 
     evocomp label --split test                                 # ephemeral Prefect, thread pool
     evocomp label --task-runner dask --dask-address tcp://HOST:8786
@@ -28,8 +28,9 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from evocomp.config import LabelParams
 from evocomp.errors import StoreError
-from evocomp.labeling import run as steps
-from evocomp.labeling.run import Batch, LabelJob
+from evocomp.labeling import steps
+from evocomp.labeling.run import InProcess, LabelJob, label
+from evocomp.labeling.steps import Batch
 
 RETRYABLE = (OperationalError, InterfaceError, StoreError, OSError)  # I/O that can heal
 TICK_S = 5.0  # while label batches run, the flow reads progress from the store this often
@@ -58,7 +59,7 @@ TASKS = {
 class PrefectSteps:
     """The steps as Prefect tasks on the flow's task runner (``max_workers`` bounds them)."""
 
-    batch_size = None  # steps.plan_batches: about four batches per worker
+    batch_size = None  # evocomp.labeling.run.plan_batches: about four batches per worker
 
     def call(self, step, *args):
         return TASKS[step](*args)
@@ -100,7 +101,7 @@ def label_dataset(
     """Label the selected samples with the genetic search; return the run summary
     (:func:`evocomp.labeling.run.label`)."""
     job = _job(**locals())
-    summary = steps.label(job, PrefectSteps(), get_run_logger())
+    summary = label(job, PrefectSteps(), get_run_logger())
     return summary | {"flow_run_id": str(FlowRunContext.get().flow_run.id)}
 
 
@@ -142,7 +143,7 @@ def run_label(
     """Run the label flow on the chosen task runner, or (``in_process``) without Prefect."""
     if in_process:
         log = logging.getLogger("evocomp.label")
-        return steps.label(_job(**kwargs), steps.InProcess(), log)
+        return label(_job(**kwargs), InProcess(), log)
     params = kwargs.get("params") or LabelParams()
     if runner == "dask" and dask_workers:  # batches are planned per worker
         params = params.model_copy(update={"workers": dask_workers})

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evocomp.compress.fit import Item, collate, fit_compressor
+from evocomp.compress.fit import Item, best_epoch, collate, fit_compressor
 from evocomp.compress.model import (
     PAD_LOGIT,
     CompressorConfig,
@@ -248,10 +248,11 @@ def test_collate_pads_variable_sizes():
     torch.testing.assert_close(b.target[1, :20], items[1].target)  # no soft label: the hard one
 
 
-def test_fit_is_deterministic_and_restores_the_best_epoch():
+@pytest.mark.parametrize("monitor", ["precision", "loss"])
+def test_fit_is_deterministic_and_restores_the_best_epoch(monitor):
     torch.set_num_threads(1)
     train, val = make_items(48, 0), make_items(16, 1)
-    params = TrainParams(epochs=6, patience=2, batch_size=16, lr=3e-3, heads=1)
+    params = TrainParams(epochs=8, patience=3, batch_size=16, lr=3e-3, heads=1, monitor=monitor)
     rng_before = torch.get_rng_state()
     model, history = fit_compressor(train, val, params)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is untouched
@@ -259,14 +260,31 @@ def test_fit_is_deterministic_and_restores_the_best_epoch():
     assert history == history2
     assert set(history[0]) >= {"epoch", "train_loss", "val_loss", "val_precision"}
     assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
-    # the returned weights are the best epoch's: highest validation precision (then lowest BCE)
-    best = min(history, key=lambda r: (-r["val_precision"], r["val_loss"]))
+    best = best_epoch(history, monitor)  # the one rule, also behind metrics/train.json
+    if monitor == "loss":
+        assert best["val_loss"] == min(r["val_loss"] for r in history)
+    else:  # highest validation precision, then lowest BCE
+        assert best == min(history, key=lambda r: (-r["val_precision"], r["val_loss"]))
+    # the returned weights are that epoch's
     b = collate(val)
     with torch.no_grad():
         logits = model(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask).logits
     bce = F.binary_cross_entropy_with_logits(logits[b.visual_mask], b.target[b.visual_mask])
     assert bce.item() == pytest.approx(best["val_loss"], rel=1e-5)
     assert not model.training
+
+
+def test_the_two_monitors_can_pick_different_epochs():
+    """The bug this rule fixes: a report by precision while the weights came by loss."""
+    history = [
+        {"epoch": 1, "train_loss": 0.5, "val_loss": 0.30, "val_precision": 0.50},
+        {"epoch": 2, "train_loss": 0.4, "val_loss": 0.21, "val_precision": 0.55},
+        {"epoch": 3, "train_loss": 0.3, "val_loss": 0.22, "val_precision": 0.61},
+    ]
+    assert best_epoch(history, "loss")["epoch"] == 2
+    assert best_epoch(history, "precision")["epoch"] == 3
+    no_val = [r | {"val_loss": None, "val_precision": None} for r in history]
+    assert best_epoch(no_val, "loss")["epoch"] == best_epoch(no_val, "precision")["epoch"] == 3
 
 
 @pytest.mark.parametrize("loss", ["ghm", "bce"])

@@ -94,8 +94,8 @@ def real(tiny_llava, shapes_data, tmp_path_factory):
     from evocomp.compress.training import file_hash, train_compressor
     from evocomp.data.readers import read_dataset
     from evocomp.features.compute import ensure_features
-    from evocomp.labeling.run import register_samples
     from evocomp.labeling.sample import label_and_store
+    from evocomp.labeling.steps import register_samples
     from evocomp.mllm.hf_llava import HFLlava, checkpoint_info
     from evocomp.store import export_labels, finish_run, get_or_create_run, write_failure
 

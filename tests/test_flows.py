@@ -29,8 +29,8 @@ import flows.label as fl
 from evocomp.config import LabelParams
 from evocomp.data.prepared import load_prepared, write_prepared
 from evocomp.data.readers import read_dataset
-from evocomp.labeling import run as steps
-from evocomp.labeling import worker
+from evocomp.labeling import steps, worker
+from evocomp.labeling.run import plan_batches
 from evocomp.labeling.selection import select_samples
 
 SMALL = LabelParams(population=8, parents=4, generations=2, splits=("train", "test"), workers=2)
@@ -182,7 +182,7 @@ def test_only_io_errors_are_retried(exc, retried):
 )
 def test_plan_batches(n, workers, batch_size, sizes):
     samples = list(range(n))
-    batches = steps.plan_batches(samples, workers, batch_size)
+    batches = plan_batches(samples, workers, batch_size)
     assert [len(b) for b in batches] == sizes
     assert [x for b in batches for x in b] == samples  # every sample once, in order
 

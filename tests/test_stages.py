@@ -8,14 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
+from evocomp.compress.fit import best_epoch
+from evocomp.compress.model import load_compressor
 from evocomp.compress.training import items_from_labels, train_compressor
 from evocomp.config import Params, SearchParams, TrainParams
 from evocomp.data.prepared import load_prepared, write_prepared
 from evocomp.data.readers import read_dataset
 from evocomp.features.cache import FeatureStore
 from evocomp.features.compute import ensure_features
-from evocomp.labeling.run import register_samples
 from evocomp.labeling.sample import label_and_store, label_sample
+from evocomp.labeling.steps import register_samples
 from evocomp.mllm.hf_llava import HFLlava, checkpoint_info
 from evocomp.store import export_labels, get_engine, get_or_create_run, upgrade
 
@@ -78,16 +80,23 @@ def test_export_has_one_label_per_sample(world):
     assert (df["k"] == df["n_groups"]).all()
 
 
-def test_train_and_refuse_mismatch(world, tiny_llava, tmp_path):
+@pytest.mark.parametrize("monitor", ["precision", "loss"])
+def test_train_and_refuse_mismatch(world, tiny_llava, tmp_path, monitor):
     info = checkpoint_info(tiny_llava)
+    params = TrainParams(epochs=4, patience=4, monitor=monitor)
     history, summary = train_compressor(
         world["root"] / "labels.parquet",
         world["root"] / "features",
         info,
-        TrainParams(epochs=2, patience=2),
+        params,
         tmp_path / "comp",
     )
-    assert len(history) == 2 and (tmp_path / "comp" / "model.safetensors").is_file()
+    assert len(history) == 4 and (tmp_path / "comp" / "model.safetensors").is_file()
+    # the summary (metrics/train.json) reports the epoch whose weights were saved
+    best = best_epoch(history, monitor)
+    assert (summary["best_epoch"], summary["val_loss"]) == (best["epoch"], best["val_loss"])
+    _, extra = load_compressor(tmp_path / "comp")
+    assert extra["best_epoch"] == best["epoch"]
     assert summary["label_set_hash"] and summary["model_id"] == info["model_id"]
     other = FeatureStore(world["root"] / "features", "another-model")
     df = pd.read_parquet(world["root"] / "labels.parquet")

@@ -41,6 +41,18 @@ def device_for(params: Params, device: str | None) -> str:
     return device or os.environ.get("EVOCOMP_DEVICE") or params.runtime.device
 
 
+def model_options(
+    params: Params, model: Path | None, device: str | None, dtype: str | None
+) -> tuple[str, str, str]:
+    """``(checkpoint, device, dtype)`` from the command's options, else the environment and
+    params.yaml: the arguments of ``evocomp.mllm.loader.load_mllm``."""
+    return (
+        str(model or params.mllm.checkpoint),
+        device_for(params, device),
+        dtype or params.runtime.dtype,
+    )
+
+
 class progress_bars:  # noqa: N801 - used like a function in `with`
     """Rich progress bars on stderr (when it is a terminal), one per phase.
 

@@ -14,8 +14,8 @@ from evocomp.cli.common import (
     DeviceOpt,
     DtypeOpt,
     ParamsOpt,
-    device_for,
     fail,
+    model_options,
     params_or_exit,
     progress_bars,
 )
@@ -48,11 +48,7 @@ def evaluate(
 
     params = params_or_exit(params_path)
     try:
-        mllm = load_mllm(
-            model or params.mllm.checkpoint,
-            device_for(params, device),
-            dtype or params.runtime.dtype,
-        )
+        mllm = load_mllm(*model_options(params, model, device, dtype))
         with progress_bars() as bar:
             result = run_evaluation(
                 params, data, features_dir, labels, compressor, mllm, speed, bar

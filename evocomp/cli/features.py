@@ -14,8 +14,8 @@ from evocomp.cli.common import (
     DeviceOpt,
     DtypeOpt,
     ParamsOpt,
-    device_for,
     fail,
+    model_options,
     params_or_exit,
     progress_bars,
 )
@@ -41,11 +41,7 @@ def features(
             for split in ("train", "val", "test")
             for s in load_prepared(data, split, params.label.max_samples)
         ]
-        mllm = load_mllm(
-            model or params.mllm.checkpoint,
-            device_for(params, device),
-            dtype or params.runtime.dtype,
-        )
+        mllm = load_mllm(*model_options(params, model, device, dtype))
         with progress_bars() as bar:
             ensure_features(
                 mllm,

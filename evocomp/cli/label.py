@@ -26,8 +26,8 @@ from evocomp.cli.common import (
     DeviceOpt,
     DtypeOpt,
     ParamsOpt,
-    device_for,
     fail,
+    model_options,
     params_or_exit,
     progress_bars,
 )
@@ -144,9 +144,10 @@ def label(
 
     try:
         sample_ids = read_ids(ids) if ids else None
+        checkpoint, device, dtype = model_options(params, model, device, dtype)
         job = LabelJob(
             data=str(data),
-            model=str(model or params.mllm.checkpoint),
+            model=checkpoint,
             params=lp,
             splits=tuple(splits),
             features_dir=str(features),
@@ -156,8 +157,8 @@ def label(
             labels_out=str(out),
             metrics_out=str(metrics),
             fitness_out=str(fitness_plot) if fitness_plot else None,
-            device=device_for(params, device),
-            dtype=dtype or params.runtime.dtype,
+            device=device,
+            dtype=dtype,
             batch_size=batch_size,
         )
         # Fail on user errors in a second, before any Prefect server starts.

@@ -15,8 +15,8 @@ from evocomp.cli.common import (
     DeviceOpt,
     DtypeOpt,
     ParamsOpt,
-    device_for,
     fail,
+    model_options,
     params_or_exit,
 )
 
@@ -76,11 +76,7 @@ def evaluate(
             else:
                 samples = load_prepared(data, split, limit)
                 where = f"the {split} split of {data}"
-            mllm = load_mllm(
-                model or params.mllm.checkpoint,
-                device_for(params, device),
-                dtype or params.runtime.dtype,
-            )
+            mllm = load_mllm(*model_options(params, model, device, dtype))
             metrics = evaluate_reference(mllm, samples)
     except USER_ERRORS as err:
         fail(str(err))

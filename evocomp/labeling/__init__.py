@@ -1,3 +1,3 @@
-"""The `label` stage: one sample (:mod:`.sample`), which samples (:mod:`.selection`), a whole
-run step by step (:mod:`.run`), per-process worker state (:mod:`.worker`), progress
+"""The `label` stage: one sample (:mod:`.sample`), which samples (:mod:`.selection`), a run's
+steps (:mod:`.steps`) and the loop over them (:mod:`.run`), per-process worker state (:mod:`.worker`), progress
 (:mod:`.progress`) and the run's metrics (:mod:`.report`)."""

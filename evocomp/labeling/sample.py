@@ -2,7 +2,7 @@
 
 :func:`label_and_store` is the unit of work of every label path: the Prefect flow's tasks
 and ``evocomp label --in-process`` both call it per sample (through
-:func:`evocomp.labeling.run.label_batch`).
+:func:`evocomp.labeling.steps.label_batch`).
 
     evocomp label --split test
 """

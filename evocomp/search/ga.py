@@ -12,7 +12,7 @@ population in one batched forward. Two modes (``SearchParams.mode``):
   ``mutWithinGroup`` (with probability ``mut_prob`` per group, move the group's
   kept token to another member of the group, drawn uniformly), offspring replace
   the worst. The label has G tokens; ``k`` is ignored.
-* ``budget``: exactly k tokens, k allotted over groups by :func:`group_quotas`;
+* ``budget``: exactly k tokens, k allotted over groups by :func:`evocomp.search.space.group_quotas`;
   ``cxSet`` (the parents' intersection, filled from their union) and
   ``mutSwap`` (swap a kept token for a dropped one of its group, or of any group
   with room when k < G), both followed by :func:`repair`. With

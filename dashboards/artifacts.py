@@ -51,7 +51,7 @@ def label_set_info(path: str, stamp: float) -> dict[str, Any] | None:
     """The Parquet label set: its hash (as ``evocomp train`` records it), rows and runs."""
     import pyarrow.parquet as pq
 
-    from evocomp.compress.training import file_hash
+    from evocomp.labelset import label_set_hash
 
     p = Path(path)
     if not p.is_file():
@@ -62,7 +62,7 @@ def label_set_info(path: str, stamp: float) -> dict[str, Any] | None:
         return {"error": f"{p}: not a readable label set ({err})"}
     runs_in = table.column("run_id").to_pandas().value_counts().sort_index()
     return {
-        "hash": file_hash(p),
+        "hash": label_set_hash(p),
         "rows": table.num_rows,
         "runs": {int(k): int(v) for k, v in runs_in.items()},
         "models": sorted(set(table.column("model_id").to_pylist())),
@@ -97,8 +97,9 @@ def grad_stats(
 
     from evocomp.audit.ghm import gradient_norms
     from evocomp.compress.model import load_compressor
-    from evocomp.compress.training import items_from_labels, load_label_set
+    from evocomp.compress.training import items_from_labels
     from evocomp.features.cache import FeatureStore
+    from evocomp.labelset import load_label_set
     from evocomp.tokens import grid_shape
 
     try:

@@ -1,7 +1,9 @@
 """Heuristic visual-token selectors: the baselines EvoComp labels are compared with.
 
 Every selector returns k distinct token indices sorted ascending (the kept
-tokens in their original order). ``select`` dispatches by name; each method
+tokens in their original order). Scores are compared on a 1e-6 grid with ties to the
+lower index (:mod:`evocomp.tolerance`), so float noise from another machine does not
+change a selection. ``select`` dispatches by name; each method
 needs some context (tokens, grid, attention) and says which when it is missing.
 """
 
@@ -11,6 +13,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from evocomp.tolerance import scores_on_grid
 
 HEURISTICS = ("random", "pooling", "fastv", "visionzip", "divprune", "dart")
 NEEDS = {"random": None, "pooling": "grid", "fastv": "text_attn", "visionzip": "cls_attn",
@@ -26,9 +30,14 @@ def _check_vector(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores (ties: lower index first)."""
-    order = torch.argsort(-scores, stable=True)  # (N,)
+    """Indices of the k largest scores on the 1e-6 grid (ties: lower index first)."""
+    order = torch.argsort(-scores_on_grid(scores), stable=True)  # (N,)
     return order[:k]
+
+
+def _argmax(scores: torch.Tensor) -> int:
+    """Index of the largest score on the 1e-6 grid (ties: the lowest index)."""
+    return int(torch.argmax(scores_on_grid(scores)))
 
 
 def _unit(tokens: torch.Tensor) -> torch.Tensor:
@@ -81,13 +90,13 @@ def _divprune(tokens: torch.Tensor, k: int) -> torch.Tensor:
     if n == 1:
         return torch.zeros(1, dtype=torch.long)
     first_scores = dist.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).min(dim=0).values
-    first = int(torch.argmax(first_scores))
+    first = _argmax(first_scores)
     picks = [first]
     taken[first] = True
     min_dist = dist[first].clone()  # (N,) distance to the selected set
     for _ in range(k - 1):
         # -inf on taken tokens: duplicates (distance 0) must never be re-picked.
-        nxt = int(torch.argmax(min_dist.masked_fill(taken, -float("inf"))))
+        nxt = _argmax(min_dist.masked_fill(taken, -1.0))  # distances are >= 0
         picks.append(nxt)
         taken[nxt] = True
         min_dist = torch.minimum(min_dist, dist[nxt])
@@ -268,7 +277,8 @@ def visionzip_merge(
     if n_ctx > 0:
         targets = rest[[int((i + 0.5) * rest.numel() / n_ctx) for i in range(n_ctx)]]  # (n_ctx,)
         unit = _unit(tokens)
-        assign = (unit[rest] @ unit[targets].T).argmax(dim=1)  # (N - n_dom,) target slot
+        # (N - n_dom,) target slot; similarities on the 1e-6 grid, ties to the first target
+        assign = scores_on_grid(unit[rest] @ unit[targets].T).argmax(dim=1)
         # A target is always most similar to itself (cosine 1), so it joins its own mean.
         assign[torch.searchsorted(rest, targets)] = torch.arange(n_ctx)
         sums = torch.zeros(n_ctx, work.shape[1]).index_add_(0, assign, work[rest])  # (n_ctx, D)

@@ -106,6 +106,9 @@ class LabelParams(SearchParams):
     max_samples: int | None = Field(None, ge=1)  # per split, first in id order
     task_runner: Literal["thread", "dask"] = "thread"
     workers: int = Field(2, ge=1)
+    # A worker's claim on a sample lapses this long after its last heartbeat (every third of
+    # it): a killed worker's samples are taken over by the run's other workers after that.
+    lease_seconds: float = Field(30.0, gt=0)
 
     def search(self) -> SearchParams:
         fields = SearchParams.model_fields.keys()
@@ -202,11 +205,19 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: invalid parameters\n" + "\n".join(lines)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; a missing file gives the defaults."""
+def load_params(path: str | Path | None = None) -> Params:
+    """Read and validate a params file.
+
+    ``None`` reads ``./params.yaml``, or gives the defaults where there is none (outside a
+    project); a path that was named must exist, so a typo never runs on defaults.
+    """
+    if path is None:
+        path = Path("params.yaml")
+        if not path.exists():
+            return Params()
     path = Path(path)
-    if not path.exists():
-        return Params()
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

@@ -25,3 +25,7 @@ class ModelError(EvoCompError, ValueError):
 
 class StoreError(EvoCompError, RuntimeError):
     """A store problem the user can act on (unreachable URL, unwritable path, bad schema)."""
+
+
+class OutputError(EvoCompError, OSError):
+    """An output path cannot be written (a read-only folder, a file where a folder should be)."""

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from evocomp.errors import OutputError
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -25,3 +28,29 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """``obj`` as indented JSON with sorted keys (same data, same bytes), atomically."""
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def check_writable(*paths: str | Path | None) -> None:
+    """Fail before any work when an output (a file or a folder to write) cannot be written.
+
+    Probes the nearest existing folder on the way to each path with a temporary file, so
+    read-only mounts and permissions are caught as they are; nothing is left behind.
+
+    Raises:
+        OutputError: naming the path and why.
+    """
+    for path in filter(None, paths):
+        path = Path(path)
+        where = path if path.is_dir() else path.parent
+        while not where.exists():
+            where = where.parent
+        if not where.is_dir():
+            raise OutputError(f"cannot write {path}: {where} is a file, not a folder")
+        try:
+            fd, probe = tempfile.mkstemp(dir=where, prefix=".evocomp-probe-")
+        except OSError as err:
+            raise OutputError(
+                f"cannot write {path}: {where} is not writable ({err.strerror})"
+            ) from None
+        os.close(fd)
+        os.unlink(probe)

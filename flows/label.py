@@ -15,25 +15,33 @@ from __future__ import annotations
 import evocomp.prefect_env  # noqa: F401  (before prefect is imported)
 
 # isort: split
+import contextlib
 import logging
+import threading
+import time
 from collections.abc import Iterator
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.futures import wait
+from prefect.states import Crashed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from evocomp import store as db
 from evocomp.config import LabelParams
 from evocomp.errors import StoreError
 from evocomp.labeling import steps
 from evocomp.labeling.run import InProcess, LabelJob, label
 from evocomp.labeling.steps import Batch
+from evocomp.labeling.worker import dead_here, worker_id
 
 RETRYABLE = (OperationalError, InterfaceError, StoreError, OSError)  # I/O that can heal
 TICK_S = 5.0  # while label batches run, the flow reads progress from the store this often
+STALE_S = 60.0  # a flow run whose heartbeat (every STALE_S / 4) is older than this has died
 
 
 def _on_io_error(task, task_run, state) -> bool:
@@ -97,12 +105,73 @@ def label_dataset(
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int | None = None,
-) -> dict:
-    """Label the selected samples with the genetic search; return the run summary
-    (:func:`evocomp.labeling.run.label`)."""
+):
+    """Label the selected samples with the genetic search; the run summary
+    (:func:`evocomp.labeling.run.label`).
+
+    The flow run ends Completed when every selected sample is labelled, Failed (with the
+    count and the first reason in its message) when some could not be; the summary is
+    the state's data either way.
+    """
     job = _job(**locals())
-    summary = label(job, PrefectSteps(), get_run_logger())
-    return summary | {"flow_run_id": str(FlowRunContext.get().flow_run.id)}
+    flow_run_id = str(FlowRunContext.get().flow_run.id)
+    log = get_run_logger()
+    with FlowRecord(job.db_url or db.default_db_url(), flow_run_id, log) as record:
+        summary = label(job, PrefectSteps(), log, on_open=record.opened)
+        summary["flow_run_id"] = flow_run_id
+        record.state = "failed" if summary["failed"] else "completed"
+    if summary["failed"]:
+        first = summary["failures"][0]
+        why = (first["error"] or "").splitlines()[0]
+        return Failed(
+            message=f"{summary['failed']} of {summary['selected']} samples failed "
+            f"(first: {first['sample_id']}: {why}); the others are labelled",
+            data=summary,
+        )
+    return summary
+
+
+class FlowRecord:
+    """This flow run in the store's ``flow_runs``, kept alive by a heartbeat; on opening a
+    label run, its earlier flow runs that died (process gone, heartbeat stale) are marked
+    Crashed in Prefect and in the store."""
+
+    def __init__(self, db_url: str, flow_run_id: str, log):
+        self.db_url, self.flow_run_id, self.log = db_url, flow_run_id, log
+        self.state, self.stop = "failed", threading.Event()  # until the label run returns
+        self.thread: threading.Thread | None = None
+
+    def opened(self, run_id: int) -> None:
+        engine = db.get_engine(self.db_url)
+        now = time.time()
+        for other, holder, beat in db.running_flow_runs(engine, run_id):
+            if other != self.flow_run_id and (dead_here(holder) or beat < now - STALE_S):
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(
+                        other,
+                        Crashed(message=f"its process ({holder}) stopped without finishing; "
+                                        f"found by flow run {self.flow_run_id}"),
+                        force=True,
+                    )  # fmt: skip
+                db.finish_flow_run(engine, other, "crashed")
+                self.log.warning(f"flow run {other} of label run {run_id} had crashed: marked")
+        db.register_flow_run(engine, self.flow_run_id, run_id, worker_id())
+        self.thread = threading.Thread(target=self._beat, name="flow-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(STALE_S / 4):
+            with contextlib.suppress(Exception):  # a missed beat only ages the record
+                db.beat_flow_run(db.get_engine(self.db_url), self.flow_run_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+            db.finish_flow_run(db.get_engine(self.db_url), self.flow_run_id, self.state)
 
 
 def _job(**kwargs) -> LabelJob:
@@ -148,4 +217,9 @@ def run_label(
     if runner == "dask" and dask_workers:  # batches are planned per worker
         params = params.model_copy(update={"workers": dask_workers})
     chosen = task_runner(runner, params.workers, dask_address, dask_workers)
-    return label_dataset.with_options(task_runner=chosen)(**kwargs | {"params": params})
+    flow = label_dataset.with_options(task_runner=chosen)
+    state = flow(**kwargs | {"params": params}, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):  # the flow itself raised: not a sample's failure
+        raise summary
+    return summary

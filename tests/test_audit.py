@@ -202,6 +202,13 @@ def test_momentum_when_batches_are_small(n_train, batch, momentum):
     assert rec.ghm_bins == TRAIN.ghm_bins and rec.cos_alpha == TRAIN.cos_alpha  # nothing to judge
 
 
+def test_no_training_labels_no_momentum_change():
+    current = TrainParams(ghm_momentum=0.0)
+    rec = ghm.recommend_ghm(None, None, current, mean_tokens=0.0, n_train=0)
+    assert rec.updates() == {"ghm_bins": 10, "ghm_momentum": 0.0, "cos_alpha": 0.1}
+    assert any("no training labels" in r for r in rec.reasons)
+
+
 @pytest.mark.parametrize(
     ("overlap", "alpha"), [(0.95, 0.3), (0.7, 0.1), (0.2, 0.05), (math.nan, 0.1)]
 )

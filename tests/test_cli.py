@@ -84,3 +84,109 @@ def test_mllm_eval_on_a_checkpoint(tiny_llava, tmp_path, monkeypatch):
 def test_db_upgrade(tmp_path):
     res = invoke("db", "upgrade", "--url", f"sqlite:///{tmp_path}/s.db")
     assert res.exit_code == 0 and (tmp_path / "s.db").is_file()
+
+
+def _newer_store(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    from evocomp.store import upgrade
+
+    upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("db", "upgrade"), ("labels", "export", "--out", "l.parquet"), ("label", "--data", "d")],
+)
+def test_a_store_from_a_newer_evocomp_is_refused(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    _newer_store(url)
+    monkeypatch.setenv("EVOCOMP_DB_URL", url)
+    if args[0] == "label":
+        invoke("synth", "--n", "4", "--out", "raw")
+        invoke("prepare", "--source", "raw", "--out", "d")
+        args = (*args, "--model", str(tiny_checkpoint(tmp_path)))
+    res = runner.invoke(app, list(args))
+    assert res.exit_code == 2, res.output
+    assert "created by a newer evocomp (schema revision 0099_future" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "l.parquet").exists()
+
+
+def tiny_checkpoint(tmp_path):
+    """A folder that passes the checkpoint checks (config + a weights file), never loaded."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llava", "image_seq_length": 4}))
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 16)
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    ("config", "weights", "match"),
+    [
+        ({"model_type": "llava"}, False, "no weights"),
+        ({"model_type": "qwen2_vl"}, True, "is not a LLaVA model"),
+        (None, False, "no config.json"),
+    ],
+)
+@pytest.mark.parametrize("command", ["label", "features", "train"])
+def test_unusable_checkpoints_stop_before_any_work(
+    tmp_path, monkeypatch, config, weights, match, command
+):
+    monkeypatch.chdir(tmp_path)
+    invoke("synth", "--n", "4", "--out", "raw")
+    invoke("prepare", "--source", "raw", "--out", "data/prepared")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    if config is not None:
+        (ckpt / "config.json").write_text(json.dumps(config))
+    if weights:
+        (ckpt / "model.safetensors").write_bytes(b"\0" * 16)
+    res = runner.invoke(app, [command, "--model", str(ckpt)])
+    assert res.exit_code == 2, res.output
+    assert match in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "data" / "evocomp.db").exists()  # no store rows, no failed labels
+    assert not (tmp_path / "data" / "labels").exists() and not (tmp_path / "metrics").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("synth", "--n", "2", "--out", "blocker/raw"),
+        ("prepare", "--source", "raw", "--out", "blocker/prepared"),
+        ("labels", "export", "--out", "blocker/labels.parquet"),
+        ("label", "--data", "prepared", "--metrics", "blocker/labels.json"),
+        ("train", "--metrics", "blocker/train.json"),
+        ("evaluate", "--out", "blocker/eval.json"),
+    ],
+)
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    invoke("synth", "--n", "2", "--out", "raw")
+    invoke("prepare", "--source", "raw", "--out", "prepared")
+    (tmp_path / "blocker").write_text("a file where a folder should be\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = runner.invoke(app, list(args))
+    assert res.exit_code == 2, res.output
+    assert "cannot write blocker/" in res.output and "is a file, not a folder" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_an_empty_dataset_is_an_error_at_prepare(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.json").write_text("[]")
+    res = runner.invoke(app, ["prepare", "--source", "empty.json", "--out", "prepared"])
+    assert res.exit_code == 2 and "no samples in the dataset" in res.output
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_named_params_file_that_is_missing_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["synth", "--n", "1", "--params", "parms.yaml", "--out", "raw"])
+    assert res.exit_code == 2 and "parms.yaml: params file not found" in res.output
+    assert not (tmp_path / "raw").exists()

@@ -47,5 +47,8 @@ def test_bad_yaml(tmp_path):
         load_params(tmp_path / "p.yaml")
 
 
-def test_missing_file_gives_defaults(tmp_path):
-    assert load_params(tmp_path / "none.yaml") == Params()
+def test_a_named_missing_file_is_an_error_none_gives_defaults(tmp_path, monkeypatch):
+    with pytest.raises(ParamsError, match="none.yaml: params file not found"):
+        load_params(tmp_path / "none.yaml")
+    monkeypatch.chdir(tmp_path)  # no ./params.yaml: the defaults
+    assert load_params() == Params()

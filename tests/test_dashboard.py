@@ -82,8 +82,9 @@ def test_page_on_an_empty_store(page, migrated, tmp_path, monkeypatch):
         assert not (tmp_path / "store.db").exists()  # read-only: never creates the store
     if page.endswith("overview.py"):
         assert "No evaluation yet" in infos
-    if page.endswith("imbalance.py"):
-        assert "No compressor" in infos and "No params file" in infos
+    if page.endswith("imbalance.py"):  # no data, no recommendation
+        assert "No compressor" in infos and "nothing to recommend" in infos
+        assert not any("recommended" in df.value.columns for df in at.dataframe)
 
 
 # ---- a real store -------------------------------------------------------------------------
@@ -91,11 +92,12 @@ def test_page_on_an_empty_store(page, migrated, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def real(tiny_llava, shapes_data, tmp_path_factory):
-    from evocomp.compress.training import file_hash, train_compressor
+    from evocomp.compress.training import train_compressor
     from evocomp.data.readers import read_dataset
     from evocomp.features.compute import ensure_features
     from evocomp.labeling.sample import label_and_store
     from evocomp.labeling.steps import register_samples
+    from evocomp.labelset import label_set_hash
     from evocomp.mllm.hf_llava import HFLlava, checkpoint_info
     from evocomp.store import export_labels, finish_run, get_or_create_run, write_failure
 
@@ -137,7 +139,7 @@ def real(tiny_llava, shapes_data, tmp_path_factory):
         json.dumps({"full": 0.95, "ratios": ratios, "retention": retention})
     )
     (root / "metrics" / "train.json").write_text(
-        json.dumps({"label_set_hash": file_hash(root / "labels.parquet")})
+        json.dumps({"label_set_hash": label_set_hash(root / "labels.parquet")})
     )
     params = (REPO / "params.yaml").read_text()
     params = re.sub(r"(?m)^  checkpoint: .*$", f"  checkpoint: {tiny_llava}", params)

@@ -137,6 +137,29 @@ def test_corrupt_image_fails_one_sample_not_the_flow(
     assert df.loc[victim.id, "error"].startswith("DatasetError: corrupt or unreadable image")
     assert json.loads((tmp_path / "labels.json").read_text())["failed"] == len(hit)
     assert len(pd.read_parquet(tmp_path / "labels.parquet")) == len(samples) - len(hit)
+    # Prefect's record says so too: the flow run is Failed, with the count in its message
+    flow_run_id = re.search(r"Prefect flow run ([0-9a-f-]{36})", result.output).group(1)
+    state = flow_run_state(flow_run_id)
+    assert state.type.value == "FAILED", state
+    assert f"{len(hit)} of {len(samples)} samples failed" in state.message
+    assert store_flow_run_state(db_url, flow_run_id) == "failed"
+
+
+def flow_run_state(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
+
+
+def store_flow_run_state(db_url: str, flow_run_id: str) -> str:
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        state = conn.execute(
+            sa.text("SELECT state FROM flow_runs WHERE flow_run_id = :f"), {"f": flow_run_id}
+        ).scalar()
+    engine.dispose()
+    return state
 
 
 def test_nan_features_are_a_failed_label_with_its_reason(tiny_llava, shapes_data, tmp_path):
@@ -229,6 +252,11 @@ def test_crash_resume_loses_and_duplicates_nothing(prefect_api, tiny_llava, shap
         proc.wait()
     before = labels(db_url).set_index("sample_id")
     assert 3 <= len(before) < total, "the kill should land mid-run"
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        (killed,) = conn.execute(sa.text("SELECT flow_run_id FROM flow_runs")).scalars().all()
+    engine.dispose()
+    assert flow_run_state(killed).type.value == "RUNNING"  # what Prefect believes after kill -9
 
     rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -242,6 +270,10 @@ def test_crash_resume_loses_and_duplicates_nothing(prefect_api, tiny_llava, shap
     kept = after.loc[before.index]  # labelled before the kill: the very same rows, not re-searched
     assert kept[["id", "seconds", "updated_at"]].equals(before[["id", "seconds", "updated_at"]])
     assert len(pd.read_parquet(tmp_path / "labels.parquet")) == total
+    # the re-run found the killed flow run and marked it Crashed, in Prefect and in the store
+    state = flow_run_state(killed)
+    assert state.type.value == "CRASHED" and "stopped without finishing" in state.message
+    assert store_flow_run_state(db_url, killed) == "crashed"
 
 
 def test_retrain_runs_dvc_repro(prefect_api, tmp_path):
@@ -289,3 +321,26 @@ def test_flow_overhead_bench_runs(prefect_api, tiny_llava, tmp_path, monkeypatch
     assert set(report["seconds_all"]) == {f"{side}_{size}" for side in ("direct", "loop", "flow")
                                           for size in ("small", "large")}  # fmt: skip
     assert report["seconds_flow"] > 0 and report["command"].split()[1] == "bench/flow_overhead.py"
+
+
+def test_task_size_and_runner_do_not_change_the_label_set(
+    prefect_api, tiny_llava, shapes_data, tmp_path
+):
+    """The same samples labelled with 1 and 5 samples per task, and in-process: the same labels."""
+    from evocomp.labelset import label_set_hash, load_label_set
+
+    data = prepare_copy(shapes_data, tmp_path)
+    params = SMALL.model_copy(update={"max_samples": 5})
+    sets = {}
+    for name, kw in {"batch_1": {"batch_size": 1}, "batch_5": {"batch_size": 5},
+                     "in_process": {"in_process": True}}.items():  # fmt: skip
+        out = tmp_path / name
+        fl.run_label(data=str(data), model=str(tiny_llava), params=params, features_dir=str(tmp_path / "features"),
+                     db_url=f"sqlite:///{out}.db", labels_out=f"{out}.parquet", metrics_out=f"{out}.json", **kw)  # fmt: skip
+        sets[name] = load_label_set(f"{out}.parquet")
+    first = sets["batch_1"]
+    assert len(first) == sum(len(load_prepared(data, sp, 5)) for sp in params.splits) > 5
+    for df in sets.values():
+        assert label_set_hash(df) == label_set_hash(first)
+        assert df["kept"].map(list).tolist() == first["kept"].map(list).tolist()  # not only counts
+        assert df["loss"].tolist() == first["loss"].tolist()

@@ -325,7 +325,7 @@ def test_upgrade_twice_is_a_noop_and_matches_the_models(store_url: str) -> None:
     upgrade(store_url)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
-            "0001"
+            "0003"
         ]
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
@@ -383,3 +383,33 @@ def test_default_db_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert default_db_url() == f"sqlite:///{tmp_path.resolve()}/data/evocomp.db"
     monkeypatch.setenv("EVOCOMP_DB_URL", "postgresql+psycopg://u@h/db")
     assert default_db_url() == "postgresql+psycopg://u@h/db"
+
+
+def _migrate(url: str, barrier, out) -> None:
+    barrier.wait()
+    try:
+        upgrade(url)
+        out.put("ok")
+    except StoreError as err:
+        out.put(str(err))
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_workers_starting_together_migrate_a_new_store_once(backend, tmp_path, request) -> None:
+    """Several label processes started at once on an empty store: one migrates, none fails."""
+    url = (
+        f"sqlite:///{tmp_path / 'new.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_migrate, args=(url, barrier, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert results == ["ok"] * 4

@@ -4,6 +4,7 @@ histogram, and a recommended GHM / cosine setting that can be written into param
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import streamlit as st
 
 from dashboards import artifacts, data, ui
 from evocomp.audit import ghm, params_edit, suspects
-from evocomp.config import load_params
+from evocomp.config import Params, load_params
 from evocomp.errors import ParamsError
 
 s = data.settings()
@@ -97,7 +98,8 @@ if not scope.empty:
 # ---- GHM: the compressor's gradient norms ---------------------------------------------------
 st.header("Difficulty imbalance: GHM gradient norms")
 try:
-    params = load_params(s.params)
+    # no params file (a store browsed outside its project): the defaults, as `evocomp` uses
+    params = load_params(s.params) if Path(s.params).is_file() else Params()
 except ParamsError as err:
     st.error(str(err))
     st.stop()
@@ -137,8 +139,15 @@ else:
             f"Kept vs dropped hidden-state cosine: {overlap:.3f}."
         )
 
-rec = ghm.recommend_ghm(g, overlap, current, mean_tokens, n_train)
 st.subheader("Recommended setting")
+if g is None and scope.empty:
+    st.info(
+        "No labels yet: nothing to recommend. Label samples (`evocomp label` or `dvc repro`) "
+        "and train a compressor; the recommendation reads their gradient norms and batch sizes.",
+        icon=":material/info:",
+    )
+    st.stop()
+rec = ghm.recommend_ghm(g, overlap, current, mean_tokens, n_train)
 st.dataframe(
     pd.DataFrame(
         {

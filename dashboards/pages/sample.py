@@ -12,7 +12,7 @@ import streamlit as st
 
 from dashboards import artifacts, data, ui
 from evocomp.audit import suspects
-from evocomp.config import load_params
+from evocomp.config import Params, load_params
 from evocomp.errors import ParamsError
 
 s = data.settings()
@@ -169,7 +169,8 @@ else:
 # ---- the model's answers --------------------------------------------------------------------
 st.subheader("The model's answers")
 try:
-    params = load_params(s.params)
+    # no params file (a store browsed outside its project): the defaults, as `evocomp` uses
+    params = load_params(s.params) if Path(s.params).is_file() else Params()
 except ParamsError as err:
     st.error(str(err))
     st.stop()

@@ -93,7 +93,8 @@ def recommend_ghm(
       since per-batch region counts are then noisy; else 0.
     * cos_alpha: from the overlap of kept vs dropped hidden states (cosine of their means):
       >= 0.9 they are barely apart, 0.3; >= 0.6, 0.1; else 0.05 (already separated).
-    Without a compressor (``g`` None) bins and alpha stay as they are.
+    Without a compressor (``g`` None) bins and alpha stay as they are; without training labels
+    (``n_train`` or ``mean_tokens`` 0) the momentum does too.
     """
     reasons = []
     bins = current.ghm_bins
@@ -117,7 +118,10 @@ def recommend_ghm(
             )
     per_batch = min(current.batch_size, max(n_train, 1)) * mean_tokens
     per_region = per_batch / bins
-    if per_region < MIN_PER_REGION:
+    if n_train == 0 or mean_tokens == 0:
+        momentum = current.ghm_momentum
+        reasons.append(f"momentum: no training labels to size a batch by; keeping {momentum}")
+    elif per_region < MIN_PER_REGION:
         momentum = PAPER_MOMENTUM
         reasons.append(
             f"momentum: a batch gives ~{per_region:.0f} tokens per region (< "

@@ -13,9 +13,12 @@ from pathlib import Path
 import typer
 
 from evocomp.config import Params, load_params
-from evocomp.errors import EvoCompError, ParamsError
+from evocomp.errors import EvoCompError, OutputError, ParamsError
+from evocomp.files import check_writable
 
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read")
+ParamsOpt = typer.Option(
+    None, "--params", help="params file (default: ./params.yaml, or the defaults without one)"
+)
 DeviceOpt = typer.Option(None, help="cpu, cuda, cuda:1 (default: EVOCOMP_DEVICE or runtime.device)")
 DtypeOpt = typer.Option(None, help="float32, bfloat16, float16 (default: runtime.dtype)")
 
@@ -29,12 +32,20 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def params_or_exit(path: Path) -> Params:
+def params_or_exit(path: Path | None) -> Params:
     try:
         return load_params(path)
     except ParamsError as err:
         fail(str(err))
     raise AssertionError  # unreachable
+
+
+def writable_or_exit(*paths: Path | None) -> None:
+    """Stop with one line, before any work, when an output path cannot be written."""
+    try:
+        check_writable(*paths)
+    except OutputError as err:
+        fail(str(err))
 
 
 def device_for(params: Params, device: str | None) -> str:

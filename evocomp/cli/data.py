@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from evocomp.cli.common import USER_ERRORS, ParamsOpt, fail, params_or_exit
+from evocomp.cli.common import USER_ERRORS, ParamsOpt, fail, params_or_exit, writable_or_exit
 
 
 def synth(
@@ -26,6 +26,7 @@ def synth(
     from evocomp.data.synth import write_dataset
 
     p = params_or_exit(params_path).prepare
+    writable_or_exit(out)
     path = write_dataset(
         out, n or p.n_images, p.seed if seed is None else seed, questions or p.questions_per_image
     )
@@ -45,6 +46,7 @@ def prepare(
     from evocomp.data.readers import read_dataset
 
     p = params_or_exit(params_path).prepare
+    writable_or_exit(out)
     src = source or p.source
     if src == "synth":
         src = "data/raw/shapes-vqa"

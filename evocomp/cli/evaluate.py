@@ -18,6 +18,7 @@ from evocomp.cli.common import (
     model_options,
     params_or_exit,
     progress_bars,
+    writable_or_exit,
 )
 
 
@@ -47,6 +48,7 @@ def evaluate(
     from evocomp.mllm.loader import load_mllm
 
     params = params_or_exit(params_path)
+    writable_or_exit(out, plots)
     try:
         mllm = load_mllm(*model_options(params, model, device, dtype))
         with progress_bars() as bar:

@@ -18,6 +18,7 @@ from evocomp.cli.common import (
     model_options,
     params_or_exit,
     progress_bars,
+    writable_or_exit,
 )
 
 
@@ -35,6 +36,7 @@ def features(
     from evocomp.mllm.loader import load_mllm
 
     params = params_or_exit(params_path)
+    writable_or_exit(out)
     try:
         samples = [
             s

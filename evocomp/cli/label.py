@@ -30,6 +30,7 @@ from evocomp.cli.common import (
     model_options,
     params_or_exit,
     progress_bars,
+    writable_or_exit,
 )
 from evocomp.data.samples import SPLITS
 
@@ -46,10 +47,12 @@ def _pydantic_msg(e: dict) -> str:
 def _print_summary(s: dict, out: Path, metrics: Path) -> None:
     echo = typer.echo
     where = f"Prefect flow run {s['flow_run_id']}" if s.get("flow_run_id") else "in-process"
+    elsewhere = s.get("labelled_elsewhere")
+    others = f", {elsewhere} by other workers" if elsewhere else ""
     echo(
         f"run {s['run_id']} ({s['model_id']}): {s['done']}/{s['selected']} samples labelled "
-        f"({s['searched']} searched, {s['skipped']} already labelled) in {s['seconds']:.1f} s, "
-        f"{where}"
+        f"({s['searched']} searched, {s['skipped']} already labelled{others}) in "
+        f"{s['seconds']:.1f} s, {where}"
     )
     if s["mean_loss"] is not None:
         heur = "  ".join(
@@ -126,6 +129,7 @@ def label(
     from evocomp.config import LabelParams
 
     params = params_or_exit(params_path)
+    writable_or_exit(out, metrics, fitness_plot)
     runner = task_runner or params.label.task_runner
     given = (workers, generations, population, parents, seeds)
     names = ("workers", *SEARCH_OVERRIDES)

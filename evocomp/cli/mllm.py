@@ -18,6 +18,7 @@ from evocomp.cli.common import (
     fail,
     model_options,
     params_or_exit,
+    writable_or_exit,
 )
 
 app = typer.Typer(no_args_is_help=True, help="The reference MLLM: train and evaluate.")
@@ -33,6 +34,7 @@ def train(
     from evocomp.mllm.reference import train_reference
 
     p = params_or_exit(params_path).mllm
+    writable_or_exit(out)
     if seed is not None:
         p = p.model_copy(update={"seed": seed})
     train_reference(out, p, log=lambda m: typer.echo(m, err=True))
@@ -66,6 +68,7 @@ def evaluate(
     from evocomp.mllm.reference_eval import evaluate_reference
 
     params = params_or_exit(params_path)
+    writable_or_exit(out)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if data is None:  # images the model never saw: a seed outside the training range

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from evocomp.cli.common import USER_ERRORS, fail
+from evocomp.cli.common import USER_ERRORS, fail, writable_or_exit
 
 UrlOpt = typer.Option(None, help="database URL (default: EVOCOMP_DB_URL or data/evocomp.db)")
 db_app = typer.Typer(
@@ -42,6 +42,7 @@ def export(
     from evocomp.store import export_labels, get_engine
     from evocomp.store import upgrade as migrate
 
+    writable_or_exit(out)
     try:
         migrate(url)
         n = export_labels(get_engine(url), out, model_id=model_id)

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import typer
 
-from evocomp.cli.common import USER_ERRORS, DeviceOpt, ParamsOpt, device_for, fail, params_or_exit
+from evocomp.cli.common import (
+    USER_ERRORS,
+    DeviceOpt,
+    ParamsOpt,
+    device_for,
+    fail,
+    params_or_exit,
+    writable_or_exit,
+)
 
 SUMMARY_KEYS = (
     "train_samples",
@@ -44,6 +52,7 @@ def train(
     from evocomp.mllm.hf_llava import checkpoint_info
 
     params = params_or_exit(params_path)
+    writable_or_exit(out, curve, metrics)
     try:
         info = checkpoint_info(model or params.mllm.checkpoint)
         history, summary = train_compressor(

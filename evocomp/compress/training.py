@@ -5,7 +5,6 @@ evocomp train --labels data/labels/labels.parquet --out models/compressor
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,24 +16,8 @@ from evocomp.compress.fit import Item, best_epoch, fit_compressor
 from evocomp.compress.model import save_compressor
 from evocomp.config import TrainParams
 from evocomp.features.cache import FeatureStore
+from evocomp.labelset import label_set_hash, load_label_set
 from evocomp.tokens import grid_positions
-
-REQUIRED = ("sample_id", "split", "model_id", "n_tokens", "kept", "soft")
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def load_label_set(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label set not found: {path} (run `evocomp label` first)")
-    df = pd.read_parquet(path)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: not an EvoComp label set (missing columns {missing})")
-    return df
 
 
 def items_from_labels(
@@ -98,7 +81,7 @@ def train_compressor(
     best = best_epoch(history, params.monitor)  # the epoch fit_compressor restored
     summary = {
         "label_set": str(labels),
-        "label_set_hash": file_hash(Path(labels)),
+        "label_set_hash": label_set_hash(df),
         "model_id": info["model_id"],
         "train_samples": len(items["train"]),
         "val_samples": len(items["val"]),

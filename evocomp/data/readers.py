@@ -151,6 +151,7 @@ def read_dataset(
             raise DatasetError(f"{path.parent} is a folder without a dataset.json")
     reader = read_jsonl if path.suffix == ".jsonl" else read_llava
     samples = reader(path, images_dir, val_fraction, test_fraction)
+    if not samples:
+        raise DatasetError(f"{path}: no samples in the dataset (nothing to prepare)")
     seen: set[str] = set()
-    unique = [s for s in samples if not (s.id in seen or seen.add(s.id))]
-    return unique
+    return [s for s in samples if not (s.id in seen or seen.add(s.id))]

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from evocomp.compress.model import load_compressor
-from evocomp.compress.training import load_label_set
 from evocomp.config import Params
 from evocomp.data.prepared import load_prepared
 from evocomp.evaluation.harness import Selector, evaluate_methods, summarise
 from evocomp.features.compute import ensure_features
+from evocomp.labelset import load_label_set
 from evocomp.mllm.hf_llava import checkpoint_info
 from evocomp.tokens import keep_count, ratio_key
 

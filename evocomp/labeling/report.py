@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from evocomp import store as db
+from evocomp.labelset import label_set_hash
 
 
 def _mean(xs) -> float | None:
@@ -28,6 +29,7 @@ def label_metrics(labels: str | Path, failed: int) -> dict:
     best = [min((v for v in h.values() if v is not None), default=None) for h in heur]
     groups = [int(g) for g in df["n_groups"].dropna()]
     return {
+        "label_set_hash": label_set_hash(df),  # what the labels decide (evocomp/labelset.py)
         "samples": len(df),
         "failed": failed,
         "mean_label_loss": _mean(df["loss"]),

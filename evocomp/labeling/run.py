@@ -42,6 +42,7 @@ FEATURE_TASK = 512  # samples per features step: few steps, spread over the work
 # worker's share, and a retried batch redoes at most MAX_BATCH samples.
 TASKS_PER_WORKER = 4
 MAX_BATCH = 128
+HELD_POLL_S = 5.0  # how often samples held by another worker are looked at again
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,12 @@ class InProcess:
             yield batch, step(batch, *args)
 
 
-def label(job: LabelJob, steps: Steps, log) -> dict:
+def label(job: LabelJob, steps: Steps, log, on_open: Callable[[int], None] | None = None) -> dict:
     """Label the job's samples with ``steps``; return the run summary.
 
     ``summary["failed"]`` counts the selected samples that failed; ``summary["failures"]``
-    lists them with their reasons.
+    lists them with their reasons. ``on_open(run_id)`` is called once the label run is open
+    (the flow records itself there).
     """
     t0, params = time.monotonic(), job.params
     db_url = job.db_url or db.default_db_url()
@@ -132,6 +134,8 @@ def label(job: LabelJob, steps: Steps, log) -> dict:
     run_id, done = steps.call(
         open_run, db_url, str(job.data), Batch(samples), ref.model_id, search, code_version()
     )
+    if on_open is not None:
+        on_open(run_id)
     todo = [s for s in samples if s.id not in done]
     log.info(
         f"run {run_id} ({ref.model_id}): {len(samples)} samples selected, "
@@ -152,26 +156,37 @@ def label(job: LabelJob, steps: Steps, log) -> dict:
     meter.add(len(bad))
     runnable = [s for s in todo if s.id not in bad]
     engine, labelled_before = db.get_engine(db_url), len(done)
-    finished = len(bad)
-    batches = plan_batches(runnable, params.workers, job.batch_size or steps.batch_size)
-    for item in steps.map(label_batch, batches, ref, search, features_dir, db_url, run_id):
-        if item is None:  # a tick: count what the workers have stored so far
-            stored = db.count_labels(engine, run_id) - labelled_before
-            meter.update(max(meter.done, len(bad) + stored))
-            continue
-        batch, out = item
-        if isinstance(out, BaseException):  # the step itself failed, after its retries
-            for s in batch:
-                db.write_failure(engine, run_id, s.id, reason(out))
-        finished += len(batch)
-        meter.update(max(meter.done, finished))
+    status: dict[str, str] = {}  # done | failed | skipped | held, per runnable sample
+    args = (ref, search, features_dir, db_url, run_id, params.lease_seconds)
+    left = runnable
+    while left:
+        batches = plan_batches(left, params.workers, job.batch_size or steps.batch_size)
+        for item in steps.map(label_batch, batches, *args):
+            if item is None:  # a tick: count what the run's workers have stored so far
+                stored = db.count_labels(engine, run_id) - labelled_before
+                meter.update(max(meter.done, len(bad) + stored))
+                continue
+            batch, out = item
+            if isinstance(out, BaseException):  # the step itself failed, after its retries
+                for s in batch:
+                    db.write_failure(engine, run_id, s.id, reason(out))
+                out = dict.fromkeys((s.id for s in batch), "failed")
+            status |= out
+            meter.update(max(meter.done, len(bad) + sum(v != "held" for v in status.values())))
+        # Samples another worker of this run holds: wait for its label or for its lease to
+        # lapse (a killed worker), then claim them again.
+        left = [s for s in left if status[s.id] == "held"]
+        if left:
+            log.info(f"{len(left)} samples are being searched by other workers; waiting")
+            time.sleep(min(HELD_POLL_S, params.lease_seconds / 2))
     summary = steps.call(
         close_run, db_url, run_id, ref.model_id, Batch(s.id for s in samples),
         job.labels_out, job.metrics_out, job.fitness_out,
     )  # fmt: skip
     summary |= {
         "skipped": len(samples) - len(todo),
-        "searched": len(runnable),
+        "searched": sum(v in ("done", "failed") for v in status.values()),
+        "labelled_elsewhere": sum(v == "skipped" for v in status.values()),
         "seconds": time.monotonic() - t0,
     }
     for f in summary["failures"]:

@@ -22,6 +22,7 @@ from evocomp.data.samples import Sample, sample_seed
 from evocomp.features.cache import Features
 from evocomp.search import SearchResult, SearchSpace, search
 from evocomp.store.records import LabelRecord
+from evocomp.tolerance import loss_on_grid
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def label_sample(
         methods=params.heuristics,
     )
     result = search(space, fitness, params, seed, heuristic_sets=hsets, progress=progress)
-    full = float(fitness(torch.arange(space.n_tokens)[None])[0])
+    full = loss_on_grid(fitness(torch.arange(space.n_tokens)[None])[0])  # as the search's
     if not math.isfinite(full) or not math.isfinite(result.loss):
         raise ValueError(f"sample {sample.id}: non-finite loss (full {full}, label {result.loss})")
     return Labelled(result, full, list(space.group_of), time.perf_counter() - t0)

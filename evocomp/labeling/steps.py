@@ -22,7 +22,14 @@ from evocomp.features.compute import compute
 from evocomp.files import write_json_atomic, write_text_atomic
 from evocomp.labeling.report import fitness_curve, label_metrics
 from evocomp.labeling.sample import label_and_store
-from evocomp.labeling.worker import ModelRef, worker_features, worker_mllm
+from evocomp.labeling.worker import (
+    ModelRef,
+    dead_here,
+    leased,
+    worker_features,
+    worker_id,
+    worker_mllm,
+)
 from evocomp.search import run_spec
 
 FEATURE_BATCH = 64  # samples per vision-tower pass
@@ -122,19 +129,40 @@ def compute_features(
 
 
 def label_batch(
-    batch: Batch, model: ModelRef, params: SearchParams, features_dir: str, db_url: str, run_id: int
+    batch: Batch,
+    model: ModelRef,
+    params: SearchParams,
+    features_dir: str,
+    db_url: str,
+    run_id: int,
+    lease_s: float = 30.0,
 ) -> dict[str, str]:
-    """Search and store each sample of a batch; ``{sample id: done|failed}``."""
-    mllm, engine = worker_mllm(model), db.get_engine(db_url)
-    status = {}
+    """Claim, search and store each sample of a batch: ``{sample id: status}``.
+
+    ``done`` / ``failed``: searched here; ``skipped``: another worker of the run stored it;
+    ``held``: another worker holds its claim (the caller tries again later).
+    """
+    engine, mllm, status = db.get_engine(db_url), None, {}
     for s in batch:
-        try:
-            feats = worker_features(features_dir, model.model_id, s.id)
-        except (KeyError, ValueError) as err:  # missing or unusable (NaN) features
-            db.write_failure(engine, run_id, s.id, reason(err))
-            status[s.id] = "failed"
+        claimed = db.claim(engine, run_id, s.id, worker_id(), lease_s)
+        holder = db.claim_holder(engine, run_id, s.id) if claimed == "held" else None
+        if dead_here(holder):  # its process is gone: take the sample over now
+            db.release_claims(engine, holder, [(run_id, s.id)])
+            claimed = db.claim(engine, run_id, s.id, worker_id(), lease_s)
+        if claimed != "claimed":
+            status[s.id] = "skipped" if claimed == "done" else "held"
             continue
-        status[s.id] = label_and_store(mllm, s, feats, params, engine, run_id)
+        with leased(engine, run_id, s.id, lease_s):
+            mllm = mllm or worker_mllm(model)
+            try:
+                feats = worker_features(features_dir, model.model_id, s.id)
+            except (KeyError, ValueError) as err:  # missing or unusable (NaN) features
+                db.write_failure(engine, run_id, s.id, reason(err))
+                status[s.id] = "failed"
+            else:
+                status[s.id] = label_and_store(mllm, s, feats, params, engine, run_id)
+        if status[s.id] == "failed":  # a retry need not wait out the lease; a done label
+            db.release_claims(engine, worker_id(), [(run_id, s.id)])  # keeps others away itself
     return status
 
 

@@ -1,19 +1,27 @@
-"""What a labelling worker process keeps: one loaded model and one feature index.
+"""What a labelling worker process keeps: one loaded model, one feature index, its identity.
 
 Tasks carry a :class:`ModelRef` (where the checkpoint is and its content id), never
 the model: a thread pool shares one copy per process, a Dask worker process loads its
-own once, on its first task.
+own once, on its first task. :func:`worker_id` names the process in the store's claims,
+and :func:`leased` keeps a claim alive while its sample is searched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from evocomp.errors import ModelError
 from evocomp.features.cache import Features, FeatureStore
-from evocomp.mllm.hf_llava import DTYPES, HFLlava, checkpoint_id
+from evocomp.mllm.hf_llava import DTYPES, HFLlava, check_checkpoint, checkpoint_id
 
 
 @dataclass(frozen=True)
@@ -29,11 +37,7 @@ class ModelRef:
 def model_ref(path: str | Path, device: str = "cpu", dtype: str = "float32") -> ModelRef:
     """Check a checkpoint folder and compute its content id, without loading the model."""
     p = Path(path).resolve()
-    if not (p / "config.json").is_file():
-        raise ModelError(
-            f"{path}: not a model checkpoint directory (no config.json); "
-            "train one with `evocomp mllm train` or pass --model"
-        )
+    check_checkpoint(p)  # the family and the weights, before any worker loads it
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     return ModelRef(str(p), device, dtype, checkpoint_id(p))
@@ -69,3 +73,83 @@ def worker_features(root: str, model_id: str, sample_id: str) -> Features:
         if fresh or sample_id in fs:
             return fs.get(sample_id)
     raise AssertionError("unreachable")
+
+
+_ids: dict[int, str] = {}
+
+
+def worker_id() -> str:
+    """``host:pid:random`` of this process (a forked child gets its own)."""
+    pid = os.getpid()
+    if pid not in _ids:
+        _ids[pid] = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
+    return _ids[pid]
+
+
+def dead_here(worker: str | None) -> bool:
+    """Whether ``worker`` (a :func:`worker_id`) was a process of this host that has exited:
+    its claims need not wait out their lease (a ``kill -9`` and a re-run, say)."""
+    host, _, rest = (worker or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or worker == worker_id():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+class _Heartbeat:
+    """One thread per process renews the leases of every claim its searches hold.
+
+    (One thread for all, not one per sample: a sample's search can be 30 ms.)
+    """
+
+    def __init__(self):
+        self.held: dict[tuple[int, int, str], tuple[object, float]] = {}  # key -> engine, lease
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def hold(self, engine, run_id: int, sample_id: str, lease_s: float) -> tuple:
+        key = (id(engine), run_id, sample_id)
+        with self.lock:
+            self.held[key] = (engine, lease_s)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(
+                    target=self._beat, name="evocomp-leases", daemon=True
+                )
+                self.thread.start()
+        return key
+
+    def drop(self, key: tuple) -> None:
+        with self.lock:
+            self.held.pop(key, None)
+
+    def _beat(self) -> None:
+        from evocomp import store as db
+
+        while True:
+            with self.lock:
+                held = list(self.held.items())
+            shortest = min((lease for _, (_, lease) in held), default=30.0)
+            time.sleep(shortest / 3)
+            for (_, run_id, sample_id), (engine, lease_s) in held:
+                with contextlib.suppress(Exception):  # a missed beat only shortens a lease
+                    db.renew_claims(engine, worker_id(), [(run_id, sample_id)], lease_s)
+
+
+_heartbeat = _Heartbeat()
+
+
+@contextmanager
+def leased(engine, run_id: int, sample_id: str, lease_s: float) -> Iterator[None]:
+    """Keep this worker's claim on (run, sample) alive, renewed every ``lease_s / 3`` s, while
+    the block runs (its search)."""
+    key = _heartbeat.hold(engine, run_id, sample_id, lease_s)
+    try:
+        yield
+    finally:
+        _heartbeat.drop(key)

@@ -28,10 +28,37 @@ SUPPORTED = ("llava",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def check_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's config.json, after checking it is a usable LLaVA checkpoint folder.
+
+    Raises:
+        ModelError: no config.json, an unreadable one, another family, or no weight files.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model checkpoint directory (no config.json)")
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path / 'config.json'}: not a readable model config ({err})") from None
+    if cfg.get("model_type") not in SUPPORTED:
+        raise ModelError(
+            f"{path}: model_type {cfg.get('model_type')!r} is not a LLaVA model (supported: {SUPPORTED})"
+        )
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ModelError(
+            f"{path}: config.json but no weights (*.safetensors or *.bin): an incomplete copy?"
+        )
+    return cfg
+
+
 def checkpoint_id(path: Path) -> str:
     """Content id of a checkpoint: config + a fingerprint of each weight file (size, head, tail)."""
     h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+    for f in [f for pattern in WEIGHT_FILES for f in sorted(path.glob(pattern))]:
         size = f.stat().st_size
         h.update(f.name.encode() + str(size).encode())
         with f.open("rb") as fh:
@@ -54,13 +81,8 @@ class HFLlava:
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: not a model checkpoint directory (no config.json)")
+        check_checkpoint(path)
         config = AutoConfig.from_pretrained(path)
-        if config.model_type not in SUPPORTED:
-            raise ModelError(
-                f"{path}: model_type {config.model_type!r} is not a LLaVA model (supported: {SUPPORTED})"
-            )
         if dtype not in DTYPES:
             raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         self.path, self.device, self.dtype = path, torch.device(device), DTYPES[dtype]
@@ -317,13 +339,7 @@ class HFLlava:
 def checkpoint_info(path: str | Path) -> dict:
     """What the pipeline needs to know of a checkpoint without loading its weights."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: not a model checkpoint directory (no config.json)")
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("model_type") not in SUPPORTED:
-        raise ModelError(
-            f"{path}: model_type {cfg.get('model_type')!r} is not a LLaVA model (supported: {SUPPORTED})"
-        )
+    cfg = check_checkpoint(path)
     n = int(cfg["image_seq_length"])
     text = cfg.get("text_config", {})
     return {

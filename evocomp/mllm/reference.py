@@ -156,7 +156,8 @@ def train_reference(
         "prompt_template": DEFAULT_TEMPLATE,
         "lm_steps_run": report["steps"],
         "held_out_accuracy": report["held_out"],
-        "train_seconds": round(time.time() - t0, 1),
+        # no wall time here: config.json is part of the model id, which must not change
+        # when the same weights are trained again (the log line below has the time)
     }
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)

@@ -55,7 +55,8 @@ from evocomp.search.space import SearchSpace
 # creator is process-global: create the types once, at import, so individuals pickle
 # (threads, Dask workers) and a re-import does not warn about overwriting them.
 if not hasattr(creator, "EvoFitness"):
-    creator.create("EvoFitness", base.Fitness, weights=(-1.0,))  # a loss: minimise
+    # (loss on the grid, tie-break hash): both minimised, compared lexicographically
+    creator.create("EvoFitness", base.Fitness, weights=(-1.0, -1.0))
 if not hasattr(creator, "EvoIndividual"):
     # list-based: DEAP's crossovers slice individuals, which corrupts numpy arrays.
     creator.create("EvoIndividual", list, fitness=creator.EvoFitness)
@@ -63,8 +64,10 @@ if not hasattr(creator, "EvoIndividual"):
 # Part of every label run's key (with the model id and the search params): bump it when a
 # change to the search makes it label differently under the same params, so the label flow
 # re-searches instead of keeping labels of the old algorithm. 2: exact on spaces that fit in
-# one population; 3: also on spaces whose unscored rest fits in one generation's offspring.
-ALGORITHM_VERSION = 3
+# one population; 3: also on spaces whose unscored rest fits in one generation's offspring;
+# 4: candidates ranked by (loss on a 1e-5 grid, a salted hash), heuristic scores on a 1e-6
+# grid (evocomp/tolerance.py): float noise no longer decides ties.
+ALGORITHM_VERSION = 4
 
 NOVELTY_TRIES = 4  # extra mutations of a child that repeats a known candidate
 EXHAUSTIVE_UP_TO = 10_000  # spaces up to this size are tracked for exhaustion (cheap sets)
@@ -102,7 +105,7 @@ def run_spec(params: SearchParams) -> dict:
 @dataclass
 class _Run:
     best: Key
-    loss: float
+    rank: tuple[float, float]  # (loss on the grid, tie-break): Scorer.rank of ``best``
     logbook: list[dict]
     population: list
     converged_gen: int
@@ -216,7 +219,7 @@ def _run(
 
     # This run's candidates (not the shared cache: runs must not steer each other).
     visited: set[Key] = set()
-    best, best_loss, converged = None, float("inf"), 0
+    best, best_rank, converged = None, (float("inf"), 0.0), 0
     for gen in range(params.generations + 1):
         if gen == 0:
             nevals = scorer.evaluate(population, extra)
@@ -235,23 +238,25 @@ def _run(
             # Re-evaluate only invalid individuals (here: all offspring); the cache
             # makes unchanged ones free.
             nevals = scorer.evaluate([ind for ind in fresh if not ind.fitness.valid])
-            population = fresh + parents  # ties go to offspring: drift across plateaus
+            population = fresh + parents
         keys = [key_of(ind) for ind in fresh]
         visited.update(keys)
         if size <= EXHAUSTIVE_UP_TO:
             covered.update(key for key in keys if space.contains(key))
-        for ind in fresh:  # hall of fame: first seen wins ties
-            if ind.fitness.values[0] < best_loss:
-                best, best_loss, converged = key_of(ind), ind.fitness.values[0], gen
+        for ind in fresh:  # hall of fame: the best rank ever seen
+            if ind.fitness.values < best_rank:
+                if ind.fitness.values[0] < best_rank[0]:  # the loss improved, not a tie-break
+                    converged = gen
+                best, best_rank = key_of(ind), ind.fitness.values
         record = {k: float(v) for k, v in stats.compile(population).items()}
         logbook.record(gen=gen, nevals=nevals, **record)
         if progress is not None:
-            progress(gen, best_loss)
+            progress(gen, best_rank[0])
         if params.early_stop_patience and gen - converged >= params.early_stop_patience:
             break
         if len(covered) >= size:
             break  # every candidate of the space has been scored: the label is the optimum
-    return _Run(best, best_loss, [dict(r) for r in logbook], population, converged)
+    return _Run(best, best_rank, [dict(r) for r in logbook], population, converged)
 
 
 # ---- the public entry point -------------------------------------------------------------
@@ -337,13 +342,13 @@ def search(
             )
         sets[name] = tuple(sorted(key))
 
-    scorer = Scorer(fitness_fn, space.k)
+    scorer = Scorer(fitness_fn, space.k, salt=seed)
     run_seeds = [seed] + [sample_seed(seed, f"run-{i}") for i in range(1, params.seeds)]
     runs = [_run(space, scorer, params, s, sets, progress) for s in run_seeds]
-    top = min(runs, key=lambda r: r.loss)  # earliest run on ties
+    top = min(runs, key=lambda r: r.rank)
 
     elite: list[tuple[list[int], float]] = []
-    for ind in sorted(top.population, key=lambda ind: ind.fitness.values[0]):
+    for ind in sorted(top.population, key=lambda ind: ind.fitness.values):
         if len(elite) < min(params.parents, params.population - 1) and all(
             list(key_of(ind)) != e[0] for e in elite
         ):
@@ -359,14 +364,14 @@ def search(
         agreement = sum(_jaccard(a, b) for a, b in pairs) / len(pairs)
     return SearchResult(
         kept=list(top.best),
-        loss=top.loss,
+        loss=top.rank[0],
         k=space.k,
         n_tokens=n,
         n_groups=len(space.members),
         logbook=top.logbook,
         elite=elite,
         soft=soft,
-        margin=(min(others) - top.loss) if others else 0.0,
+        margin=(min(others) - top.rank[0]) if others else 0.0,
         agreement=agreement,
         n_forwards=scorer.n_forwards,
         n_evals=scorer.n_evals,

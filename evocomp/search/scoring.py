@@ -1,14 +1,23 @@
 """Scoring candidates: a whole generation in one batched forward, each candidate once.
 
 A candidate's identity is its sorted index tuple (:data:`Key`); the cache maps it to its
-loss, shared across generations and across a sample's independent runs.
+loss, shared across generations and across a sample's independent runs. Every decision of
+the search (selection, the hall of fame, the elite, the best run) ranks candidates by
+:meth:`Scorer.rank`: the loss on the grid of :func:`evocomp.tolerance.loss_on_grid`, then a
+hash of the candidate salted by the sample's seed. Float noise below the grid (another
+CPU, thread count or batch) therefore does not change a label, and ties fall neither to
+the heuristics' seeds (first in the population) nor to low token indices, but the same
+way on every machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
+
+from evocomp.tolerance import loss_on_grid
 
 FitnessFn = Callable[[torch.Tensor], torch.Tensor]
 Key = tuple[int, ...]  # sorted kept-token indices: the identity of a candidate
@@ -17,8 +26,8 @@ Key = tuple[int, ...]  # sorted kept-token indices: the identity of a candidate
 class Scorer:
     """Scores candidates in one fitness_fn call each batch; remembers every score."""
 
-    def __init__(self, fitness_fn: FitnessFn, k: int):
-        self.fitness_fn, self.k = fitness_fn, k
+    def __init__(self, fitness_fn: FitnessFn, k: int, salt: int = 0):
+        self.fitness_fn, self.k, self.salt = fitness_fn, k, salt
         self.cache: dict[Key, float] = {}
         self.n_forwards = self.n_evals = 0
 
@@ -41,16 +50,22 @@ class Scorer:
                 f"fitness_fn returned NaN/Inf for {bad} of {len(new)} candidates "
                 f"(input shape {tuple(idx.shape)})"
             )
-        self.cache.update(zip(new, losses.tolist(), strict=True))
+        self.cache.update(zip(new, map(loss_on_grid, losses.tolist()), strict=True))
         self.n_forwards += 1
         self.n_evals += len(new)
         return len(new)
 
+    def rank(self, key: Key) -> tuple[float, float]:
+        """``(loss on the grid, tie-break)`` of a scored candidate: lower is better."""
+        digest = hashlib.blake2b(f"{self.salt}:{key}".encode(), digest_size=8).digest()
+        return self.cache[key], float(int.from_bytes(digest, "big") >> 12)  # exact in a float
+
     def evaluate(self, population: list, extra: Sequence[Key] = ()) -> int:
-        """DEAP's map(evaluate) fused into one forward: set every individual's fitness."""
+        """DEAP's map(evaluate) fused into one forward: set every individual's fitness to
+        its :meth:`rank` (DEAP compares fitnesses lexicographically)."""
         n = self.score([key_of(ind) for ind in population] + list(extra))
         for ind in population:
-            ind.fitness.values = (self.cache[key_of(ind)],)
+            ind.fitness.values = self.rank(key_of(ind))
         return n
 
 

@@ -12,6 +12,13 @@ Typical use::
 
 from __future__ import annotations
 
+from evocomp.store.claims import (
+    claim,
+    claim_holder,
+    release_claims,
+    renew_claims,
+    searches,
+)
 from evocomp.store.engine import (
     DB_URL_ENV,
     default_db_url,
@@ -22,7 +29,23 @@ from evocomp.store.engine import (
     upgrade,
 )
 from evocomp.store.export import export_labels
-from evocomp.store.models import Base, Dataset, Elite, Generation, Label, LabelRun, SampleRow
+from evocomp.store.flowruns import (
+    beat_flow_run,
+    finish_flow_run,
+    register_flow_run,
+    running_flow_runs,
+)
+from evocomp.store.models import (
+    Base,
+    Claim,
+    Dataset,
+    Elite,
+    FlowRun,
+    Generation,
+    Label,
+    LabelRun,
+    SampleRow,
+)
 from evocomp.store.queries import (
     count_labels,
     ensure_dataset,
@@ -40,6 +63,17 @@ from evocomp.store.queries import (
 from evocomp.store.records import LabelRecord
 
 __all__ = [
+    "FlowRun",
+    "beat_flow_run",
+    "finish_flow_run",
+    "register_flow_run",
+    "running_flow_runs",
+    "Claim",
+    "claim",
+    "claim_holder",
+    "release_claims",
+    "renew_claims",
+    "searches",
     "count_labels",
     "DB_URL_ENV",
     "Base",

@@ -7,6 +7,7 @@ share one PostgreSQL store across a team or a Dask cluster.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -25,6 +26,7 @@ DB_URL_ENV = "EVOCOMP_DB_URL"
 PACKAGE_DIR = Path(__file__).resolve().parent
 ALEMBIC_INI = PACKAGE_DIR / "alembic.ini"
 MIGRATIONS_DIR = PACKAGE_DIR / "migrations"
+LOCK_KEY = 7_330_000_001  # PostgreSQL advisory lock taken while the schema is migrated
 CONNECT_TIMEOUT_S = 5  # an unreachable server must fail fast, not hang a flow
 
 _engines: dict[str, Engine] = {}
@@ -179,10 +181,45 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     config = Config(str(ALEMBIC_INI))
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     try:
-        with engine.begin() as connection:
+        with _migration_lock(engine), engine.begin() as connection:
+            if engine.dialect.name == "postgresql":  # released when this transaction ends
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
+            _refuse_newer_schema(connection, config, engine)
             # env.py migrates on this connection: no URL round trip through the ini file
             # (where '%' in passwords breaks interpolation) and the SQLite pragmas apply.
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     except SQLAlchemyError as e:
         raise StoreError(f"cannot migrate the store at {mask_url(engine.url)}: {_cause(e)}") from e
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Workers starting together on a new store must not create its tables twice: on SQLite
+    a file lock beside the database (one machine), on PostgreSQL an advisory lock (above)."""
+    path = _sqlite_file(engine.url) if engine.dialect.name == "sqlite" else None
+    if path is None:
+        yield
+        return
+    with (path.parent / f".{path.name}.migrate.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _refuse_newer_schema(connection, config, engine: Engine) -> None:
+    """A store migrated by a newer evocomp has a revision these scripts do not know."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    current = MigrationContext.configure(connection).get_current_revision()
+    scripts = ScriptDirectory.from_config(config)
+    known = {rev.revision for rev in scripts.walk_revisions()}
+    if current is not None and current not in known:
+        raise StoreError(
+            f"the store at {mask_url(engine.url)} was created by a newer evocomp (schema "
+            f"revision {current}; this one knows up to {scripts.get_current_head()}): "
+            "upgrade evocomp"
+        )

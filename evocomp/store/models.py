@@ -158,3 +158,45 @@ class Elite(Base):
     rank: Mapped[int] = mapped_column(Integer)
     kept: Mapped[list[int]] = mapped_column(JSONType)
     loss: Mapped[float | None] = mapped_column(Float)
+
+
+class Claim(Base):
+    """A worker's claim on searching one sample of a run, held until ``lease_until``.
+
+    Workers that share a run (processes, Dask workers, machines on one PostgreSQL) claim each
+    sample before searching it, so none searches what another holds or has finished; a
+    killed worker's claims lapse with their lease. ``searches`` counts the claims granted
+    (searches started) for the pair.
+    """
+
+    __tablename__ = "claims"
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("label_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    sample_id: Mapped[str] = mapped_column(
+        ForeignKey("samples.id", ondelete="CASCADE"), primary_key=True
+    )
+    worker: Mapped[str] = mapped_column(String(255))
+    # Epoch seconds on the claiming worker's clock: leases are tens of seconds, so clocks
+    # a few seconds apart across machines only shorten or stretch a lapse a little.
+    lease_until: Mapped[float] = mapped_column(Float)
+    searches: Mapped[int] = mapped_column(Integer)
+
+
+class FlowRun(Base):
+    """A Prefect flow run that works on a label run: whose it is and whether it is alive.
+
+    A ``kill -9`` leaves its Prefect flow run RUNNING; the next flow of the same label run
+    finds it here (its process gone, or its heartbeat older than a minute) and marks it
+    Crashed, in Prefect and here.
+    """
+
+    __tablename__ = "flow_runs"
+
+    flow_run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("label_runs.id", ondelete="CASCADE"))
+    worker: Mapped[str] = mapped_column(String(255))
+    heartbeat: Mapped[float] = mapped_column(Float)  # epoch seconds, the flow process's clock
+    state: Mapped[str] = mapped_column(String(16))  # running | completed | failed | crashed
+    created_at: Mapped[datetime] = _created_at()

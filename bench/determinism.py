@@ -34,16 +34,15 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.servers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -60,42 +59,9 @@ from evocomp.features.grouping import nearest_vocab  # noqa: E402
 from evocomp.files import write_json_atomic  # noqa: E402
 from evocomp.labelset import label_set_hash, load_label_set  # noqa: E402
 from evocomp.mllm.hf_llava import HFLlava  # noqa: E402
+from tests.servers import prefect_server  # noqa: E402
 
 EVOCOMP = str(Path(sys.executable).parent / "evocomp")
-PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def prefect_server(home: Path):
-    """`prefect server start` on loopback (Dask workers need a server to report to)."""
-    port = free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false",
-                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
-    env.pop("PREFECT_API_URL", None)
-    log = (home / "server.log").open("w")
-    cmd = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((home / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def features(mllm, samples, root: Path, threads: int, batch: int, noise: float = 0.0) -> Path:

@@ -190,3 +190,9 @@ def test_a_named_params_file_that_is_missing_is_an_error(tmp_path, monkeypatch):
     res = runner.invoke(app, ["synth", "--n", "1", "--params", "parms.yaml", "--out", "raw"])
     assert res.exit_code == 2 and "parms.yaml: params file not found" in res.output
     assert not (tmp_path / "raw").exists()
+
+
+def test_a_named_speed_file_that_is_missing_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["evaluate", "--speed", "speedup.json"])
+    assert res.exit_code == 2 and "--speed speedup.json: file not found" in res.output

@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,53 +17,17 @@ import sqlalchemy as sa
 from evocomp.config import LabelParams
 from evocomp.data.prepared import load_prepared, write_prepared
 from evocomp.data.readers import read_dataset
+from tests import servers
 
 pytestmark = pytest.mark.postgres
 EVOCOMP = str(Path(sys.executable).parent / "evocomp")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the API URL."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                        "PREFECT_UI_ENABLED": "false"}  # fmt: skip
-    env.pop("PREFECT_API_URL", None)
-    prefect = str(Path(sys.executable).parent / "prefect")
-    log = (home / "server.log").open("w")
-    proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.5)
+    with servers.prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture
@@ -155,3 +117,48 @@ def test_serve_registers_the_cron_deployment(use_server, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_label_on_a_running_dask_cluster_into_postgres(
+    use_server, postgres_url, tiny_llava, shapes_data, tmp_path
+):
+    """`dask scheduler` and `dask worker` as separate processes, as a team runs them: the
+    CLI labels through them into PostgreSQL, and Prefect records the flow."""
+    write_prepared(read_dataset(shapes_data), tmp_path / "prepared", str(shapes_data))
+    (tmp_path / "params.yaml").write_text(
+        "label: {population: 8, parents: 4, generations: 2, splits: [test], max_samples: 6}\n"
+    )
+    expected = {s.id for s in load_prepared(tmp_path / "prepared", "test", 6)}
+    with servers.dask_cluster(tmp_path, workers=2) as address:
+        cmd = [EVOCOMP, "label", "--prefect", "--task-runner", "dask", "--dask-address", address,
+               "--data", str(tmp_path / "prepared"), "--model", str(tiny_llava),
+               "--params", str(tmp_path / "params.yaml"), "--db-url", postgres_url,
+               "--features", str(tmp_path / "features"), "--out", str(tmp_path / "l.parquet"),
+               "--metrics", str(tmp_path / "l.json")]  # fmt: skip
+        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        from distributed import Client
+
+        with Client(address) as client:
+            worker_pids = {str(pid) for pid in client.run(os.getpid).values()}
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Prefect flow run" in res.stdout
+    engine = sa.create_engine(postgres_url)
+    with engine.connect() as conn:
+        done = set(
+            conn.execute(sa.text("SELECT sample_id FROM labels WHERE status = 'done'")).scalars()
+        )
+        workers = set(conn.execute(sa.text("SELECT worker FROM claims")).scalars())
+    engine.dispose()
+    assert done == expected
+    assert {w.split(":")[1] for w in workers} <= worker_pids  # searched in the Dask workers
+
+
+def test_a_running_cluster_without_a_prefect_server_is_refused(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from evocomp.cli import app
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    res = CliRunner().invoke(app, ["label", "--task-runner", "dask", "--dask-address",
+                                   "tcp://127.0.0.1:1", "--data", str(tmp_path)])  # fmt: skip
+    assert res.exit_code == 2 and "need one Prefect server" in res.output

@@ -35,7 +35,9 @@ def evaluate(
         Path("plots/retention.csv"), help="retention vs ratio for dvc plots"
     ),
     speed: Path = typer.Option(
-        Path("metrics/bench_speedup.json"), help="real-shape timings (bench/speedup.py)"
+        None,
+        help="real-shape timings of bench/speedup.py (default: metrics/bench_speedup.json, "
+        "when it exists)",
     ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -49,6 +51,9 @@ def evaluate(
 
     params = params_or_exit(params_path)
     writable_or_exit(out, plots)
+    if speed is not None and not speed.is_file():
+        fail(f"--speed {speed}: file not found (run bench/speedup.py, or leave --speed out)")
+    speed = speed or Path("metrics/bench_speedup.json")
     try:
         mllm = load_mllm(*model_options(params, model, device, dtype))
         with progress_bars() as bar:

@@ -66,16 +66,6 @@ def _print_summary(s: dict, out: Path, metrics: Path) -> None:
             typer.echo(f"  {f['sample_id']}: {(f['error'] or '').splitlines()[0]}", err=True)
 
 
-def _prefect_server() -> str | None:
-    """The Prefect server this process would use (env, profile or test harness), if any."""
-    import evocomp.prefect_env  # noqa: F401  (before prefect is imported)
-
-    # isort: split
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value() or None
-
-
 def label(
     data: Path = typer.Option(Path("data/prepared"), help="prepared samples"),
     features: Path = typer.Option(Path("data/features"), help="feature cache root"),
@@ -140,6 +130,15 @@ def label(
         fail("; ".join(_pydantic_msg(e) for e in err.errors()))
     if runner not in ("thread", "dask"):
         fail(f"--task-runner {runner!r}: expected thread or dask")
+    from flows.label import api_url, run_label
+
+    if runner == "dask" and dask_address and not in_process and not api_url():
+        # A local cluster's workers share the flow's temporary server (flows/label.py); the
+        # workers of a running cluster are not ours to configure, and each would start its own.
+        fail(
+            "--dask-address: the flow and the cluster's workers need one Prefect server: run "
+            "`prefect server start` and set PREFECT_API_URL for both (README, Scaling out)"
+        )
     splits = split or list(lp.splits)
     if unknown := [s for s in splits if s not in SPLITS]:
         fail(f"--split {unknown[0]!r}: expected one of {', '.join(SPLITS)}")
@@ -174,7 +173,7 @@ def label(
         to_search = len(pending(job))  # also checks the checkpoint and the store
     except USER_ERRORS as err:
         fail(str(err))
-    server = _prefect_server()
+    server = api_url()
     if in_process is None:
         in_process = not server and to_search < SMALL_RUN
         if in_process:
@@ -183,15 +182,7 @@ def label(
                 "a temporary Prefect server would take longer to start; --prefect forces the flow)",
                 err=True,
             )
-    if runner == "dask" and not in_process and not server:
-        typer.secho(
-            "warning: no PREFECT_API_URL: each Dask worker starts its own temporary "
-            "Prefect server (slow); run `prefect server start` and set PREFECT_API_URL",
-            fg="yellow",
-            err=True,
-        )
     from evocomp.labeling.progress import progress_hook
-    from flows.label import run_label
 
     kwargs = {k: getattr(job, k) for k in job.__dataclass_fields__}
     try:

@@ -34,7 +34,9 @@ from evocomp.data.samples import Sample
 from evocomp.data.synth import write_dataset
 from evocomp.features.cache import Features, FeatureStore
 from evocomp.features.compute import ensure_features
-from evocomp.mllm.hf_llava import HFLlava, checkpoint_info
+from evocomp.mllm.base import MLLM
+from evocomp.mllm.checkpoint import checkpoint_info
+from evocomp.mllm.loader import load_mllm
 
 DEFAULT_CACHE = REPO / ".bench"
 DEFAULT_MODEL = REPO / "models" / "mllm"
@@ -46,7 +48,7 @@ class Workspace:
 
     root: Path  # the cache entry of this (seed, n)
     samples: list[Sample]  # every sample, in id order
-    mllm: HFLlava
+    mllm: MLLM
     info: dict  # checkpoint_info(model): model_id, n_tokens, grid, hidden_size, heads, ffn, layers
     fstore: FeatureStore
 
@@ -103,7 +105,7 @@ def build_workspace(
         samples = read_dataset(root / "raw", val_fraction=val_fraction, test_fraction=test_fraction)
         write_prepared(samples, prepared, str(root / "raw"))
     samples = load_prepared(prepared)
-    mllm = HFLlava(model, device=device)
+    mllm = load_mllm(model, device=device)
     info = checkpoint_info(model)
     fstore = ensure_features(mllm, samples, root / "features")
     log(

@@ -5,9 +5,11 @@
 
 Builds a synthetic label store in a temporary directory through the store API
 (``upsert_samples``, ``get_or_create_run``, ``write_label``, ``write_failure``): one dataset,
-a first run labelling every sample (36 tokens, 3-8 vocabulary groups, an 11-generation logbook
-and a 12-candidate elite per label, 1% failures) and a second, deeper run re-labelling 10% of
-them (two seeds: agreement). Images come from a small shapes-vqa pool reused across samples.
+a first run labelling every sample (36 tokens, 3-8 vocabulary groups and their words, each
+heuristic's kept set, an 11-generation logbook and a 12-candidate elite per label, 1% failures,
+~10% of the labels beaten by a heuristic)
+and a second, deeper run re-labelling 10% of them (two seeds: agreement). Images and their meta
+(grid, objects, answer cells) come from a small shapes-vqa pool reused across samples.
 
 Then, per dashboard page, with Streamlit's caches cleared before every measurement (a cold
 load): the page's queries and statistics alone, and a whole ``AppTest`` run of the page
@@ -47,11 +49,13 @@ PAGES = {
 GENERATIONS = 10
 N_TOKENS = 36
 ELITE = 12
+HEURISTICS = ("random", "pooling", "fastv", "visionzip", "divprune", "dart")
 _CHUNK = 500  # labels per transaction
 
 
 def _record(rng: random.Random, generations: int, seeds: int):
     """A plausible paper-mode label: one kept token per vocabulary group."""
+    from evocomp.data.shapes import WORDS
     from evocomp.store import LabelRecord
 
     n_groups = rng.randint(3, 8)
@@ -65,6 +69,7 @@ def _record(rng: random.Random, generations: int, seeds: int):
     full = rng.uniform(0.05, 1.0)
     loss = max(0.01, full + rng.gauss(0.05, 0.3))
     margin = rng.expovariate(1 / 0.05)
+    beaten = rng.random() < 0.1
     conv = rng.randint(0, generations)
     logbook = []
     for gen in range(generations + 1):
@@ -100,10 +105,12 @@ def _record(rng: random.Random, generations: int, seeds: int):
         margin=margin,
         n_groups=n_groups,
         converged_gen=conv,
-        heuristic_losses={
-            m: loss + abs(rng.gauss(0.3, 0.2))
-            for m in ("random", "pooling", "fastv", "visionzip", "divprune", "dart")
+        heuristic_losses={  # ~10% of the labels lose to DivPrune: the audit's suspects
+            m: loss + abs(rng.gauss(0.3, 0.2)) * (-1 if beaten and m == "divprune" else 1)
+            for m in HEURISTICS
         },
+        heuristic_kept={m: sorted(rng.sample(range(N_TOKENS), len(kept))) for m in HEURISTICS},
+        group_words=rng.sample(WORDS, n_groups),
         agreement=rng.uniform(0.2, 1.0) if seeds > 1 else None,
         n_forwards=generations + 1,
         seconds=rng.uniform(0.5, 2.0),
@@ -144,7 +151,7 @@ def make_store(url: str, n: int, root: Path, seed: int = 0) -> dict[str, Any]:
             "question": b.question,
             "answer": b.answer,
             "image": str(b.image),
-            "meta": {"pool": i % len(pool)},
+            "meta": b.meta | {"pool": i % len(pool)},
         }
         for i, sid in enumerate(ids)
         for b in [pool[i % len(pool)]]
@@ -174,7 +181,7 @@ def make_store(url: str, n: int, root: Path, seed: int = 0) -> dict[str, Any]:
 def _page_queries(page: str, url: str) -> None:
     """What a page reads and computes before it draws (its cached functions, called cold)."""
     from dashboards import data
-    from evocomp.audit import suspects
+    from evocomp.audit import keep, suspects
 
     facts = data.label_facts(url)
     if page == "overview":
@@ -191,9 +198,13 @@ def _page_queries(page: str, url: str) -> None:
         data.sample_labels(url, top["sample_id"])
     elif page == "imbalance":
         scope = suspects.latest_per_sample(facts)
-        suspects.keep_stats(scope)
+        keep.keep_stats(scope)
+        keep.fixed_keep_fraction(scope)
         ids = tuple(sorted(int(i) for i in scope["label_id"])[: data.MAX_GROUP_LABELS])
-        suspects.keep_by_group_size(data.kept_and_groups(url, ids))
+        rows = data.keep_details(url, ids)
+        keep.keep_by_class(rows)
+        keep.keep_heatmaps(rows)
+        keep.keep_by_word(rows)
 
 
 def _apptest_page(page: str) -> float:

@@ -58,7 +58,7 @@ from evocomp.features.compute import compute  # noqa: E402
 from evocomp.features.grouping import nearest_vocab  # noqa: E402
 from evocomp.files import write_json_atomic  # noqa: E402
 from evocomp.labelset import label_set_hash, load_label_set  # noqa: E402
-from evocomp.mllm.hf_llava import HFLlava  # noqa: E402
+from evocomp.mllm.loader import load_mllm  # noqa: E402
 from tests.servers import prefect_server  # noqa: E402
 
 EVOCOMP = str(Path(sys.executable).parent / "evocomp")
@@ -131,7 +131,7 @@ def run(args) -> dict:
     info = machine_info("cpu")
     print(describe_machine(info), flush=True)
     print(f"{len(samples)} samples; label settings of params.yaml ({label.mode} mode)", flush=True)
-    mllm = HFLlava(model)
+    mllm = load_mllm(model)
     feats = {"base": features(mllm, samples, tmp / "f-base", torch.get_num_threads(), 64)}
     counter = iter(range(10**6))
 

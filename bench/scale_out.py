@@ -55,7 +55,7 @@ from evocomp.data.readers import read_dataset  # noqa: E402
 from evocomp.data.synth import write_dataset  # noqa: E402
 from evocomp.features.compute import ensure_features  # noqa: E402
 from evocomp.files import write_json_atomic  # noqa: E402
-from evocomp.mllm.hf_llava import HFLlava  # noqa: E402
+from evocomp.mllm.loader import load_mllm  # noqa: E402
 from tests.pg import find_pg_bin, running_postgres  # noqa: E402
 
 EVOCOMP = str(Path(sys.executable).parent / "evocomp")
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_dataset(tmp / "raw", n=args.images, seed=11)
         write_prepared(read_dataset(tmp / "raw"), tmp / "prepared", "bench")
         samples = load_prepared(tmp / "prepared")
-        ensure_features(HFLlava(args.model), samples, tmp / "features")
+        ensure_features(load_mllm(args.model), samples, tmp / "features")
         label = load_params(REPO / "params.yaml").label
         (tmp / "params.yaml").write_text(yaml.safe_dump({"label": label.model_dump(mode="json")}))
         info = machine_info("cpu")

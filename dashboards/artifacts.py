@@ -15,6 +15,8 @@ import streamlit as st
 import yaml
 
 from dashboards.data import TTL, Settings, mtime
+from evocomp.config import AuditParams, load_params
+from evocomp.errors import ParamsError
 
 MAX_GHM_TOKENS = 20_000  # visual tokens scored for the g histogram (a few seconds on CPU)
 CHUNK = 64  # labels whose features are in memory at once
@@ -28,6 +30,25 @@ def read_json(path: str, stamp: float) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def _audit_rules(path: str, stamp: float) -> tuple[AuditParams, str | None]:
+    if not Path(path).is_file():
+        return AuditParams(), None
+    try:
+        return load_params(path).audit, None
+    except ParamsError as err:
+        return AuditParams(), str(err)
+
+
+def audit_rules(s: Settings) -> AuditParams:
+    """The suspect rules of params.yaml's ``audit:`` section; the code's defaults when there is
+    no params.yaml, and with a warning on the page when it cannot be read."""
+    rules, problem = _audit_rules(str(s.params), mtime(s.params))
+    if problem:
+        st.warning(f"Suspect rules: the defaults ({problem})", icon=":material/warning:")
+    return rules
 
 
 def metrics(s: Settings, name: str) -> dict[str, Any] | None:
@@ -139,7 +160,10 @@ def grad_stats(
 
 
 @st.cache_resource(show_spinner="Loading the model (once) ...")
-def load_mllm(checkpoint: str, device: str, dtype: str, stamp: float):
-    from evocomp.mllm.hf_llava import HFLlava
+def load_mllm(
+    checkpoint: str, device: str, dtype: str, stamp: float, prompt_template: str | None = None
+):
+    """The checkpoint's adapter (any supported family), once per process and ``stamp``."""
+    from evocomp.mllm.loader import load_mllm as load
 
-    return HFLlava(checkpoint, device=device, dtype=dtype)
+    return load(checkpoint, device=device, dtype=dtype, prompt_template=prompt_template)

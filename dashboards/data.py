@@ -14,7 +14,6 @@ Paths come from the environment, relative to the working directory (the repo roo
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from sqlalchemy import case, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from evocomp.audit import facts
 from evocomp.errors import StoreError
 from evocomp.store import (
     Dataset,
@@ -39,9 +39,8 @@ from evocomp.store import (
 )
 
 TTL = 30  # seconds: a running label flow shows up within half a minute
-MAX_GROUP_LABELS = 2000  # labels whose (kept, groups) JSON feeds the group-size statistics
+MAX_GROUP_LABELS = 2000  # labels whose JSON columns feed the keep-rate views (imbalance page)
 TABLES = ("datasets", "samples", "label_runs", "labels", "generations", "elites")
-_METHOD = re.compile(r"^\w+$")
 
 
 @dataclass(frozen=True)
@@ -164,59 +163,13 @@ def runs(url: str) -> pd.DataFrame:
 @st.cache_data(ttl=TTL, show_spinner=False)
 def heuristic_methods(url: str) -> list[str]:
     """The heuristics the runs compared against (their search params' ``heuristics``)."""
-    with get_engine(url).connect() as conn:
-        params = conn.execute(select(LabelRun.params)).scalars().all()
-    names = {m for p in params for m in (p or {}).get("heuristics", []) if isinstance(m, str)}
-    return sorted(m for m in names if _METHOD.match(m))
+    return facts.heuristic_methods(get_engine(url))
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def label_facts(url: str) -> pd.DataFrame:
-    """One row per stored label, numeric columns only (see ``evocomp.audit``), plus each
-    heuristic's loss (``h_<method>``) and the best of them."""
-    methods = heuristic_methods(url)
-    last_gen = (
-        select(func.max(Generation.gen))
-        .where(Generation.label_id == Label.id)
-        .scalar_subquery()
-        .label("last_gen")
-    )
-    stmt = (
-        select(
-            Label.id.label("label_id"),
-            Label.run_id,
-            Label.sample_id,
-            Label.status,
-            Label.k,
-            Label.n_tokens,
-            Label.n_groups,
-            Label.loss,
-            Label.full_loss,
-            Label.margin,
-            Label.agreement,
-            Label.converged_gen,
-            last_gen,
-            SampleRow.qtype,
-            SampleRow.split,
-            LabelRun.model_id,
-            LabelRun.created_at.label("run_created"),
-            *(Label.heuristic_losses[m].as_float().label(f"h_{m}") for m in methods),
-        )
-        .join(LabelRun, Label.run_id == LabelRun.id)
-        .join(SampleRow, Label.sample_id == SampleRow.id)
-    )
-    df = _frame(url, stmt.order_by(Label.id))
-    for col in ("loss", "full_loss", "margin", "agreement", *(f"h_{m}" for m in methods)):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    for col in ("k", "n_tokens", "n_groups", "converged_gen", "last_gen"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")  # NULL-able ints
-    h = df[[f"h_{m}" for m in methods]]
-    df["best_heuristic_loss"] = h.min(axis=1) if methods else float("nan")
-    best = h.fillna(float("inf")).idxmin(axis=1).str[2:] if methods and len(df) else None
-    df["best_heuristic"] = (
-        best.where(df["best_heuristic_loss"].notna()) if best is not None else None
-    )
-    return df
+    """One row per stored label (``evocomp.audit.facts.label_facts``)."""
+    return facts.label_facts(get_engine(url))
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
@@ -302,12 +255,24 @@ def elites(url: str, label_id: int) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def kept_and_groups(url: str, label_ids: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
-    """(kept, groups) of these labels (the caller caps how many)."""
-    out = []
-    with get_engine(url).connect() as conn:
-        for start in range(0, len(label_ids), 500):
-            chunk = list(label_ids[start : start + 500])
-            stmt = select(Label.kept, Label.groups).where(Label.id.in_(chunk))
-            out += [(k, g) for k, g in conn.execute(stmt) if g is not None]
-    return out
+def keep_details(url: str, label_ids: tuple[int, ...]) -> pd.DataFrame:
+    """Per label (the caller caps how many): ``label_id, n_tokens, kept, groups, heuristic_kept,
+    group_words`` and its sample's ``meta``, the rows ``evocomp.audit.keep`` reads.
+
+    ``heuristic_kept`` and ``group_words`` are None on labels written before store revision
+    0004, and on every label of a store not migrated to it yet (the dashboard never migrates).
+    """
+    newer = ("heuristic_kept", "group_words")
+    have = {c["name"] for c in inspect(get_engine(url)).get_columns("labels")}
+    frames = []
+    for start in range(0, len(label_ids), 500):
+        stmt = (
+            select(Label.id.label("label_id"), Label.n_tokens, Label.kept, Label.groups)
+            .add_columns(SampleRow.meta, *(getattr(Label, c) for c in newer if c in have))
+            .join(SampleRow, Label.sample_id == SampleRow.id)
+            .where(Label.id.in_(label_ids[start : start + 500]))
+        )
+        frames.append(_frame(url, stmt))
+    cols = ["label_id", "n_tokens", "kept", "groups", "meta"]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    return df.assign(**{c: None for c in newer if c not in df})

@@ -14,6 +14,7 @@ import streamlit as st
 from PIL import Image, ImageDraw
 
 from dashboards import data
+from evocomp.tokens import grid_shape
 
 PAGE_SIZE = 25
 
@@ -88,12 +89,6 @@ def paginate(df: pd.DataFrame, key: str, page_size: int = PAGE_SIZE, **kwargs) -
     lo = (page - 1) * page_size
     st.dataframe(df.iloc[lo : lo + page_size], hide_index=True, key=f"{key}-table", **kwargs)
     st.caption(f"rows {lo + 1 if len(df) else 0}-{min(lo + page_size, len(df))} of {len(df)}")
-
-
-def grid_shape(n_tokens: int) -> tuple[int, int]:
-    """The patch grid of n tokens: square when n is a square (as the LLaVA adapter assumes)."""
-    side = round(n_tokens**0.5)
-    return (side, side) if side * side == n_tokens else (1, n_tokens)
 
 
 def group_colours(n: int) -> list[tuple[int, int, int]]:

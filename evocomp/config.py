@@ -42,7 +42,10 @@ class PrepareParams(_Strict):
 class MLLMParams(_Strict):
     """The reference model recipe (two stages; see evocomp/mllm/reference.py)."""
 
-    checkpoint: str = "models/mllm"  # a local LLaVA-family checkpoint directory
+    checkpoint: str = "models/mllm"  # a local checkpoint folder (LLaVA, Qwen2-VL, Qwen2.5-VL)
+    # The prompt around the image, e.g. "USER: <image>\n{question} ASSISTANT:"; None: the
+    # checkpoint's own (config.json's evocomp.prompt_template, else its chat template).
+    prompt_template: str | None = None
     seed: int = 0
     n_images: int = Field(6000, ge=64)  # fixed training images, fresh question per step
     align_steps: int = Field(500, ge=0)  # 150 left ~12% of object tokens nearest a wrong shape word
@@ -60,6 +63,13 @@ class MLLMParams(_Strict):
     lm_heads: int = Field(8, ge=1)  # of the 128-wide LM; 4 heads learnt slower and less surely
     eval_images: int = Field(1000, ge=10)
     threads: int = Field(2, ge=1)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None and (v.count("<image>") != 1 or v.count("{question}") != 1):
+            raise ValueError("needs exactly one <image> and one {question}")
+        return v
 
     @model_validator(mode="after")
     def _batches(self) -> MLLMParams:
@@ -161,6 +171,21 @@ class EvaluateParams(_Strict):
         return v
 
 
+class AuditParams(_Strict):
+    """The label audit's suspect rules (``evocomp.audit.suspects``; the dashboard's Label
+    quality page). Losses are measured in units of the sample's *loss scale*: the worst
+    heuristic's answer loss minus the full-token loss (at least ``loss_floor``)."""
+
+    loss_floor: float = Field(0.01, gt=0)  # nats (1% answer probability): smaller is no scale
+    max_heuristic_gap: float = Field(0.02, ge=0)  # label above the best heuristic by this: suspect
+    max_excess: float = Field(0.5, ge=0)  # label above the full-token loss by this (scales)
+    min_margin: float = Field(0.01, ge=0)  # runner-up within this (scales): arbitrary choice
+    min_agreement: float = Field(0.5, ge=0, le=1)  # Jaccard across seeds (label.seeds > 1)
+    min_room: float = Field(0.1, ge=0)  # margin / agreement / convergence count above this excess
+    flag_score: float = Field(0.5, gt=0)  # a label whose score reaches this is flagged
+    health_tolerance: float = Field(0.25, gt=0, le=1)  # bad-label share at which health is 0
+
+
 class Params(_Strict):
     """Everything in params.yaml."""
 
@@ -172,6 +197,7 @@ class Params(_Strict):
     label: LabelParams = LabelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    audit: AuditParams = AuditParams()
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -105,6 +105,7 @@ def label_dataset(
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int | None = None,
+    prompt_template: str | None = None,
 ):
     """Label the selected samples with the genetic search; the run summary
     (:func:`evocomp.labeling.run.label`).

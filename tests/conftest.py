@@ -95,3 +95,101 @@ def shapes_data(tmp_path_factory) -> Path:
 
 
 from tests.pg import postgres_server, postgres_url  # noqa: E402, F401  (session PostgreSQL fixtures)
+
+QWEN_SPECIALS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+QWEN_CHAT_TEMPLATE = (  # Qwen2-VL's chat template, reduced to images and text
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_tokenizer():
+    """A word-level tokenizer with Qwen's special tokens and chat template (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from evocomp.data import shapes
+
+    words = ["<unk>", "system", "user", "assistant", "You", "are", "a", "helpful", "assistant."]
+    words = list(dict.fromkeys([*QWEN_SPECIALS, *words, *shapes.WORDS]))  # 'a', 'are' twice
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_qwen_vl(
+    path: Path, family: str = "qwen2_vl", image_size: int = 96, patch: int = 8, seed: int = 0
+) -> Path:
+    """A random Qwen2-VL / Qwen2.5-VL (hidden 64, 2 layers) saved like a downloaded one.
+
+    The processor's pixel range is pinned to ``image_size`` squared, so a square image of that
+    size gives ``(image_size / (2 * patch))**2`` visual tokens (36 by default).
+    """
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    tok = qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,
+    )
+    common = dict(patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, depth=2)
+    if family == "qwen2_vl":
+        cls, config = Qwen2VLForConditionalGeneration, Qwen2VLConfig
+        vision = dict(**common, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+    else:
+        cls, config = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig
+        # window 4 * patch: 2x2 merged tokens per window, block 0 windowed, block 1 full
+        vision = dict(**common, hidden_size=32, out_hidden_size=64, intermediate_size=64,
+                      num_heads=2, window_size=4 * patch, fullatt_block_indexes=[1])  # fmt: skip
+    torch.manual_seed(seed)
+    cfg = config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = cls(cfg)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    pixels = image_size * image_size
+    Qwen2VLImageProcessorPil(
+        min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=2,
+        temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    ).save_pretrained(path)  # fmt: skip
+    return path

@@ -10,14 +10,16 @@ import pytest
 import yaml
 
 from evocomp.audit import ghm, params_edit, suspects
-from evocomp.config import TrainParams, parse_params
+from evocomp.config import AuditParams, TrainParams, parse_params
 from evocomp.errors import ParamsError
 
-RULES = suspects.SuspectRules()
+RULES = AuditParams()
 
 
 def fact(sample: str, run: int = 1, **kw) -> dict:
-    """One healthy done label unless overridden."""
+    """One healthy done label unless overridden: loss scale 8 nats (worst heuristic 8.45,
+    full-token loss 0.45), the label 0.05 above the full-token loss and 0.1 below the best
+    heuristic, a clear margin, converged early."""
     row = {
         "label_id": hash((sample, run)) % 10_000,
         "run_id": run,
@@ -28,6 +30,8 @@ def fact(sample: str, run: int = 1, **kw) -> dict:
         "n_groups": 4,
         "loss": 0.5,
         "full_loss": 0.45,
+        "best_heuristic_loss": 0.6,
+        "worst_heuristic_loss": 8.45,
         "margin": 0.2,
         "agreement": None,
         "converged_gen": 3,
@@ -50,53 +54,119 @@ def frame(*rows: dict) -> pd.DataFrame:
 def test_healthy_label_is_not_suspect():
     out = suspects.score_suspects(frame(fact("a")))
     assert not out["suspect"].iloc[0] and out["score"].iloc[0] == 0 and out["reasons"].iloc[0] == ""
+    assert out["scale"].iloc[0] == pytest.approx(8.0)
+    assert out["gap"].iloc[0] == pytest.approx(-0.1 / 8)
+
+
+ROOM = {"loss": 2.0, "best_heuristic_loss": 2.5}  # 1.55 nats = 0.19 scales above full: room
 
 
 @pytest.mark.parametrize(
-    ("override", "reason"),
+    ("override", "reason", "flagged"),
     [
-        ({"margin": 0.001}, "margin"),
-        ({"agreement": 0.2}, "agreement"),
-        ({"loss": 1.5, "full_loss": 0.4}, "excess"),
-        ({"converged_gen": 10, "last_gen": 10}, "not_converged"),
+        ({"loss": 0.9}, "heuristic", True),  # 0.3 nats above the best heuristic
+        ({"loss": 6.0, "best_heuristic_loss": 6.0}, "excess", False),  # 0.69 scales: mild
+        ({"loss": 8.45, "best_heuristic_loss": 8.45}, "excess", True),  # as bad as the worst
+        (ROOM | {"margin": 0.0}, "margin", False),  # a doubt alone flags nothing
+        (ROOM | {"margin": 0.04}, "margin", False),
+        (ROOM | {"agreement": 0.0}, "agreement", False),
+        (ROOM | {"converged_gen": 10, "last_gen": 10}, "not_converged", False),
     ],
 )
-def test_each_reason_fires_alone(override, reason):
+def test_each_reason_fires_alone(override, reason, flagged):
     out = suspects.score_suspects(frame(fact("a", **override)))
-    assert out["suspect"].iloc[0] and out["reasons"].iloc[0] == reason
-    assert 0 < out["score"].iloc[0] <= 1.0
+    assert out["reasons"].iloc[0] == reason
+    assert 0 < out["score"].iloc[0] <= suspects.WEIGHTS[reason]
+    assert out["suspect"].iloc[0] == flagged
 
 
-def test_ranking_orders_by_severity_and_reason_count():
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"margin": 0.0},  # any mask keeps the answer: ties are no evidence
+        {"agreement": 0.0},
+        {"converged_gen": 10, "last_gen": 10},
+    ],
+)
+def test_search_doubts_need_room_to_improve(override):
+    out = suspects.score_suspects(frame(fact("a", **override)))
+    assert out["score"].iloc[0] == 0 and not out["suspect"].iloc[0]
+
+
+def test_the_scale_makes_rules_hold_for_easy_and_hard_questions():
+    # an easy yes/no question: every mask is within 0.004 nats, yet a random mask at 0.005
+    # is as wrong, relative to what the choice can change, as one at 8 nats on a hard one
+    easy = {"full_loss": 0.001, "worst_heuristic_loss": 0.005, "best_heuristic_loss": 0.0012}
+    rows = frame(
+        fact("easy-clean", **easy, loss=0.0011),
+        fact("easy-noisy", **easy, loss=0.005),
+        fact("hard-noisy", loss=8.45),
+    )
+    out = suspects.score_suspects(rows).set_index("sample_id")
+    assert not out.loc["easy-clean", "suspect"]
+    assert out.loc["easy-noisy", "suspect"] and out.loc["hard-noisy", "suspect"]
+    # below the floor a difference is no scale: 2e-5 nats never makes a suspect
+    tiny = {"full_loss": 0.0, "worst_heuristic_loss": 2e-5, "best_heuristic_loss": 0.0}
+    out = suspects.score_suspects(frame(fact("t", **tiny, loss=2e-5)))
+    assert not out["suspect"].iloc[0]
+
+
+def test_ranking_orders_by_evidence():
+    loser = {"loss": 6.45, "best_heuristic_loss": 6.5, "converged_gen": 10}  # 0.75 scales
     rows = frame(
         fact("healthy"),
-        fact("just-under-margin", margin=0.0099),  # barely: severity ~0.5
-        fact("negative-margin", margin=-0.5),  # far past: severity 1
-        fact("two-reasons", margin=0.0099, agreement=0.1),
+        fact("just-above-heuristic", loss=0.8),  # 0.025 scales: severity ~0.5
+        fact("far-above-heuristic", loss=4.0),  # severity 1, and excess
+        fact("undecided-loser", **loser, margin=0.0),  # loses the answer, tie, not converged
+        fact("room-and-margin", **ROOM, margin=0.0),  # a doubt alone
         fact("failed", status="failed", margin=None, loss=None, full_loss=None),
     )
     out = suspects.score_suspects(rows)
-    assert list(out["sample_id"])[:3] == ["two-reasons", "negative-margin", "just-under-margin"]
+    assert list(out["sample_id"])[:4] == [
+        "far-above-heuristic",
+        "just-above-heuristic",  # beaten by a heuristic: above every merely doubtful label
+        "undecided-loser",
+        "room-and-margin",
+    ]
     assert out.set_index("sample_id").loc["failed", "suspect"] == False  # noqa: E712
-    assert int(out["suspect"].sum()) == 3
+    assert set(out.loc[out["suspect"], "sample_id"]) == {
+        "far-above-heuristic",
+        "just-above-heuristic",
+        "undecided-loser",
+    }
+
+
+def test_score_ties_rank_the_larger_excess_first():
+    rows = frame(fact("a", loss=0.46), fact("b", loss=0.55), fact("c", loss=0.5))
+    assert list(suspects.score_suspects(rows)["sample_id"]) == ["b", "c", "a"]
+
+
+def test_without_heuristic_losses_the_heuristic_rule_is_silent():
+    rows = frame(fact("a", loss=3.0, best_heuristic_loss=None, worst_heuristic_loss=None))
+    out = suspects.score_suspects(rows)
+    assert out["reasons"].iloc[0] == "excess"  # scale = the label's own excess: 1 scale
 
 
 def test_agreement_absent_with_one_seed_is_not_a_reason():
     out = suspects.score_suspects(
-        frame(fact("a", agreement=None), fact("b", agreement=float("nan")))
+        frame(fact("a", **ROOM, agreement=None), fact("b", **ROOM, agreement=float("nan")))
     )
     assert not out["suspect"].any()
 
 
 def test_generation_zero_search_is_not_called_unconverged():
-    out = suspects.score_suspects(frame(fact("a", converged_gen=0, last_gen=0)))
-    assert not out["suspect"].iloc[0]
+    out = suspects.score_suspects(frame(fact("a", **ROOM, converged_gen=0, last_gen=0)))
+    assert out["reasons"].iloc[0] == ""
 
 
 def test_rules_are_thresholds():
-    rows = frame(fact("a", margin=0.05))
+    rows = frame(fact("a", loss=0.62))  # 0.0025 scales above the best heuristic
     assert not suspects.score_suspects(rows)["suspect"].iloc[0]
-    assert suspects.score_suspects(rows, suspects.SuspectRules(min_margin=0.1))["suspect"].iloc[0]
+    loose = RULES.model_copy(update={"max_heuristic_gap": 0.001})
+    assert suspects.score_suspects(rows, loose)["suspect"].iloc[0]
+    assert not suspects.score_suspects(rows, loose.model_copy(update={"flag_score": 2.0}))[
+        "suspect"
+    ].iloc[0]
 
 
 def test_empty_facts():
@@ -112,16 +182,23 @@ def test_empty_facts():
 
 def test_health_counts_failures_and_suspects():
     rows = frame(
-        fact("a"),
-        fact("b"),
-        fact("c", margin=-1.0),  # one strong suspect (score 1)
+        *(fact(f"clean{i}") for i in range(6)),
+        fact("c", loss=8.45),  # a strong suspect: score >= 1
         fact("d", status="failed"),
         fact("a", run=2),
     )
     health = suspects.run_health(suspects.score_suspects(rows)).set_index("run_id")
-    assert health.loc[1, "done"] == 3 and health.loc[1, "failed"] == 1
-    assert health.loc[1, "health"] == pytest.approx(1 - (1 + 1) / 4)
+    assert health.loc[1, "done"] == 7 and health.loc[1, "failed"] == 1
+    assert health.loc[1, "bad_share"] == pytest.approx((1 + 1) / 8)
+    assert health.loc[1, "health"] == pytest.approx(1 - 0.25 / RULES.health_tolerance)
     assert health.loc[2, "health"] == 1.0
+
+
+def test_health_is_zero_at_the_tolerated_bad_share():
+    rows = frame(*(fact(f"c{i}") for i in range(3)), fact("bad", loss=8.45))
+    health = suspects.run_health(suspects.score_suspects(rows))
+    assert health["bad_share"].iloc[0] == pytest.approx(0.25)
+    assert health["health"].iloc[0] == 0.0
 
 
 def test_latest_label_per_sample_and_before_after():
@@ -136,36 +213,6 @@ def test_latest_label_per_sample_and_before_after():
     ba = suspects.before_after(rows)
     assert list(ba["sample_id"]) == ["a"]
     assert ba["delta"].iloc[0] == pytest.approx(-0.5)
-
-
-# ---- keep statistics ----------------------------------------------------------------------
-
-
-def test_keep_stats():
-    rows = frame(
-        fact("a", k=6, n_groups=6),
-        fact("b", k=12, n_groups=12, qtype="count"),
-        fact("c", status="failed", k=0, n_tokens=0),
-    )
-    stats = suspects.keep_stats(rows)
-    assert stats["labels"] == 2
-    assert stats["keep_ratio"] == pytest.approx(18 / 72)
-    by_q = stats["by_qtype"].set_index("qtype")["keep_ratio"]
-    assert by_q["colour"] == pytest.approx(6 / 36) and by_q["count"] == pytest.approx(12 / 36)
-    assert list(stats["kept_fraction"]) == pytest.approx([6 / 36, 12 / 36])
-
-
-def test_keep_stats_empty():
-    stats = suspects.keep_stats(pd.DataFrame(columns=list(fact("a"))))
-    assert stats["labels"] == 0 and stats["keep_ratio"] is None
-
-
-def test_keep_by_group_size():
-    # 6 tokens: group 0 has 4 members, group 1 has 2; one token kept per group
-    out = suspects.keep_by_group_size([([0, 4], [0, 0, 0, 0, 1, 1])]).set_index("group_size")
-    assert out.loc[4, "tokens"] == 4 and out.loc[4, "kept"] == 1
-    assert out.loc[2, "keep_rate"] == pytest.approx(0.5)
-    assert suspects.keep_by_group_size([]).empty
 
 
 # ---- GHM recommendation -------------------------------------------------------------------

@@ -130,11 +130,17 @@ def tiny_checkpoint(tmp_path):
     ("config", "weights", "match"),
     [
         ({"model_type": "llava"}, False, "no weights"),
-        ({"model_type": "qwen2_vl"}, True, "is not a LLaVA model"),
+        ({"model_type": "gemma3"}, True, "'gemma3' is not supported (supported families: llava"),
+        (
+            {"model_type": "llava", "vision_config": {"model_type": "pixtral"}},
+            True,
+            "vision tower 'pixtral' is not supported",
+        ),
+        ({"model_type": "qwen2_vl"}, True, "needs preprocessor_config.json"),
         (None, False, "no config.json"),
     ],
 )
-@pytest.mark.parametrize("command", ["label", "features", "train"])
+@pytest.mark.parametrize("command", ["label", "features", "train", "evaluate"])
 def test_unusable_checkpoints_stop_before_any_work(
     tmp_path, monkeypatch, config, weights, match, command
 ):

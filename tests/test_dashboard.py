@@ -17,10 +17,11 @@ import pytest
 import yaml
 from conftest import REPO
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from streamlit.testing.v1 import AppTest
 
 from evocomp.audit import suspects
-from evocomp.config import SearchParams, TrainParams, parse_params
+from evocomp.config import AuditParams, SearchParams, TrainParams, parse_params
 from evocomp.store import Elite, Generation, Label, LabelRun, SampleRow, get_engine, upgrade
 
 APP = str(REPO / "dashboards" / "app.py")
@@ -162,24 +163,42 @@ def at_real(real, monkeypatch):
 
 
 def expected_suspects(engine, qtype: str | None = None) -> set[tuple[int, str]]:
-    """The suspect rules as one SQL query, independent of the pandas path the page takes."""
-    r = suspects.SuspectRules()
+    """The suspect rules recomputed in plain Python from the stored rows, independent of the
+    SQL-to-pandas path the page takes (``evocomp.audit.facts``, ``score_suspects``)."""
+    r = AuditParams()
     last = select(func.max(Generation.gen)).where(Generation.label_id == Label.id).scalar_subquery()
     stmt = (
-        select(Label.run_id, Label.sample_id)
+        select(Label, SampleRow.qtype, last.label("last"))
         .join(SampleRow, SampleRow.id == Label.sample_id)
         .where(Label.status == "done")
-        .where(
-            (Label.margin < r.min_margin)
-            | (Label.agreement < r.min_agreement)
-            | (Label.loss - Label.full_loss > r.max_excess)
-            | ((Label.converged_gen == last) & (last > 0))
-        )
     )
     if qtype is not None:
         stmt = stmt.where(SampleRow.qtype == qtype)
-    with engine.connect() as conn:
-        return {(int(a), b) for a, b in conn.execute(stmt)}
+
+    def sev(depth: float) -> float:
+        return 0.5 + 0.5 * min(max(depth, 0.0), 1.0)
+
+    out = set()
+    with Session(engine) as session:
+        for lab, _, last_gen in session.execute(stmt):
+            h = list(lab.heuristic_losses.values())
+            scale = max((max(h) if h else lab.loss) - lab.full_loss, r.loss_floor)
+            excess = (lab.loss - lab.full_loss) / scale
+            score = 0.0
+            if h and (gap := (lab.loss - min(h)) / scale) > r.max_heuristic_gap:
+                score += 2.5 * sev((gap - r.max_heuristic_gap) / 0.25)
+            if excess > r.max_excess:
+                score += 0.5 * sev((excess - r.max_excess) / 0.5)
+            if excess > r.min_room:
+                if lab.margin / scale < r.min_margin:
+                    score += 0.25 * sev((r.min_margin - lab.margin / scale) / r.min_margin)
+                if lab.agreement is not None and lab.agreement < r.min_agreement:
+                    score += 0.25 * sev((r.min_agreement - lab.agreement) / r.min_agreement)
+                if last_gen and lab.converged_gen == last_gen:
+                    score += 0.125
+            if round(score, 4) >= r.flag_score:
+                out.add((lab.run_id, lab.sample_id))
+    return out
 
 
 def test_overview_shows_the_runs(at_real):
@@ -247,10 +266,11 @@ def test_sample_drill_down_shows_the_search_and_answers(at_real):
     assert sample.question in text and sample.answer in text
     assert len(at.get("image")) == 1  # the overlay
     with at_real["engine"].connect() as conn:
+        latest = conn.execute(  # the page shows the sample's label of its latest run
+            select(Label.id).where(Label.sample_id == sid).order_by(Label.run_id.desc()).limit(1)
+        ).scalar()
         n_elite = conn.execute(
-            select(func.count(Elite.id))
-            .join(Label, Label.id == Elite.label_id)
-            .where(Label.sample_id == sid, Label.run_id == max(at_real["runs"]))
+            select(func.count(Elite.id)).where(Elite.label_id == latest)
         ).scalar()
     elite = table_with(at, "jaccard_to_label")
     assert len(elite) == n_elite > 0

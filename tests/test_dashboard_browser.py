@@ -7,6 +7,9 @@ store (``bench/dashboard_load.py``'s generator), visits every page, asserts that
 exception element is shown and saves a screenshot of each page under
 ``artifacts/screenshots/`` (kept by CI as artifacts). Never downloads a browser: skipped when
 /usr/bin/chromium is absent (``apt-get install chromium``).
+
+With ``EVOCOMP_BROWSER_DEMO=1`` the dashboard reads the repository's own outputs (after
+``make demo``) instead, so the screenshots show the demo run (``docs/screenshots/``).
 """
 
 from __future__ import annotations
@@ -63,26 +66,20 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"streamlit did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory):
-    if not CHROMIUM.is_file():
-        pytest.skip(
-            f"Debian chromium not found at {CHROMIUM}: `apt-get install chromium` "
-            "(browser tests never download a browser)"
-        )
+def _synthetic_outputs(root: Path) -> dict[str, str]:
+    """A small synthetic store and metrics under ``root``; the dashboard's env pointing there."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
         from dashboard_load import make_store
     finally:
         sys.path.remove(str(REPO / "bench"))
-    root = tmp_path_factory.mktemp("dash-browser")
     url = f"sqlite:///{root / 'store.db'}"
     make_store(url, 200, root)
     (root / "metrics").mkdir()
     ratios = {"0.333": {"random": 0.5, "fastv": 0.7, "evocomp": 0.9}}
     (root / "metrics" / "eval.json").write_text(json.dumps({"full": 0.95, "ratios": ratios}))
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    env = os.environ | {
+    return {
         "EVOCOMP_DB_URL": url,
         "EVOCOMP_PARAMS": str(root / "params.yaml"),
         "EVOCOMP_METRICS_DIR": str(root / "metrics"),
@@ -90,6 +87,22 @@ def dashboard(tmp_path_factory):
         "EVOCOMP_COMPRESSOR": str(root / "compressor"),
         "EVOCOMP_FEATURES_DIR": str(root / "features"),
     }
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    if not CHROMIUM.is_file():
+        pytest.skip(
+            f"Debian chromium not found at {CHROMIUM}: `apt-get install chromium` "
+            "(browser tests never download a browser)"
+        )
+    root = tmp_path_factory.mktemp("dash-browser")
+    if os.environ.get("EVOCOMP_BROWSER_DEMO") == "1":
+        if not (REPO / "data" / "evocomp.db").is_file():
+            pytest.skip("EVOCOMP_BROWSER_DEMO=1 needs the demo's outputs: run `make demo`")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EVOCOMP_")}
+    else:
+        env = os.environ | _synthetic_outputs(root)
     port = _free_port()
     log = root / "streamlit.log"
     cmd = [

@@ -7,14 +7,14 @@ import torch
 
 from evocomp.data import shapes
 from evocomp.errors import ModelError
-from evocomp.mllm.hf_llava import HFLlava
+from evocomp.mllm.loader import load_mllm
 from evocomp.mllm.recipe import pixels
 from tests.conftest import make_tiny_llava
 
 
 @pytest.fixture(scope="module")
 def mllm(tiny_llava):
-    return HFLlava(tiny_llava)
+    return load_mllm(tiny_llava)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_attention_scores(mllm, scene):
 
 
 def test_other_geometry(tmp_path, scene):
-    m = HFLlava(make_tiny_llava(tmp_path / "m", image_size=64, patch=16, hidden=32))
+    m = load_mllm(make_tiny_llava(tmp_path / "m", image_size=64, patch=16, hidden=32))
     assert m.n_tokens == 16 and m.grid == (4, 4)
     img, qa = scene
     v = m.visual_tokens([img.resize((64, 64))])[0]
@@ -114,7 +114,7 @@ def test_other_geometry(tmp_path, scene):
         m.subset_loss(m.encode(qa.question, qa.answer), torch.zeros(36, 64), torch.arange(4)[None])
 
 
-def test_not_a_llava_checkpoint(tmp_path):
+def test_unsupported_checkpoints(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(
@@ -126,10 +126,10 @@ def test_not_a_llava_checkpoint(tmp_path):
             num_attention_heads=2,
         )
     ).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ModelError, match="not a LLaVA model"):
-        HFLlava(tmp_path / "llama")
+    with pytest.raises(ModelError, match=r"'llama' is not supported \(supported families: llava, "):
+        load_mllm(tmp_path / "llama")
     with pytest.raises(ModelError, match="no config.json"):
-        HFLlava(tmp_path / "nowhere")
+        load_mllm(tmp_path / "nowhere")
 
 
 def test_model_id_is_content(tiny_llava, tmp_path):

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, insert, inspect, select, text
 
 from evocomp.errors import StoreError
 from evocomp.store import (
@@ -88,6 +88,8 @@ def record(seed: int = 0, n_tokens: int = 16, gens: int = 3, elite: int = 2) -> 
             for g in range(gens)
         ],
         elite=[(kept, 0.5 + seed + r / 10) for r in range(elite)],
+        heuristic_kept={"fastv": [3, 0, 1, 2], "random": [15, 4, 8, 12]},
+        group_words=["sky", "red", "circle", "grass"],
     )
 
 
@@ -144,6 +146,8 @@ def test_round_trip(store_url: str) -> None:
         expected = record(0)
         assert (label.status, label.error, label.kept, label.k) == ("done", None, expected.kept, 4)
         assert label.soft == expected.soft and label.groups == expected.groups
+        assert label.heuristic_kept == {"fastv": [0, 1, 2, 3], "random": [4, 8, 12, 15]}
+        assert label.group_words == expected.group_words
         # NaN is stored as NULL: PostgreSQL's JSON rejects it and SQLite would drop it anyway.
         assert label.heuristic_losses == {"fastv": 1.5, "random": 2.0, "divprune": None}
         gens = s.scalars(select(Generation).where(Generation.label_id == label.id)).all()
@@ -193,6 +197,8 @@ def test_rewriting_a_label_never_duplicates(store_url: str) -> None:
         {"kept": [1, 1], "k": 2},  # duplicate index
         {"kept": [1, 2], "k": 3},  # k disagrees with kept
         {"soft": [0.5] * 3},  # wrong length
+        {"heuristic_kept": {"fastv": [0, 16]}},  # a heuristic's index out of range
+        {"group_words": ["sky"]},  # one word for four groups
     ],
 )
 def test_invalid_record_is_rejected_with_the_sample_id(tmp_path: Path, bad: dict) -> None:
@@ -325,11 +331,52 @@ def test_upgrade_twice_is_a_noop_and_matches_the_models(store_url: str) -> None:
     upgrade(store_url)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
-            "0003"
+            "0004"
         ]
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
         assert conn.execute(select(func.count()).select_from(SampleRow)).scalar() == 2
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_0004_keeps_older_labels_with_null_details(backend, tmp_path, request) -> None:
+    """A store labelled before revision 0004 upgrades with its labels intact (NULL new
+    columns) and downgrades again."""
+    from alembic import command
+    from alembic.config import Config
+
+    from evocomp.store.engine import ALEMBIC_INI, MIGRATIONS_DIR
+
+    url = (
+        f"sqlite:///{tmp_path / 'old.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    upgrade(url, "0003")
+    engine, _ = seeded(url, n=1)
+    run = get_or_create_run(engine, "m", PARAMS, "v1")
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Label.__table__).values(
+                run_id=run, sample_id=sid(0), status="done", n_tokens=16, k=1, kept=[3],
+                heuristic_losses={},
+            )
+        )  # fmt: skip
+    upgrade(url)
+    with session_scope(engine) as s:
+        label = s.scalars(select(Label)).one()
+        assert (label.kept, label.heuristic_kept, label.group_words) == ([3], None, None)
+    config = Config(str(ALEMBIC_INI))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0003")
+    with engine.connect() as conn:
+        columns = {c["name"] for c in inspect(conn).get_columns("labels")}
+        assert "heuristic_kept" not in columns and "group_words" not in columns
+        assert conn.execute(select(Label.__table__.c.kept)).scalars().all() == [[3]]
 
 
 def test_closed_postgres_port_raises_store_error_fast() -> None:

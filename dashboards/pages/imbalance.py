@@ -1,5 +1,6 @@
-"""Class imbalance: keep/drop balance of the labels, the compressor's GHM gradient-norm
-histogram, and a recommended GHM / cosine setting that can be written into params.yaml."""
+"""Class imbalance: what the labels keep (by token class, grid cell and vocabulary word, beside
+each heuristic at the same size), the compressor's GHM gradient-norm histogram, and a
+recommended GHM / cosine setting that can be written into params.yaml."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import plotly.express as px
 import streamlit as st
 
 from dashboards import artifacts, data, ui
-from evocomp.audit import ghm, params_edit, suspects
+from evocomp.audit import ghm, keep, params_edit, suspects
 from evocomp.config import Params, load_params
 from evocomp.errors import ParamsError
 
@@ -46,7 +47,7 @@ if ui.store_ready(s):
         if scope.empty:
             st.info("No done labels here: every label of this run failed.")
 if not scope.empty:
-    stats = suspects.keep_stats(scope)
+    stats = keep.keep_stats(scope)
     c = st.columns(3)
     c[0].metric("Labels", stats["labels"])
     c[1].metric("Keep ratio (kept / all tokens)", f"{stats['keep_ratio']:.3f}")
@@ -56,44 +57,111 @@ if not scope.empty:
         if stats["keep_ratio"]
         else "-",
     )
-    c = st.columns(2)
-    fig = px.bar(
-        stats["by_qtype"],
-        x="qtype",
-        y="keep_ratio",
-        hover_data=["labels", "kept", "tokens"],
-        title="Keep ratio per question type",
-    )
-    c[0].plotly_chart(fig, key="imb-qtype")
-    fig = px.bar(
-        stats["by_groups"],
-        x="n_groups",
-        y="keep_ratio",
-        hover_data=["labels"],
-        title="Keep ratio per number of vocabulary groups in the image",
-    )
-    c[1].plotly_chart(fig, key="imb-groups")
-    c = st.columns(2)
-    fig = px.histogram(
-        stats["kept_fraction"],
-        x="kept_fraction",
-        nbins=30,
-        title="Distribution of the labels' kept fraction",
-    )
-    c[0].plotly_chart(fig, key="imb-kept-fraction")
+    fixed = keep.fixed_keep_fraction(scope)
+    if fixed is not None:
+        st.caption(
+            f"Every label keeps the same fraction of its tokens ({fixed:.3f}): the search "
+            "setting fixes it (budget mode: `label.keep_ratio`), so its breakdown by question "
+            "type or image would be one flat bar."
+        )
+    else:
+        c = st.columns(2)
+        fig = px.bar(
+            stats["by_qtype"],
+            x="qtype",
+            y="keep_ratio",
+            hover_data=["labels", "kept", "tokens"],
+            title="Keep ratio per question type",
+        )
+        c[0].plotly_chart(fig, key="imb-qtype")
+        fig = px.histogram(
+            stats["kept_fraction"],
+            x="kept_fraction",
+            nbins=30,
+            title="Distribution of the labels' kept fraction",
+        )
+        c[1].plotly_chart(fig, key="imb-kept-fraction")
+
+    # ---- what the labels keep, beside the heuristics ------------------------------------------
+    st.header("What the labels keep")
     ids = tuple(sorted(int(i) for i in scope["label_id"])[: data.MAX_GROUP_LABELS])
-    by_size = suspects.keep_by_group_size(data.kept_and_groups(s.db_url, ids))
-    if by_size.empty:
-        c[1].info("The labels store no vocabulary groups.")
+    rows = data.keep_details(s.db_url, ids)
+    if len(ids) < len(scope):
+        st.caption(f"From the first {len(ids)} of these {len(scope)} labels (by label id).")
+    old = int(rows["heuristic_kept"].isna().sum())
+    if old:
+        st.info(
+            f"{old} of {len(rows)} labels were made before this version of evocomp: they record "
+            "neither the heuristics' kept tokens nor their groups' vocabulary words, so the "
+            "heuristics' bars and maps and the word table leave them out. Labels made from now "
+            "on record them (`evocomp label` does not redo samples its run has labelled).",
+            icon=":material/history:",
+        )
+
+    st.subheader("Keep rate by token class")
+    by_class = keep.keep_by_class(rows)
+    if by_class.empty:
+        st.info(
+            "The classes are not recorded for this dataset: its samples do not say which "
+            "patches hold objects and which the answer needs (sample meta `objects` and "
+            "`relevant`, as the built-in shapes-vqa benchmark records)."
+        )
     else:
         fig = px.bar(
-            by_size,
-            x="group_size",
+            by_class,
+            x="class",
             y="keep_rate",
-            hover_data=["tokens", "kept"],
-            title=f"Keep rate per token's group size ({len(ids)} labels)",
+            color="selection",
+            barmode="group",
+            hover_data=["labels", "tokens", "kept"],
+            title="Kept tokens of a class / tokens of that class",
         )
-        c[1].plotly_chart(fig, key="imb-group-size")
+        st.plotly_chart(fig, key="imb-class")
+        table = by_class.pivot(index="selection", columns="class", values="keep_rate")
+        table = table.rename_axis(columns=None)
+        st.dataframe(
+            table.loc[by_class["selection"].unique(), list(keep.CLASSES)].reset_index(),
+            hide_index=True,
+            key="imb-class-table",
+        )
+
+    st.subheader("Keep rate per grid cell")
+    heat = keep.keep_heatmaps(rows)
+    names = list(heat.rates)
+    fig = px.imshow(
+        np.stack([heat.rates[n] for n in names]),
+        facet_col=0,
+        facet_col_wrap=4,
+        zmin=0.0,
+        color_continuous_scale="Viridis",
+        labels={"color": "keep rate"},
+        title=f"How often each cell of the {heat.grid[0]} x {heat.grid[1]} grid is kept",
+        height=100 + 250 * -(-len(names) // 4),  # 250 px per row of 4 maps
+    )
+    titles = [f"{n} ({heat.labels[n]} labels)" for n in names]
+    fig.for_each_annotation(lambda a: a.update(text=titles[int(a.text.split("=")[-1])]))
+    st.plotly_chart(fig, key="imb-heatmap")
+    if heat.skipped:
+        st.caption(f"{heat.skipped} labels of another token grid are left out.")
+
+    st.subheader("Keep rate per vocabulary word")
+    words = keep.keep_by_word(rows)
+    if words.empty:
+        st.info(
+            "No label here records its groups' vocabulary words: all were made before this "
+            "version of evocomp."
+        )
+    else:
+        c = st.columns(2)
+        fig = px.bar(
+            words,
+            x="word",
+            y="keep_rate",
+            hover_data=["labels", "tokens", "kept"],
+            title=f"The labels' keep rate, {len(words)} most frequent words",
+        )
+        c[0].plotly_chart(fig, key="imb-words")
+        c[1].dataframe(words, hide_index=True, key="imb-words-table")
 
 # ---- GHM: the compressor's gradient norms ---------------------------------------------------
 st.header("Difficulty imbalance: GHM gradient norms")

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import streamlit as st
 
-from dashboards import data, ui
-from evocomp.audit.suspects import REASONS, SuspectRules, before_after, score_suspects
+from dashboards import artifacts, data, ui
+from evocomp.audit.suspects import EXPLAIN, REASONS, WEIGHTS, before_after, score_suspects
 
 PREVIEW = 100  # ids shown in the export preview
 
@@ -17,26 +17,55 @@ st.title("Label quality")
 facts = ui.labels_or_stop(s)
 
 with st.expander("Suspect rules", icon=":material/tune:"):
-    d = SuspectRules()
-    c = st.columns(3)
-    rules = SuspectRules(
-        min_margin=c[0].number_input(
-            "Margin below (nats)", 0.0, None, d.min_margin, 0.005, format="%.3f", key="min_margin"
-        ),
-        min_agreement=c[1].number_input(
-            "Seed agreement below (Jaccard)", 0.0, 1.0, d.min_agreement, 0.05, key="min_agreement"
-        ),
-        max_excess=c[2].number_input(
-            "Loss above full-token loss by (nats)", 0.0, None, d.max_excess, 0.1, key="max_excess"
-        ),
+    d = artifacts.audit_rules(s)
+    c = st.columns(4)
+    rules = d.model_copy(
+        update={
+            "max_heuristic_gap": c[0].number_input(
+                "Above the best heuristic by (scales)",
+                0.0,
+                None,
+                d.max_heuristic_gap,
+                0.01,
+                key="max_heuristic_gap",
+            ),
+            "max_excess": c[1].number_input(
+                "Above the full-token loss by (scales)",
+                0.0,
+                None,
+                d.max_excess,
+                0.1,
+                key="max_excess",
+            ),
+            "min_margin": c[2].number_input(
+                "Runner-up within (scales)",
+                0.0,
+                None,
+                d.min_margin,
+                0.005,
+                format="%.3f",
+                key="min_margin",
+            ),
+            "min_agreement": c[3].number_input(
+                "Seed agreement below (Jaccard)",
+                0.0,
+                1.0,
+                d.min_agreement,
+                0.05,
+                key="min_agreement",
+            ),
+        }
     )
     st.markdown(
-        "- **margin**: the final elite's runner-up is within this loss of the label;\n"
-        "- **agreement**: independent seeds (`label.seeds > 1`) found different masks;\n"
-        "- **excess**: the label's answer loss exceeds the full-token loss by more than this;\n"
-        "- **not_converged**: the best mask still improved in the last generation.\n\n"
-        "Score = sum of the fired reasons' severities (0.5 at the threshold, 1 at twice as far; "
-        "not_converged weighs 0.5)."
+        "Losses are in units of the sample's **loss scale**: the worst heuristic's answer loss "
+        f"minus the full-token loss (at least {rules.loss_floor:g} nats), i.e. how much the "
+        "choice of tokens matters for this question. The reasons, weighted in the score:\n"
+        + "\n".join(f"- **{r}** ({WEIGHTS[r]:g}): {EXPLAIN[r]};" for r in REASONS)
+        + f"\n\nmargin, agreement and not_converged count only where the label's loss is more "
+        f"than {rules.min_room:g} scales above the full-token loss (room to improve). Each fired "
+        "reason's severity is 0.5 at its threshold and grows to 1; the score is the weighted sum, "
+        f"and a label scoring {rules.flag_score:g} or more is a suspect. Defaults: `audit:` in "
+        "params.yaml."
     )
 
 scored = score_suspects(facts, rules)
@@ -80,8 +109,10 @@ cols = [
     "agreement",
     "loss",
     "full_loss",
-    "excess",
     "best_heuristic_loss",
+    "scale",
+    "gap",
+    "excess",
     "converged_gen",
     "last_gen",
 ]

@@ -15,9 +15,11 @@ s = data.settings()
 st.title("Overview")
 
 HEALTH_HELP = (
-    "Health of a run = 1 - (sum over its done labels of min(suspect score, 1) + failed labels) "
-    "/ (done + failed). 1.0: no suspect and no failure; a label with one mild reason costs 0.5, "
-    "a failure costs 1. Suspect reasons are explained on the Label quality page."
+    "Bad share of a run = (sum over its done labels of min(suspect score, 1) + failed labels) / "
+    "(done + failed); health = max(0, 1 - bad share / audit.health_tolerance). 1.0: no suspect "
+    "and no failure; 0: the evidence adds up to health_tolerance (params.yaml, default 0.25) of "
+    "the labels being bad. A label worse than a heuristic costs 0.5-1, a failure 1. The suspect "
+    "score is explained on the Label quality page."
 )
 
 # ---- label runs -----------------------------------------------------------------------------
@@ -29,8 +31,11 @@ if ui.store_ready(s):
         ui.no_labels()
     else:
         facts = data.label_facts(s.db_url)
-        health = suspects.run_health(suspects.score_suspects(facts))
-        table = runs.merge(health[["run_id", "suspects", "health"]], on="run_id", how="left")
+        rules = artifacts.audit_rules(s)
+        health = suspects.run_health(suspects.score_suspects(facts, rules), rules)
+        table = runs.merge(
+            health[["run_id", "suspects", "bad_share", "health"]], on="run_id", how="left"
+        )
         latest = table.iloc[-1]
         c = st.columns(5)
         c[0].metric("Runs", len(table))
@@ -56,6 +61,7 @@ if ui.store_ready(s):
                     "failed",
                     "pending",
                     "suspects",
+                    "bad_share",
                     "health",
                     "created_at",
                     "finished_at",

@@ -14,13 +14,14 @@ from dashboards import artifacts, data, ui
 from evocomp.audit import suspects
 from evocomp.config import Params, load_params
 from evocomp.errors import ParamsError
+from evocomp.tokens import grid_shape
 
 s = data.settings()
 st.title("Sample drill-down")
 facts = ui.labels_or_stop(s)
 
 # ---- which sample ---------------------------------------------------------------------------
-ranked = suspects.score_suspects(facts)
+ranked = suspects.score_suspects(facts, artifacts.audit_rules(s))
 ranked = ranked[ranked["status"] == "done"]
 top = list(dict.fromkeys(ranked["sample_id"]))[:100]
 wanted = st.session_state.pop("drill_sample", None) or st.query_params.get("sample")
@@ -91,7 +92,7 @@ with left:
     if img is None:
         st.caption(f"Image not found ({sample['image']}): the grid is drawn on a blank canvas.")
     if lab["soft"] is not None:
-        rows, cols = ui.grid_shape(int(lab["n_tokens"]))
+        rows, cols = grid_shape(int(lab["n_tokens"]))
         soft = [list(lab["soft"])[r * cols : (r + 1) * cols] for r in range(rows)]
         fig = px.imshow(
             soft,
@@ -188,7 +189,9 @@ if st.button("Compute answers (all tokens / label / each heuristic)", key="drill
     try:
         device = os.environ.get("EVOCOMP_DEVICE") or params.runtime.device
         stamp = data.mtime(ckpt / "config.json")
-        mllm = artifacts.load_mllm(str(ckpt), device, params.runtime.dtype, stamp)
+        mllm = artifacts.load_mllm(
+            str(ckpt), device, params.runtime.dtype, stamp, params.mllm.prompt_template
+        )
         st.session_state[key] = answers(mllm, sample, lab, img, s.features, params)
     except (ValueError, RuntimeError, OSError, KeyError) as err:
         st.session_state[key] = {"error": f"{type(err).__name__}: {err}"}

@@ -1,92 +1,118 @@
-"""Label audit: suspect labels, run health, keep/drop imbalance.
+"""Label audit: a suspect score per label, run health, before/after.
 
-Pure functions over a table of per-label *facts* (one row per stored label, numeric columns
-only: ``run_id, sample_id, status, k, n_tokens, n_groups, loss, full_loss, margin, agreement,
-converged_gen, last_gen, qtype, model_id, run_created``); the dashboard (``dashboards/``)
-queries the store and presents what these return.
+Pure functions over a table of per-label *facts* (``evocomp.audit.facts.label_facts``: one
+row per stored label, numeric columns only: ``status, loss, full_loss, margin, agreement,
+converged_gen, last_gen``, the heuristics' losses ``best_heuristic_loss`` /
+``worst_heuristic_loss`` at the label's size, ...); the dashboard (``dashboards/``) and
+``bench/audit.py`` present what these return. Thresholds: :class:`evocomp.config.AuditParams`
+(``audit:`` in params.yaml).
 
-A label is *suspect* when the search gives little reason to trust it (EvoComp paper, Sec. 3:
-the label is the best mask a finite GA found):
+A label is the best mask a finite search found (EvoComp paper, Sec. 3). Every loss below is
+measured in the sample's *loss scale* ``s = max(worst heuristic loss - full-token loss,
+loss_floor)``: how much the choice of tokens matters for this sample (0.004 nats on an easy
+yes/no question, 8 nats on a colour question). The evidence against a label:
 
-* small margin: the runner-up of the final elite is almost as good (``margin < min_margin``);
-* low agreement: independent seeds found different masks (mean Jaccard ``< min_agreement``);
-* large excess: the label's answer loss exceeds the full-token loss by more than ``max_excess``;
-* not converged: the best mask was still improving in the last generation.
+* ``heuristic``: the label's loss exceeds the best heuristic's at the same size by more than
+  ``max_heuristic_gap`` scales. A free heuristic did better; the search starts from the
+  heuristics' sets, so a clean label never does this: the strongest evidence (weight 2.5,
+  more than all the others together).
+* ``excess``: the label's loss exceeds the full-token loss by more than ``max_excess`` scales:
+  the label loses the answer (weight 0.5).
+* ``margin``: the final elite's runner-up is within ``min_margin`` scales (weight 0.25),
+* ``agreement``: independent seeds found different masks, mean Jaccard ``< min_agreement``
+  (``label.seeds > 1``; weight 0.25),
+* ``not_converged``: the best mask still improved in the last generation (weight 0.125) —
+  these three only where the label has room to improve (excess above ``min_room`` scales):
+  on the many samples where any mask keeps the answer, ties and late improvements are noise.
 
-Each fired reason has a severity in [0.5, 1] (how far past its threshold); the suspect score is
-their weighted sum. A run's *health* is ``1 - (sum over done labels of min(score, 1) + failed)
-/ (done + failed)``: 1 when no label is suspect and none failed, 0 when every label is a strong
-suspect or failed.
+Each fired reason has a severity in [0.5, 1] (0.5 at its threshold, 1 from ``SPAN`` past it);
+the score is their weighted sum and a label is *flagged* when its score reaches
+``flag_score``. A run's *bad share* is ``(sum over done labels of min(score, 1) + failed) /
+(done + failed)`` and its *health* is ``max(0, 1 - bad share / health_tolerance)``: 1 when no
+label is suspect and none failed, 0 when the evidence adds up to ``health_tolerance`` (a
+quarter by default) of the labels being bad.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
+from evocomp.config import AuditParams
 
-@dataclass(frozen=True)
-class SuspectRules:
-    """Thresholds of the four suspect reasons and their weights in the score."""
+REASONS = ("heuristic", "excess", "margin", "agreement", "not_converged")
+# A label a free heuristic beats is certainly improvable (re-searching from the heuristics'
+# sets improves it): its weight exceeds all the others together (1.125), so it ranks above
+# every label that is only doubtful.
+WEIGHTS = {
+    "heuristic": 2.5,
+    "excess": 0.5,
+    "margin": 0.25,
+    "agreement": 0.25,
+    "not_converged": 0.125,
+}
+SPAN = {"heuristic": 0.25, "excess": 0.5}  # scales past the threshold to full severity
+EXPLAIN = {
+    "heuristic": "the label's answer loss is above the best heuristic's at the same size",
+    "excess": "the label's answer loss is far above the full-token loss: it loses the answer",
+    "margin": "the search's runner-up is almost as good: the choice between them is arbitrary",
+    "agreement": "independent seeds (label.seeds > 1) found different masks",
+    "not_converged": "the best mask still improved in the last generation",
+}
 
-    min_margin: float = 0.01  # nats: a runner-up this close makes the choice arbitrary
-    min_agreement: float = 0.5  # Jaccard across seeds (only when label.seeds > 1)
-    max_excess: float = 0.5  # nats above the full-token loss: the label loses the answer
-    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.5)  # margin, agr, excess, conv
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name].astype(float) if name in df else pd.Series(np.nan, index=df.index)
 
 
-REASONS = ("margin", "agreement", "excess", "not_converged")
-
-
-def _severity(depth: pd.Series) -> pd.Series:
-    """0.5 just past a threshold, 1.0 at twice as far or more."""
-    return 0.5 + 0.5 * depth.clip(0.0, 1.0)
-
-
-def score_suspects(facts: pd.DataFrame, rules: SuspectRules = SuspectRules()) -> pd.DataFrame:
-    """``facts`` with ``excess, score, reasons, suspect`` (and one column per reason) added.
-
-    Failed labels are never suspects (they are failures). Rows are ranked by score, highest
-    first; ties keep the input order.
-    """
+def score_suspects(facts: pd.DataFrame, rules: AuditParams = AuditParams()) -> pd.DataFrame:
+    """``facts`` with ``scale, gap, excess, score, reasons, suspect`` and one ``r_<reason>``
+    severity column per reason added, ranked by score, then by excess (highest first; full
+    ties keep the input order). Failed labels are never suspects (they are failures)."""
     df = facts.copy()
     done = df["status"] == "done"
-    df["excess"] = df["loss"] - df["full_loss"]
-    margin = df["margin"].astype(float)
-    agreement = df["agreement"].astype(float)
-    fired = {
-        "margin": done & (margin < rules.min_margin),
-        "agreement": done & (agreement < rules.min_agreement),
-        "excess": done & (df["excess"] > rules.max_excess),
-        "not_converged": done
-        & (df["last_gen"].fillna(0) > 0)
-        & (df["converged_gen"] == df["last_gen"]),
-    }
+    loss, full = _col(df, "loss"), _col(df, "full_loss")
+    worst = _col(df, "worst_heuristic_loss")
+    scale = (worst - full).where(worst.notna(), loss - full).clip(lower=rules.loss_floor)
+    df["scale"] = scale.fillna(rules.loss_floor)
+    df["gap"] = (loss - _col(df, "best_heuristic_loss")) / df["scale"]
+    df["excess"] = (loss - full) / df["scale"]
+    margin = _col(df, "margin") / df["scale"]
+    room = done & (df["excess"] > rules.min_room)
     depth = {
+        "heuristic": (df["gap"] - rules.max_heuristic_gap) / SPAN["heuristic"],
+        "excess": (df["excess"] - rules.max_excess) / SPAN["excess"],
         "margin": (rules.min_margin - margin) / max(rules.min_margin, 1e-12),
-        "agreement": (rules.min_agreement - agreement) / max(rules.min_agreement, 1e-12),
-        "excess": (df["excess"] - rules.max_excess) / max(rules.max_excess, 1e-12),
+        "agreement": (rules.min_agreement - _col(df, "agreement"))
+        / max(rules.min_agreement, 1e-12),
         "not_converged": pd.Series(1.0, index=df.index),
     }
+    fired = {
+        "heuristic": done & (df["gap"] > rules.max_heuristic_gap),
+        "excess": done & (df["excess"] > rules.max_excess),
+        "margin": room & (margin < rules.min_margin),
+        "agreement": room & (_col(df, "agreement") < rules.min_agreement),
+        "not_converged": room
+        & (df["last_gen"].fillna(0) > 0)
+        & (df["converged_gen"] == df["last_gen"]).fillna(False),
+    }
     score = pd.Series(0.0, index=df.index)
-    for name, weight in zip(REASONS, rules.weights, strict=True):
-        sev = _severity(depth[name].fillna(0.0)).where(fired[name], 0.0)
+    for name in REASONS:
+        sev = (0.5 + 0.5 * depth[name].fillna(0.0).clip(0.0, 1.0)).where(fired[name], 0.0)
         df[f"r_{name}"] = sev
-        score += weight * sev
+        score += WEIGHTS[name] * sev
     df["score"] = score.round(4)
-    df["suspect"] = pd.concat(fired, axis=1).any(axis=1)
+    df["suspect"] = done & (df["score"] >= rules.flag_score)
     df["reasons"] = [", ".join(n for n in REASONS if fired[n].iloc[i]) for i in range(len(df))]
-    return df.sort_values("score", ascending=False, kind="stable")
+    return df.sort_values(["score", "excess"], ascending=False, kind="stable")
 
 
-def run_health(scored: pd.DataFrame) -> pd.DataFrame:
-    """Per run: done, failed, suspects and health (see the module docstring), oldest run first."""
+def run_health(scored: pd.DataFrame, rules: AuditParams = AuditParams()) -> pd.DataFrame:
+    """Per run: done, failed, suspects, bad share and health (see the module docstring),
+    oldest run first."""
+    cols = ["run_id", "done", "failed", "suspects", "bad_share", "health"]
     if scored.empty:
-        return pd.DataFrame(columns=["run_id", "done", "failed", "suspects", "health"])
+        return pd.DataFrame(columns=cols)
     df = scored.assign(
         is_done=scored["status"] == "done",
         is_failed=scored["status"] == "failed",
@@ -102,8 +128,9 @@ def run_health(scored: pd.DataFrame) -> pd.DataFrame:
         }
     )
     total = (out["done"] + out["failed"]).clip(lower=1)
-    out["health"] = (1.0 - (out["penalty"] + out["failed"]) / total).round(4)
-    return out.drop(columns="penalty").reset_index()
+    out["bad_share"] = ((out["penalty"] + out["failed"]) / total).round(4)
+    out["health"] = (1.0 - out["bad_share"] / rules.health_tolerance).clip(lower=0.0).round(4)
+    return out.drop(columns="penalty").reset_index()[cols]
 
 
 def latest_per_sample(facts: pd.DataFrame) -> pd.DataFrame:
@@ -131,48 +158,3 @@ def before_after(facts: pd.DataFrame) -> pd.DataFrame:
     )
     out["delta"] = out["loss_after"] - out["loss_before"]
     return out.reset_index()
-
-
-def keep_stats(labels: pd.DataFrame) -> dict[str, Any]:
-    """Keep/drop balance of done labels: overall, per question type and per number of groups."""
-    done = labels[labels["status"] == "done"]
-    kept, tokens = float(done["k"].sum()), float(done["n_tokens"].sum())
-
-    def by(col: str) -> pd.DataFrame:
-        g = done.assign(**{col: done[col].fillna("?") if col == "qtype" else done[col]})
-        g = g.groupby(col, sort=True).agg(
-            labels=("k", "size"), kept=("k", "sum"), tokens=("n_tokens", "sum")
-        )
-        g["keep_ratio"] = g["kept"] / g["tokens"].clip(lower=1)
-        return g.reset_index()
-
-    return {
-        "labels": len(done),
-        "keep_ratio": kept / tokens if tokens else None,
-        "by_qtype": by("qtype"),
-        "by_groups": by("n_groups"),
-        "kept_fraction": (done["k"] / done["n_tokens"].clip(lower=1)).rename("kept_fraction"),
-    }
-
-
-def keep_by_group_size(rows: Iterable[tuple[list[int], list[int]]]) -> pd.DataFrame:
-    """Keep rate of tokens by the size of their vocabulary group, from (kept, groups) pairs."""
-    tokens: dict[int, int] = {}
-    kept_n: dict[int, int] = {}
-    for kept, groups in rows:
-        sizes = np.bincount(np.asarray(groups, dtype=np.int64)) if len(groups) else np.zeros(0)
-        size_of = sizes[np.asarray(groups, dtype=np.int64)] if len(groups) else sizes
-        for s, n in zip(*np.unique(size_of, return_counts=True), strict=True):
-            tokens[int(s)] = tokens.get(int(s), 0) + int(n)
-        for t in kept:
-            s = int(size_of[t])
-            kept_n[s] = kept_n.get(s, 0) + 1
-    df = pd.DataFrame(
-        {
-            "group_size": sorted(tokens),
-            "tokens": [tokens[s] for s in sorted(tokens)],
-            "kept": [kept_n.get(s, 0) for s in sorted(tokens)],
-        }
-    )
-    df["keep_rate"] = df["kept"] / df["tokens"].clip(lower=1)
-    return df

@@ -8,6 +8,7 @@
     evocomp db upgrade | labels export      (evocomp/cli/store.py)
     evocomp train                           (evocomp/cli/train.py)
     evocomp evaluate                        (evocomp/cli/evaluate.py)
+    evocomp generate                        (evocomp/cli/generate.py)
     evocomp dashboard                       (evocomp/cli/dashboard.py)
     evocomp serve                           (evocomp/cli/serve.py)
 
@@ -22,7 +23,18 @@ import sys
 
 import typer
 
-from evocomp.cli import dashboard, data, evaluate, features, label, mllm, serve, store, train
+from evocomp.cli import (
+    dashboard,
+    data,
+    evaluate,
+    features,
+    generate,
+    label,
+    mllm,
+    serve,
+    store,
+    train,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -38,6 +50,7 @@ app.add_typer(store.db_app, name="db")
 app.add_typer(store.labels_app, name="labels")
 app.command()(train.train)
 app.command()(evaluate.evaluate)
+app.command()(generate.generate)
 app.command()(dashboard.dashboard)
 app.command()(serve.serve)
 

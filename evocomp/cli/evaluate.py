@@ -55,7 +55,10 @@ def evaluate(
         fail(f"--speed {speed}: file not found (run bench/speedup.py, or leave --speed out)")
     speed = speed or Path("metrics/bench_speedup.json")
     try:
-        mllm = load_mllm(*model_options(params, model, device, dtype))
+        mllm = load_mllm(
+            *model_options(params, model, device, dtype),
+            prompt_template=params.mllm.prompt_template,
+        )
         with progress_bars() as bar:
             result = run_evaluation(
                 params, data, features_dir, labels, compressor, mllm, speed, bar

@@ -43,7 +43,10 @@ def features(
             for split in ("train", "val", "test")
             for s in load_prepared(data, split, params.label.max_samples)
         ]
-        mllm = load_mllm(*model_options(params, model, device, dtype))
+        mllm = load_mllm(
+            *model_options(params, model, device, dtype),
+            prompt_template=params.mllm.prompt_template,
+        )
         with progress_bars() as bar:
             ensure_features(
                 mllm,

@@ -163,6 +163,7 @@ def label(
             device=device,
             dtype=dtype,
             batch_size=batch_size,
+            prompt_template=params.mllm.prompt_template,
         )
         # Fail on user errors in a second, before any Prefect server starts.
         found = job.samples()

@@ -79,7 +79,10 @@ def evaluate(
             else:
                 samples = load_prepared(data, split, limit)
                 where = f"the {split} split of {data}"
-            mllm = load_mllm(*model_options(params, model, device, dtype))
+            mllm = load_mllm(
+                *model_options(params, model, device, dtype),
+                prompt_template=params.mllm.prompt_template,
+            )
             metrics = evaluate_reference(mllm, samples)
     except USER_ERRORS as err:
         fail(str(err))

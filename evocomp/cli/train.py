@@ -49,12 +49,12 @@ def train(
 
     from evocomp.compress.training import train_compressor
     from evocomp.files import write_json_atomic, write_text_atomic
-    from evocomp.mllm.hf_llava import checkpoint_info
+    from evocomp.mllm.checkpoint import checkpoint_info
 
     params = params_or_exit(params_path)
     writable_or_exit(out, curve, metrics)
     try:
-        info = checkpoint_info(model or params.mllm.checkpoint)
+        info = checkpoint_info(model or params.mllm.checkpoint, params.mllm.prompt_template)
         history, summary = train_compressor(
             labels,
             features_dir,

@@ -20,7 +20,7 @@ from evocomp.data.prepared import load_prepared
 from evocomp.evaluation.harness import Selector, evaluate_methods, summarise
 from evocomp.features.compute import ensure_features
 from evocomp.labelset import load_label_set
-from evocomp.mllm.hf_llava import checkpoint_info
+from evocomp.mllm.checkpoint import checkpoint_info
 from evocomp.tokens import keep_count, ratio_key
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -73,7 +73,7 @@ def run_evaluation(
     is called as test samples finish.
     """
     p = params.evaluate
-    info = checkpoint_info(mllm.path)
+    info = checkpoint_info(mllm.path, mllm.prompt_override)
     samples = load_prepared(data, "test", p.max_samples)
     if not samples:
         raise ValueError(f"{data}: the test split is empty")

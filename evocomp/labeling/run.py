@@ -63,6 +63,7 @@ class LabelJob:
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int | None = None  # samples per label batch (None: plan_batches decides)
+    prompt_template: str | None = None  # mllm.prompt_template (None: the checkpoint's own)
 
     def samples(self) -> list[Sample]:
         p = self.params
@@ -73,7 +74,7 @@ class LabelJob:
 
 def pending(job: LabelJob) -> list[Sample]:
     """The job's samples its run has not labelled yet (read-only, no model loaded)."""
-    ref = model_ref(job.model, job.device, job.dtype)
+    ref = model_ref(job.model, job.device, job.dtype, job.prompt_template)
     db_url = job.db_url or db.default_db_url()
     db.upgrade(db_url)
     p_hash = db.params_hash(run_spec(job.params.search()))
@@ -130,7 +131,7 @@ def label(job: LabelJob, steps: Steps, log, on_open: Callable[[int], None] | Non
     db_url = job.db_url or db.default_db_url()
     features_dir = str(Path(job.features_dir).resolve())
     samples = job.samples()
-    ref, search = model_ref(job.model, job.device, job.dtype), params.search()
+    ref, search = model_ref(job.model, job.device, job.dtype, job.prompt_template), params.search()
     run_id, done = steps.call(
         open_run, db_url, str(job.data), Batch(samples), ref.model_id, search, code_version()
     )

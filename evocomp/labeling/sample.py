@@ -31,6 +31,8 @@ class Labelled:
     full_loss: float
     groups: list[int]
     seconds: float
+    heuristic_kept: dict[str, list[int]]  # each heuristic's set, the one its loss was taken on
+    group_words: list[str]  # the vocabulary word of each group
 
 
 def label_sample(
@@ -65,7 +67,15 @@ def label_sample(
     full = loss_on_grid(fitness(torch.arange(space.n_tokens)[None])[0])  # as the search's
     if not math.isfinite(full) or not math.isfinite(result.loss):
         raise ValueError(f"sample {sample.id}: non-finite loss (full {full}, label {result.loss})")
-    return Labelled(result, full, list(space.group_of), time.perf_counter() - t0)
+    words = mllm.tokenizer.convert_ids_to_tokens([int(feats.nearest[m[0]]) for m in space.members])
+    return Labelled(
+        result,
+        full,
+        groups=list(space.group_of),
+        seconds=time.perf_counter() - t0,
+        heuristic_kept={m: sorted(idx.tolist()) for m, idx in hsets.items()},
+        group_words=list(words),
+    )
 
 
 def to_record(lab: Labelled) -> LabelRecord:
@@ -87,6 +97,8 @@ def to_record(lab: Labelled) -> LabelRecord:
         seconds=lab.seconds,
         logbook=list(r.logbook),
         elite=list(r.elite),
+        heuristic_kept=lab.heuristic_kept,
+        group_words=lab.group_words,
     )
 
 

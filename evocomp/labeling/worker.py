@@ -21,41 +21,49 @@ from pathlib import Path
 
 from evocomp.errors import ModelError
 from evocomp.features.cache import Features, FeatureStore
-from evocomp.mllm.hf_llava import DTYPES, HFLlava, check_checkpoint, checkpoint_id
+from evocomp.mllm.base import MLLM
+from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
+from evocomp.mllm.loader import load_mllm
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What a worker needs to load the model: where it lives and its content id."""
+    """What a worker needs to load the model: where it lives, its prompt, its content id."""
 
     path: str
     device: str
     dtype: str
     model_id: str
+    prompt_template: str | None = None  # mllm.prompt_template (None: the checkpoint's own)
 
 
-def model_ref(path: str | Path, device: str = "cpu", dtype: str = "float32") -> ModelRef:
+def model_ref(
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    prompt_template: str | None = None,
+) -> ModelRef:
     """Check a checkpoint folder and compute its content id, without loading the model."""
     p = Path(path).resolve()
     check_checkpoint(p)  # the family and the weights, before any worker loads it
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    return ModelRef(str(p), device, dtype, checkpoint_id(p))
+    return ModelRef(str(p), device, dtype, checkpoint_id(p, prompt_template), prompt_template)
 
 
-_models: dict[tuple[str, str, str], HFLlava] = {}
+_models: dict[tuple[str, str, str, str | None], MLLM] = {}
 _features: dict[tuple[str, str], FeatureStore] = {}
 _lock = threading.Lock()
 model_loads = 0  # models this process loaded: a fully labelled selection loads none
 
 
-def worker_mllm(ref: ModelRef) -> HFLlava:
+def worker_mllm(ref: ModelRef) -> MLLM:
     """This process's copy of the model, loaded on first use (other threads wait for it)."""
     global model_loads
     with _lock:
-        key = (ref.path, ref.device, ref.dtype)
+        key = (ref.path, ref.device, ref.dtype, ref.prompt_template)
         if key not in _models:
-            mllm = HFLlava(ref.path, device=ref.device, dtype=ref.dtype)
+            mllm = load_mllm(ref.path, ref.device, ref.dtype, ref.prompt_template)
             if mllm.model_id != ref.model_id:
                 raise ModelError(f"{ref.path} changed while labelling: now {mllm.model_id}")
             _models[key], model_loads = mllm, model_loads + 1

@@ -15,8 +15,10 @@ class MLLM(Protocol):
     """What the pipeline asks of a model; :func:`evocomp.mllm.loader.load_mllm` returns one."""
 
     path: Path  # the checkpoint directory
-    model_id: str  # content-derived: same checkpoint -> same id (store and cache keys use it)
-    n_tokens: int  # visual tokens per image
+    model_id: str  # content-derived: same checkpoint and prompt -> same id (store, cache keys)
+    template: str  # the prompt around "<image>" and "{question}" (evocomp.mllm.prompts)
+    prompt_override: str | None  # mllm.prompt_template when given (part of model_id)
+    n_tokens: int  # visual tokens per image (one N per model for now)
     grid: tuple[int, int]  # patch grid (rows, cols), rows * cols == n_tokens
     hidden_size: int  # LLM embedding width D
     n_layers: int  # LLM decoder layers (a prune layer l lies in 1..n_layers - 1)
@@ -58,4 +60,5 @@ class MLLM(Protocol):
         """FastV score ``(N,)``: attention of the last prompt token to each visual token at ``layer``."""
 
     def cls_attention(self, images: list[Image.Image]) -> torch.Tensor:
-        """VisionZip score ``(B, N)``: the vision tower's CLS attention summed over heads."""
+        """VisionZip score ``(B, N)``: the vision tower's CLS attention summed over heads
+        (a tower without CLS: the attention each token receives, mean over queries)."""

@@ -124,6 +124,9 @@ class Label(Base):
     converged_gen: Mapped[int | None] = mapped_column(Integer)
     n_forwards: Mapped[int | None] = mapped_column(Integer)
     seconds: Mapped[float | None] = mapped_column(Float)
+    # NULL on labels written before migration 0004
+    heuristic_kept: Mapped[dict[str, list[int]] | None] = mapped_column(JSONType)  # method -> kept
+    group_words: Mapped[list[str] | None] = mapped_column(JSONType)  # (n_groups,) word per group
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), nullable=False

@@ -158,19 +158,38 @@ def labelled_sample_ids(
         return set(session.scalars(stmt))
 
 
+def _indices(seq: Iterable[int], n: int, what: str) -> list[int]:
+    """Sorted distinct token indices in [0, n); a ValueError naming ``what`` otherwise."""
+    out = sorted(int(i) for i in seq)
+    if len(set(out)) != len(out) or (out and not 0 <= out[0] <= out[-1] < n):
+        raise ValueError(f"{what} must be distinct indices in [0, {n}), got {out}")
+    return out
+
+
 def _label_values(sample_id: str, record: LabelRecord) -> dict[str, Any]:
     """Validated, JSON-safe column values of a done label."""
-    kept = sorted(int(i) for i in record.kept)
     n = int(record.n_tokens)
     where = f"label of sample {sample_id}"
-    if len(set(kept)) != len(kept) or (kept and not 0 <= kept[0] <= kept[-1] < n):
-        raise ValueError(f"{where}: kept must be distinct indices in [0, {n}), got {kept}")
+    kept = _indices(record.kept, n, f"{where}: kept")
     if int(record.k) != len(kept):
         raise ValueError(f"{where}: k={record.k} but {len(kept)} kept tokens")
     for name in ("soft", "groups"):
         seq = getattr(record, name)
         if seq is not None and len(seq) != n:
             raise ValueError(f"{where}: {name} has {len(seq)} entries, expected n_tokens={n}")
+    heuristic_kept = None
+    if record.heuristic_kept is not None:
+        heuristic_kept = {
+            str(m): _indices(s, n, f"{where}: heuristic {m!r} kept")
+            for m, s in record.heuristic_kept.items()
+        }
+    if record.group_words is not None and record.groups is not None:
+        n_groups = max(record.groups, default=-1) + 1
+        if len(record.group_words) != n_groups:
+            raise ValueError(
+                f"{where}: group_words has {len(record.group_words)} entries, expected one per "
+                f"group ({n_groups})"
+            )
     return {
         "status": "done",
         "error": None,
@@ -188,6 +207,8 @@ def _label_values(sample_id: str, record: LabelRecord) -> dict[str, Any]:
         "converged_gen": None if record.converged_gen is None else int(record.converged_gen),
         "n_forwards": None if record.n_forwards is None else int(record.n_forwards),
         "seconds": _finite(record.seconds),
+        "heuristic_kept": heuristic_kept,
+        "group_words": None if record.group_words is None else [str(w) for w in record.group_words],
     }
 
 

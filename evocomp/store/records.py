@@ -26,6 +26,8 @@ class LabelRecord:
         seconds: wall time of the search.
         logbook: one dict per generation with keys gen, nevals, min, avg, max, std.
         elite: final elite as (kept indices, loss), best first.
+        heuristic_kept: each heuristic's kept indices at the same k, by method name, or None.
+        group_words: the vocabulary word of each group (index = group id), or None.
     """
 
     kept: list[int]
@@ -44,3 +46,5 @@ class LabelRecord:
     seconds: float | None = None
     logbook: list[dict[str, float]] = field(default_factory=list)
     elite: list[tuple[list[int], float]] = field(default_factory=list)
+    heuristic_kept: dict[str, list[int]] | None = None
+    group_words: list[str] | None = None

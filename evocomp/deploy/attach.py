@@ -1,0 +1,218 @@
+"""Attach a trained compressor to a Hugging Face MLLM so its own ``generate()`` prunes tokens.
+
+    handle = compress_model(model, processor, "models/compressor", keep_ratio=1 / 3)
+    out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"),
+                         max_new_tokens=16)
+    handle.last.kept        # what the compressor kept, per prompt
+    handle.detach()         # the untouched model again (or: `with compress_model(...):`)
+
+The hook point is ``prepare_inputs_for_generation``, replaced on this one model instance (the
+class is never patched): each ``generate()`` call's first iteration is handed to the family's
+hook (:data:`FAMILIES`, keyed by ``config.model_type``), which rewrites the prefill to the kept
+visual tokens; later iterations get their attention mask shortened to match. A plain
+``model(...)`` forward is never compressed. ``generate()`` also accepts ``question=`` (a string,
+or one per prompt) to score with instead of the question read from the prompt, and
+``keep_ratio=`` to override the handle's ratio for one call.
+
+Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5-style checkpoints: one image per
+prompt, a fixed number of visual tokens), batches of left-padded prompts, the default dynamic
+cache, tokens dropped before the LLM (``prune_layer=0``). Another family adds its own hook to
+:data:`FAMILIES`. One ``generate()`` at a time per model: the hook keeps the running call's
+kept positions between its iterations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from evocomp.deploy.llava import LlavaPrefill, Selection
+from evocomp.deploy.prompt import template_of
+from evocomp.deploy.scorer import TokenScorer
+from evocomp.errors import ModelError
+from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
+from evocomp.tokens import keep_count
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family is loaded and where its prefill is rewritten."""
+
+    model_class: str  # the transformers class its checkpoints load with
+    check: Callable[[Path], dict]  # checks a checkpoint folder (config, weights); raises ModelError
+    hook: type  # (model, tokenizer, template) -> object with .prefill(...) and .follow(...)
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family("LlavaForConditionalGeneration", check_checkpoint, LlavaPrefill),
+}
+HOOK_ATTR = "_evocomp_compressed"  # set on a model while a compressor is attached
+
+
+def family_of(config) -> Family:
+    """The family entry for a model config; ModelError for one without a hook."""
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        raise ModelError(
+            f"model_type {kind!r} has no compressed generate() yet (supported: "
+            f"{sorted(FAMILIES)}; other families: issue 13)"
+        )
+    return FAMILIES[kind]
+
+
+def model_id_of(model, prompt_template: str | None = None) -> str | None:
+    """The checkpoint content id of a model loaded from a local folder, else None."""
+    path = Path(getattr(model.config, "_name_or_path", "") or "")
+    if str(path) and (path / "config.json").is_file():
+        try:
+            return checkpoint_id(path, prompt_template)
+        except (OSError, ModelError):
+            return None
+    return None
+
+
+class CompressedModel:
+    """A compressor attached to a model; :func:`compress_model` makes one."""
+
+    def __init__(self, model, processor, scorer: TokenScorer, keep_ratio: float, template: str):
+        self.model, self.processor, self.scorer = model, processor, scorer
+        self.keep_ratio = keep_ratio
+        self.hook = family_of(model.config).hook(model, processor.tokenizer, template)
+        self.last: Selection | None = None  # what the latest generate() call kept
+        self._original = model.prepare_inputs_for_generation  # bound: the class's or a wrapper
+        self._had_own = "prepare_inputs_for_generation" in vars(model)
+
+        def prepare_inputs_for_generation(
+            input_ids, *args, question: str | list[str] | None = None, keep_ratio=None, **kwargs
+        ):
+            inputs = self._original(input_ids, *args, **kwargs)
+            if kwargs.get("is_first_iteration"):
+                ratio = self.keep_ratio if keep_ratio is None else keep_ratio
+                keep_count(ratio, 1)  # a bad ratio fails here, before any scoring
+                qs = [question] if isinstance(question, str) else question
+                self.last = self.hook.prefill(
+                    inputs, lambda v, t: self.scorer.kept(v, t, ratio), qs
+                )
+            else:
+                self.hook.follow(inputs)
+            return inputs
+
+        model.prepare_inputs_for_generation = prepare_inputs_for_generation
+        setattr(model, HOOK_ATTR, self)
+
+    def detach(self) -> None:
+        """Give the model back its own ``prepare_inputs_for_generation``; idempotent."""
+        if getattr(self.model, HOOK_ATTR, None) is not self:
+            return
+        if self._had_own:
+            self.model.prepare_inputs_for_generation = self._original
+        else:
+            del self.model.prepare_inputs_for_generation
+        delattr(self.model, HOOK_ATTR)
+
+    def __enter__(self) -> CompressedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def compress_model(
+    model,
+    processor,
+    compressor_dir: str | Path,
+    keep_ratio: float,
+    prune_layer: int = 0,
+    prompt_template: str | None = None,
+    model_id: str | None = None,
+) -> CompressedModel:
+    """Make ``model.generate()`` keep only the compressor's top-k visual tokens per image.
+
+    Args:
+        model: a transformers model of a family in :data:`FAMILIES` (today LLaVA-1.5 style).
+        processor: its processor (the tokenizer decodes the question out of the prompt).
+        compressor_dir: a folder written by ``evocomp train``.
+        keep_ratio: fraction of each image's N visual tokens kept, in (0, 1]; k =
+            ``evocomp.tokens.keep_count(keep_ratio, N)``.
+        prune_layer: 0 drops tokens before the LLM. l > 0 (drop after LLM layer l) is not
+            supported here: the first l layers would need a KV cache holding all N tokens and
+            the others one holding k, which the single sequence length of ``generate()`` and
+            its cache cannot express; ``evocomp evaluate`` measures l > 0 without a cache.
+        prompt_template: the ``mllm.prompt_template`` override the compressor's labels were
+            made with, if any; the question is read out of prompts with this template
+            (default: the checkpoint's own, as :mod:`evocomp.mllm.prompts` resolves it).
+        model_id: the checkpoint's content id, checked against the one the compressor was
+            trained for (default: computed when the model was loaded from a local folder).
+
+    Raises:
+        ModelError: a family without a hook, or a compressor trained for another model.
+        ValueError: a bad keep ratio, ``prune_layer`` != 0, or a compressor already attached.
+        FileNotFoundError: no compressor in ``compressor_dir``.
+    """
+    keep_count(keep_ratio, 1)
+    if prune_layer != 0:
+        raise ValueError(
+            f"prune_layer={prune_layer}: a compressed generate() drops tokens before the LLM "
+            "only (prune_layer=0); dropping after LLM layer l needs per-layer KV caches of "
+            "two lengths, not supported yet"
+        )
+    family_of(model.config)
+    if getattr(model, HOOK_ATTR, None) is not None:
+        raise ValueError("this model already has a compressor attached: detach() it first")
+    scorer = TokenScorer(
+        compressor_dir,
+        hidden_size=model.config.text_config.hidden_size,
+        model_id=model_id or model_id_of(model, prompt_template),
+        device=model.device,
+    )
+    template = template_of(model, processor, prompt_template)
+    return CompressedModel(model, processor, scorer, keep_ratio, template)
+
+
+def checkpoint_config(path: str | Path):
+    """The transformers config of a local checkpoint folder of a supported family (no weights read).
+
+    Raises:
+        ModelError: no config.json, an unreadable one, a family without a hook, or no weights.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{path}: not a model checkpoint directory (no config.json)")
+    try:
+        kind = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelError(f"{config}: not a readable model config ({err})") from None
+    if kind not in FAMILIES:
+        raise ModelError(
+            f"{path}: model_type {kind!r} has no compressed generate() yet "
+            f"(supported: {sorted(FAMILIES)}; other families: issue 13)"
+        )
+    FAMILIES[kind].check(path)
+    return AutoConfig.from_pretrained(path)
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    prompt_template: str | None = None,
+):
+    """``(model, processor, model_id)`` of a local checkpoint folder of a supported family.
+
+    Raises:
+        ModelError: as :func:`checkpoint_config`, or an unknown dtype.
+    """
+    import transformers
+    from transformers import AutoProcessor
+
+    config = checkpoint_config(path)
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    cls = getattr(transformers, FAMILIES[config.model_type].model_class)
+    model = cls.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    return model, AutoProcessor.from_pretrained(path), checkpoint_id(path, prompt_template)

@@ -1,0 +1,161 @@
+"""The LLaVA-1.5 hook: a shorter prefill for ``LlavaForConditionalGeneration.generate()``.
+
+transformers builds LLaVA's LLM input inside ``LlavaModel.forward`` (token embeddings, image
+features scattered into the ``<image>`` placeholders) at a fixed sequence length, and its own
+hooks (``get_image_features``, ``get_placeholder_mask``) can change what fills a placeholder,
+not how many there are. What it does offer is the ``inputs_embeds`` route of
+``prepare_inputs_for_generation``: on the first iteration the model takes ready-made
+embeddings instead of ``input_ids``. So the hook rewrites the prefill's model inputs there —
+embeddings, attention mask and position ids of the kept positions only — and leaves
+everything else to ``generate()``: the image features it already computed
+(``mm_encoder_outputs``), the KV cache (which now holds ``N - k`` fewer entries), sampling,
+stopping and the returned ``sequences`` (the caller's full prompt ids + the new tokens).
+
+Positions: kept visual tokens keep their *original* position ids and the text after them too
+(:mod:`evocomp.mllm.sequence`, as in labeling, training and evaluation). ``generate()`` derives
+the prompt's position ids from the full-length prompt and continues them by one per new token,
+so decoding steps get the positions the evaluation harness gives them. Only the 2-D attention
+mask, which ``generate()`` keeps growing at full length, must be shortened again at every step
+(:meth:`LlavaPrefill.follow`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from evocomp.deploy.prompt import question_embeddings, question_from_text
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one ``generate()`` call kept."""
+
+    kept: list[torch.Tensor]  # per prompt row, the kept visual-token indices (k,), ascending
+    n_tokens: int  # N, visual tokens per image
+    k: int  # kept per image
+    questions: list[str]  # the question each row was scored with
+    prompt_tokens: int  # prompt length L with all N visual tokens
+    prefill_tokens: int  # what the LLM's prefill (and KV cache) holds: L - (N - k)
+
+
+Pick = Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
+
+
+class LlavaPrefill:
+    """Drops unkept image positions from LLaVA's prefill; see the module doc."""
+
+    def __init__(self, model, tokenizer, template: str) -> None:
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.image_token_id = int(model.config.image_token_id)
+        self._keep: torch.Tensor | None = None  # (B, L) bool, prompt positions the LLM saw
+
+    def _features(self, inputs: dict) -> list[torch.Tensor] | None:
+        """Per-image projected tokens ``(N, D)``: the ones ``generate()`` computed, else our own."""
+        mm = inputs.get("mm_encoder_outputs") or {}
+        if mm.get("image") is not None:
+            return list(mm["image"].pooler_output)
+        if inputs.get("pixel_values") is not None:
+            out = self.model.model.get_image_features(
+                pixel_values=inputs["pixel_values"],
+                vision_feature_layer=inputs.get("vision_feature_layer"),
+                vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"),
+                image_sizes=inputs.get("image_sizes"),
+            )
+            return list(out.pooler_output)
+        return None
+
+    def _questions(self, ids: torch.Tensor) -> list[str]:
+        out = []
+        for row in ids:
+            last = int((row == self.image_token_id).nonzero()[-1])
+            text = self.tokenizer.decode(row[last + 1 :].tolist(), skip_special_tokens=True)
+            out.append(question_from_text(text, self.template))
+        return out
+
+    def prefill(self, inputs: dict, pick: Pick, questions: list[str] | None) -> Selection | None:
+        """Rewrite the first iteration's model ``inputs`` in place to the kept positions.
+
+        Args:
+            inputs: what ``prepare_inputs_for_generation`` returned for the prompt.
+            pick: ``(visual per image, question embeddings per image) -> kept indices``.
+            questions: one per row, or None to read them from the prompt (:mod:`.prompt`).
+
+        Returns:
+            the selection, or None for a prompt without an image (left untouched).
+        """
+        self._keep = None
+        ids = inputs.get("input_ids")
+        feats = self._features(inputs)
+        if feats is None:
+            return None
+        if ids is None:
+            raise ValueError(
+                "a compressed generate() needs the prompt's input_ids (the processor's output), "
+                "not inputs_embeds"
+            )
+        cache = inputs.get("cache")
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError(
+                "a compressed generate() does not support static (compileable) caches: "
+                "use the default dynamic cache"
+            )
+        B, L = ids.shape
+        n_img = (ids == self.image_token_id).sum(1)  # (B,)
+        N = feats[0].shape[0]
+        if len(feats) != B or bool((n_img != N).any()):
+            raise ValueError(
+                f"a compressed generate() needs exactly one image per prompt and one prefill "
+                f"pass (no prefill_chunk_size): {B} prompts, {len(feats)} images, "
+                f"{n_img.tolist()} image tokens per prompt (N={N})"
+            )
+        if questions is None:
+            questions = self._questions(ids)
+        elif len(questions) != B:
+            raise ValueError(f"{len(questions)} questions for {B} prompts")
+        text = [question_embeddings(self.model, self.tokenizer, q) for q in questions]
+        kept = pick(feats, text)
+
+        embed = self.model.get_input_embeddings()
+        x = embed(ids)  # (B, L, D)
+        image = torch.cat(feats).to(x.device, x.dtype)  # (B * N, D)
+        mask = self.model.model.get_placeholder_mask(ids, inputs_embeds=x, image_features=image)
+        x = x.masked_scatter(mask, image)  # what LlavaModel.forward would feed the LLM
+        keep = torch.ones(B, L, dtype=torch.bool, device=ids.device)
+        for b in range(B):
+            slots = (ids[b] == self.image_token_id).nonzero().squeeze(1)  # (N,) prompt positions
+            drop = torch.ones(N, dtype=torch.bool)
+            drop[kept[b]] = False
+            keep[b, slots[drop.to(slots.device)]] = False
+        k = int(kept[0].numel())
+        L_kept = L - (N - k)  # every row drops N - k: the batch stays rectangular
+
+        pos = inputs.get("position_ids")
+        attn = inputs.get("attention_mask")
+        if pos is None:  # as generate() derives them: original positions, left padding at 0
+            ones = torch.ones_like(ids) if attn is None else attn.long()
+            pos = (ones.cumsum(-1) - 1).masked_fill(ones == 0, 0)
+        if attn is None:
+            # Always an explicit mask: with none, transformers reads the gaps left in the
+            # position ids as packed-sequence boundaries and walls the text off the image.
+            attn = torch.ones_like(ids)
+        inputs["inputs_embeds"] = x[keep].view(B, L_kept, -1)
+        inputs["attention_mask"] = attn[keep].view(B, L_kept)
+        inputs["position_ids"] = pos[keep].view(B, L_kept)
+        inputs["input_ids"] = None
+        for key in ("pixel_values", "mm_encoder_outputs", "image_sizes"):
+            inputs.pop(key, None)
+        self._keep = keep
+        return Selection(kept, N, k, questions, L, L_kept)
+
+    def follow(self, inputs: dict) -> None:
+        """A decoding step: drop the pruned prompt positions from the full-length mask."""
+        attn = inputs.get("attention_mask")
+        if self._keep is None or attn is None:
+            return  # no mask: the cache's own length is the truth
+        B, L = self._keep.shape
+        new = torch.ones(B, attn.shape[1] - L, dtype=torch.bool, device=attn.device)
+        keep = torch.cat([self._keep.to(attn.device), new], dim=1)
+        inputs["attention_mask"] = attn[keep].view(B, -1)

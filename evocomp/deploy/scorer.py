@@ -1,0 +1,87 @@
+"""A trained compressor as a token picker: visual tokens + question -> the kept indices.
+
+Scores exactly as the evaluation harness does (``evocomp.evaluation.harness.Selector``):
+the same batch layout (:func:`evocomp.compress.fit.collate`), the same grid positions and the
+same top-k rule (:func:`evocomp.compress.model.select_topk`), so a deployed model keeps the
+tokens the evaluation measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from evocomp.compress.fit import Item, collate
+from evocomp.compress.model import load_compressor, select_topk
+from evocomp.errors import ModelError
+from evocomp.tokens import grid_positions, grid_shape, keep_count
+
+
+class TokenScorer:
+    """The compressor saved in ``directory`` (by ``evocomp train``), checked against its model.
+
+    Args:
+        directory: the compressor folder (``config.json`` + ``model.safetensors``).
+        hidden_size: the LLM's embedding width D; a compressor of another width is refused.
+        model_id: the checkpoint's content id (``evocomp.mllm.hf_llava.checkpoint_id``); when
+            both it and the compressor's recorded id are known they must agree.
+        device: where the compressor runs (the model's device).
+
+    Raises:
+        FileNotFoundError: no compressor in ``directory``.
+        ModelError: a compressor trained for another model.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        hidden_size: int,
+        model_id: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.directory = Path(directory)
+        self.compressor, self.extra = load_compressor(self.directory, device)
+        self.device = torch.device(device)
+        trained_for = self.extra.get("model_id")
+        if model_id is not None and trained_for not in (None, model_id):
+            raise ModelError(
+                f"{self.directory} was trained for model {trained_for!r}, not {model_id!r}: "
+                "train a compressor on this model's labels (`evocomp train`)"
+            )
+        dim = self.compressor.cfg.dim
+        if dim != hidden_size:
+            raise ModelError(
+                f"{self.directory} scores {dim}-wide visual tokens, the model's are "
+                f"{hidden_size}-wide: a compressor of another model ({trained_for or 'unknown'})"
+            )
+
+    @torch.no_grad()
+    def kept(
+        self, visual: list[torch.Tensor], text: list[torch.Tensor], ratio: float
+    ) -> list[torch.Tensor]:
+        """Kept token indices per image, ascending: the top ``keep_count(ratio, N)`` scores.
+
+        Args:
+            visual: per image, its projected visual tokens ``(N, D)``.
+            text: per image, the question's token embeddings ``(T, D)`` (T may be 0).
+            ratio: keep ratio in (0, 1].
+
+        Returns:
+            per image a ``(k,)`` LongTensor on the CPU.
+        """
+        items = [
+            Item(
+                v.float().cpu(),
+                grid_positions(v.shape[0], grid_shape(v.shape[0])),
+                t.float().cpu(),
+                torch.zeros(v.shape[0]),
+            )
+            for v, t in zip(visual, text, strict=True)
+        ]
+        b = collate(items, device=self.device)
+        logits = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask).logits
+        return [
+            select_topk(row[: v.shape[0]], k=keep_count(ratio, v.shape[0])).cpu()
+            for row, v in zip(logits, visual, strict=True)
+        ]

@@ -1,0 +1,306 @@
+"""The LLM side every HF adapter shares: prompts, subset losses, generation, FastV scores.
+
+A family adapter (:mod:`.hf_llava`, :mod:`.hf_qwen_vl`) loads its model and says how its
+images become visual tokens and where each token sits (:meth:`HFAdapter.layout`: the full
+sequence's position ids, 1-D for LLaVA, ``(3, L)`` M-RoPE for Qwen). Everything else —
+``[prefix][kept tokens][suffix][answer]`` through ``inputs_embeds``, each kept token at its
+original position, one batched forward per population, greedy decoding with a KV cache,
+pruning after LLM layer l — lives here once. Attention runs as SDPA except for the calls that
+need its weights, which switch to eager for that call only.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from evocomp.errors import ModelError
+from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
+from evocomp.mllm.decoding import greedy
+from evocomp.mllm.prompts import resolve_template
+from evocomp.mllm.sequence import Prompt, encode_prompt, left_pad, subset_columns
+
+
+def image_token_id(config) -> int:
+    """The id of the image placeholder token (``image_token_index`` in older LLaVA configs)."""
+    tid = getattr(config, "image_token_id", None)
+    return tid if tid is not None else config.image_token_index
+
+
+class HFAdapter:
+    """The MLLM protocol over a local HF checkpoint; subclasses load one family."""
+
+    family = ""  # config.json model_type this adapter runs
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        prompt_template: str | None = None,
+    ):
+        path = Path(path)
+        cfg = check_checkpoint(path)
+        if cfg["model_type"] != self.family:
+            raise ModelError(
+                f"{path}: a {cfg['model_type']} checkpoint, not {self.family}: load it with "
+                "evocomp.mllm.loader.load_mllm"
+            )
+        if dtype not in DTYPES:
+            raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        self.path, self.device, self.dtype = path, torch.device(device), DTYPES[dtype]
+        self.model, self.tokenizer, self.processor = self.load(path)
+        config = self.model.config
+        self.prompt_override = prompt_template
+        self.template = resolve_template(
+            path,
+            self.family,
+            getattr(config, "evocomp", None) or {},
+            self.tokenizer,
+            self.tokenizer.convert_ids_to_tokens(image_token_id(config)),
+            prompt_template,
+            self.processor,
+        )
+        self.model_id = checkpoint_id(path, prompt_template)
+        self.lm = self.model.model.language_model
+        self.embed = self.model.get_input_embeddings()
+        self.hidden_size = config.text_config.hidden_size
+        self.n_layers = config.text_config.num_hidden_layers
+        self.n_tokens, self.grid = self.token_grid(path, cfg)
+        self._lock = threading.Lock()
+
+    # ---- what a family provides ----------------------------------------------------------------
+    def load(self, path: Path):
+        """``(model, tokenizer, processor or None)``, the model on ``self.device`` in eval mode."""
+        raise NotImplementedError
+
+    def token_grid(self, path: Path, cfg: dict) -> tuple[int, tuple[int, int]]:
+        """The model's visual tokens per image N and their grid (rows, cols)."""
+        raise NotImplementedError
+
+    def layout(self, n_prefix: int, n_tail: int) -> torch.Tensor:
+        """Position ids ``(..., n_prefix + N + n_tail)`` of the full sequence (all N tokens)."""
+        return torch.arange(n_prefix + self.n_tokens + n_tail, device=self.device)
+
+    # ---- positions -------------------------------------------------------------------------------
+    def positions(self, n_prefix: int, kept: torch.Tensor, n_tail: int) -> torch.Tensor:
+        """Position ids ``(..., P, L)`` of rows ``kept (P, k)``: each token's original one."""
+        cols = subset_columns(n_prefix, self.n_tokens, kept.to(self.device), n_tail)
+        return self.layout(n_prefix, n_tail)[..., cols]
+
+    @staticmethod
+    def text_positions(pos: torch.Tensor) -> torch.Tensor | None:
+        """What masks and decoder layers take as ``position_ids``: 1-D ones, none for M-RoPE
+        (3-D ids would be read as packed sequences; the mask comes from ``attention_mask``)."""
+        return pos if pos.ndim == 2 else None
+
+    # ---- text side -------------------------------------------------------------------------------
+    def encode(self, question: str, answer: str = "") -> Prompt:
+        return encode_prompt(self.tokenizer, question, answer, self.template)
+
+    @torch.no_grad()
+    def question_embeddings(self, question: str) -> torch.Tensor:
+        ids = self.tokenizer(question.strip(), add_special_tokens=False)["input_ids"]
+        return self.embed(torch.tensor(ids, device=self.device)).float().cpu()
+
+    def vocab_embeddings(self) -> torch.Tensor:
+        return self.embed.weight.detach().float().cpu()
+
+    def check_visual(self, visual: torch.Tensor) -> None:
+        if visual.ndim != 2 or visual.shape != (self.n_tokens, self.hidden_size):
+            raise ModelError(
+                f"visual tokens of shape {tuple(visual.shape)} do not fit {self.path} "
+                f"(expects ({self.n_tokens}, {self.hidden_size})); features from another model?"
+            )
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    @contextmanager
+    def _eager(self):
+        with self._lock:
+            self.model.set_attn_implementation("eager")
+            try:
+                yield
+            finally:
+                self.model.set_attn_implementation("sdpa")
+
+    # ---- LLM ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def subset_loss(
+        self, prompt: Prompt, visual: torch.Tensor, kept: torch.Tensor, max_rows: int = 64
+    ) -> torch.Tensor:
+        """Mean answer cross-entropy per row of ``kept (P, k)``; rows share one forward (chunked by max_rows)."""
+        self.check_visual(visual)
+        if not prompt.answer:
+            raise ValueError("subset_loss needs a non-empty answer")
+        vis = visual.to(self.device, self.dtype)
+        kept = kept.to(self.device)
+        pre, tail = self._ids(prompt.prefix), self._ids(prompt.suffix + prompt.answer)
+        ans = torch.tensor(prompt.answer, device=self.device)
+        n_ans = len(prompt.answer)
+        losses = []
+        for rows in kept.split(max_rows):
+            P, k = rows.shape
+            x = torch.cat(
+                [pre.expand(P, -1, -1), vis[rows], tail.expand(P, -1, -1)], dim=1
+            )  # (P, L, D)
+            pos = self.positions(len(prompt.prefix), rows, tail.shape[0])  # (..., P, L)
+            # An explicit mask: with none, transformers reads the gaps in our position ids as
+            # packed-sequence boundaries and walls the answer off from the visual tokens.
+            mask = torch.ones(x.shape[:2], dtype=torch.long, device=self.device)
+            h = self.lm(
+                inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False
+            ).last_hidden_state
+            logits = self.model.lm_head(h[:, -n_ans - 1 : -1]).float()  # (P, n_ans, V)
+            ce = F.cross_entropy(logits.transpose(1, 2), ans.expand(P, -1), reduction="none")
+            losses.append(ce.mean(1))
+        return torch.cat(losses).cpu()
+
+    def _prompt_rows(self, questions, visual, kept, vis_pos=None):
+        """``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``position_ids (..., B, L)``."""
+        rows, pos = [], []
+        for i, q in enumerate(questions):
+            p = self.encode(q)
+            v = visual[i].to(self.device, self.dtype)
+            idx = kept[i] if kept[i] is not None else torch.arange(v.shape[0])
+            idx = idx.to(self.device)
+            if vis_pos is None:  # visual rows are the full N tokens, select them
+                self.check_visual(visual[i])
+                v = v[idx]
+            at = idx if vis_pos is None else vis_pos[i].to(self.device)
+            rows.append(torch.cat([self._ids(p.prefix), v, self._ids(p.suffix)]))
+            pos.append(self.positions(len(p.prefix), at[None], len(p.suffix))[..., 0, :])
+        return left_pad(rows, pos)
+
+    def _hidden_pruned(self, x, mask, pos, survive, layer: int) -> torch.Tensor:
+        """Last-position hidden states ``(B, D)``: all tokens for ``layer`` layers, then only ``survive``.
+
+        The paper's pruning at LLM layer l (l=2): the first l layers see every visual token,
+        the dropped ones' hidden states are removed before layer l.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        lm = self.lm
+
+        def prep(h, m, p):
+            cm = create_causal_mask(
+                config=lm.config,
+                inputs_embeds=h,
+                attention_mask=m,
+                cache=None,
+                position_ids=self.text_positions(p),
+            )
+            return cm, lm.rotary_emb(h, position_ids=p)
+
+        h = x
+        cm, pe = prep(h, mask, pos)
+        for i, block in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+            if i == layer:
+                keep = [survive[b] & mask[b].bool() for b in range(h.shape[0])]
+                h, mask, pos = left_pad(
+                    [h[b][keep[b]] for b in range(h.shape[0])],
+                    [pos[..., b, :][..., keep[b]] for b in range(h.shape[0])],
+                )
+                cm, pe = prep(h, mask, pos)
+            h = block(
+                h, attention_mask=cm, position_embeddings=pe, position_ids=self.text_positions(pos)
+            )
+        return lm.norm(h)[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        questions: list[str],
+        visual: list[torch.Tensor],
+        kept: list[torch.Tensor | None],
+        max_new_tokens: int = 8,
+        vis_pos: list[torch.Tensor] | None = None,
+        prune_layer: int = 0,
+    ) -> list[str]:
+        """Greedy decoding; with ``vis_pos`` the ``visual[i]`` rows are ready-made tokens at those positions.
+
+        Decoding continues after the last prompt position (for M-RoPE: the rope delta of the
+        full sequence, since kept tokens keep their places). ``prune_layer`` l > 0 feeds all
+        N tokens to the first l LLM layers and drops the unkept visual hidden states after
+        them (no KV cache on this path: one full forward per generated token).
+        """
+        if prune_layer > 0:
+            return self._generate_pruned(questions, visual, kept, max_new_tokens, prune_layer)
+        x, mask, pos = self._prompt_rows(questions, visual, kept, vis_pos)
+        B, state = x.shape[0], {"cache": None, "x": x, "mask": mask, "pos": pos}
+
+        def step(prev: torch.Tensor | None) -> torch.Tensor:
+            if prev is not None:  # feed the chosen tokens after the cached sequence
+                state["x"] = self.embed(prev.to(self.device))[:, None]
+                one = torch.ones(B, 1, dtype=state["mask"].dtype, device=self.device)
+                state["mask"] = torch.cat([state["mask"], one], dim=1)
+                state["pos"] = state["pos"][..., -1:] + 1
+            res = self.lm(
+                inputs_embeds=state["x"],
+                attention_mask=state["mask"],
+                position_ids=state["pos"],
+                cache=state["cache"],
+                use_cache=True,
+            )
+            state["cache"] = res.cache if hasattr(res, "cache") else res.past_key_values
+            return self.model.lm_head(res.last_hidden_state[:, -1])
+
+        return self._decode(greedy(step, B, max_new_tokens, self.tokenizer.eos_token_id))
+
+    def _decode(self, ids: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids.tolist()]
+
+    def _generate_pruned(
+        self, questions, visual, kept, max_new_tokens: int, layer: int
+    ) -> list[str]:
+        if not 0 < layer < self.n_layers:
+            raise ValueError(
+                f"prune layer {layer} must be in 1..{self.n_layers - 1} for {self.path}"
+            )
+        x, mask, pos = self._prompt_rows(questions, visual, [None] * len(questions))
+        survive = torch.ones_like(mask, dtype=torch.bool)
+        for b, (q, k) in enumerate(zip(questions, kept, strict=True)):
+            if k is not None:
+                start = mask.shape[1] - int(mask[b].sum()) + len(self.encode(q).prefix)
+                vis = torch.zeros(self.n_tokens, dtype=torch.bool)
+                vis[k] = True
+                survive[b, start : start + self.n_tokens] = vis.to(survive.device)
+        B, state = x.shape[0], {"x": x, "mask": mask, "pos": pos, "survive": survive}
+
+        def step(prev: torch.Tensor | None) -> torch.Tensor:
+            # No KV cache on this path: the whole sequence goes through every layer again.
+            if prev is not None:
+                one = torch.ones(B, 1, dtype=mask.dtype, device=mask.device)
+                state["x"] = torch.cat([state["x"], self.embed(prev.to(self.device))[:, None]], 1)
+                state["mask"] = torch.cat([state["mask"], one], 1)
+                state["pos"] = torch.cat([state["pos"], state["pos"][..., -1:] + 1], -1)
+                state["survive"] = torch.cat([state["survive"], one.bool()], 1)
+            h = self._hidden_pruned(
+                state["x"], state["mask"], state["pos"], state["survive"], layer
+            )
+            return self.model.lm_head(h)
+
+        return self._decode(greedy(step, B, max_new_tokens, self.tokenizer.eos_token_id))
+
+    @torch.no_grad()
+    def text_attention(self, prompt: Prompt, visual: torch.Tensor, layer: int = 2) -> torch.Tensor:
+        """FastV score ``(N,)``: the last prompt token's attention to each visual token at ``layer``."""
+        self.check_visual(visual)
+        if not 1 <= layer <= self.n_layers:
+            raise ValueError(f"layer {layer} outside 1..{self.n_layers}")
+        x = torch.cat(
+            [self._ids(prompt.prefix), visual.to(self.device, self.dtype), self._ids(prompt.suffix)]
+        )[None]
+        pos = self.layout(len(prompt.prefix), len(prompt.suffix))
+        # 1-D positions are the model's default (0..L-1); M-RoPE ones must be given.
+        extra = {} if pos.ndim == 1 else {"position_ids": pos[..., None, :]}
+        with self._eager():
+            res = self.lm(inputs_embeds=x, output_attentions=True, use_cache=False, **extra)
+        a = res.attentions[layer - 1][0].float().mean(0)  # (L, L), mean over heads
+        start = len(prompt.prefix)
+        return a[-1, start : start + self.n_tokens].cpu()

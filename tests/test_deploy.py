@@ -1,0 +1,386 @@
+"""The compressor inside ``LlavaForConditionalGeneration.generate()`` (evocomp.deploy).
+
+Deployment must give what the evaluation harness measured: the harness's kept tokens, and
+the project's own greedy decoding over them (``HFLlava.generate``, original positions) —
+compared on the logits of every generated token, not only on the decoded words of a random
+model. And it must really shorten the prefill, and leave no trace once detached.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from evocomp.cli import app
+from evocomp.compress.fit import Item, fit_compressor
+from evocomp.compress.model import load_compressor, save_compressor
+from evocomp.config import SearchParams, TrainParams
+from evocomp.deploy import compress_model
+from evocomp.deploy.prompt import prompt_text, question_from_text
+from evocomp.errors import ModelError
+from evocomp.evaluation.harness import Selector
+from evocomp.mllm.sequence import DEFAULT_TEMPLATE
+from evocomp.tokens import grid_positions, keep_count
+
+SMALL = SearchParams(population=8, parents=4, generations=2)
+NEW = 6  # tokens generated per answer
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tiny_llava, shapes_data, tmp_path_factory):
+    """The tiny LLaVA, a compressor trained on GA labels of a few samples, and test samples."""
+    from evocomp.data.readers import read_dataset
+    from evocomp.features.compute import ensure_features
+    from evocomp.labeling.sample import label_sample
+    from evocomp.mllm.hf_llava import HFLlava
+
+    root = tmp_path_factory.mktemp("deploy")
+    mllm = HFLlava(tiny_llava)
+    samples = read_dataset(shapes_data)
+    split = {sp: [s for s in samples if s.split == sp] for sp in ("train", "val", "test")}
+    train, val = split["train"][:5], split["val"][:2]
+    test = (split["test"] + split["val"][2:])[:4]
+    fstore = ensure_features(mllm, train + val + test, root / "features", batch_size=16)
+
+    def item(s) -> Item:
+        f = fstore.get(s.id)
+        target = torch.zeros(mllm.n_tokens)
+        target[label_sample(mllm, s, f, SMALL).result.kept] = 1.0
+        return Item(f.tokens, grid_positions(mllm.n_tokens, mllm.grid), f.text, target)
+
+    compressor, _ = fit_compressor(
+        [item(s) for s in train], [item(s) for s in val], TrainParams(epochs=1), llm_heads=4
+    )
+    save_compressor(compressor, root / "compressor", {"model_id": mllm.model_id})
+    return SimpleNamespace(
+        root=root, mllm=mllm, fstore=fstore, test=test, compressor=root / "compressor"
+    )
+
+
+class LogitTape:
+    """Records the last-position logits of every ``lm_head`` call: one row per decoding step."""
+
+    def __init__(self, model):
+        self.rows: list[torch.Tensor] = []
+        self._h = model.lm_head.register_forward_hook(self._record)
+
+    def _record(self, module, args, out):
+        self.rows.append((out[:, -1] if out.ndim == 3 else out).detach().float().clone())
+
+    def take(self) -> torch.Tensor:
+        rows, self.rows = self.rows, []
+        return torch.stack(rows, 1)  # (B, steps, V)
+
+    def close(self):
+        self._h.remove()
+
+
+def hf_inputs(mllm, samples):
+    text = [prompt_text(mllm.template, s.question) for s in samples]
+    images = [s.load_image() for s in samples]
+    return mllm.processor(images=images, text=text, return_tensors="pt", padding=True)
+
+
+def hf_generate(mllm, samples, **kw):
+    """``model.generate()`` as a user calls it: (answers, sequences incl. the prompt, output)."""
+    inputs = hf_inputs(mllm, samples)
+    out = mllm.model.generate(
+        **inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, **kw
+    )
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    answers = [mllm.tokenizer.decode(r, skip_special_tokens=True).strip() for r in new]
+    return answers, out
+
+
+def harness_kept(world, samples, ratio) -> list[torch.Tensor]:
+    """The compressor's kept tokens as ``evocomp evaluate`` picks them, from cached features."""
+    mllm = world.mllm
+    compressor, _ = load_compressor(world.compressor)
+    sel = Selector(mllm, {"grid": mllm.grid}, compressor)
+    feats = [world.fstore.get(s.id) for s in samples]
+    scores = sel.scores("evocomp", samples, feats)
+    return sel.kept("evocomp", keep_count(ratio, mllm.n_tokens), samples, feats, scores)
+
+
+def project_generate(world, samples, kept):
+    """``HFLlava.generate`` over the cached features: (answers, logits per step)."""
+    mllm = world.mllm
+    tape = LogitTape(mllm.model)
+    try:
+        vis = [world.fstore.get(s.id).tokens for s in samples]
+        answers = mllm.generate([s.question for s in samples], vis, kept, NEW)
+        return answers, tape.take()
+    finally:
+        tape.close()
+
+
+def compressed_generate(world, samples, ratio, **kw):
+    """``model.generate()`` with the compressor attached: (answers, logits, selection)."""
+    mllm = world.mllm
+    tape = LogitTape(mllm.model)
+    try:
+        with compress_model(mllm.model, mllm.processor, world.compressor, ratio) as handle:
+            answers, _ = hf_generate(mllm, samples, **kw)
+        return answers, tape.take(), handle.last
+    finally:
+        tape.close()
+
+
+# ---- (a) the harness's tokens, the project's decoding --------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1 / 3])
+def test_generate_matches_the_evaluation_path(world, ratio):
+    for s in world.test:
+        answers, logits, sel = compressed_generate(world, [s], ratio)
+        kept = harness_kept(world, [s], ratio)
+        assert sel.k == keep_count(ratio, world.mllm.n_tokens) == kept[0].numel()
+        assert torch.equal(sel.kept[0], kept[0]), s.id
+        assert sel.questions == [s.question]  # read back out of the prompt ids
+        ref_answers, ref_logits = project_generate(world, [s], kept)
+        assert answers == ref_answers
+        steps = logits.shape[1]
+        torch.testing.assert_close(logits, ref_logits[:, :steps], rtol=1e-4, atol=1e-4)
+        _, full_logits = project_generate(world, [s], [None])
+        assert not torch.allclose(logits, full_logits[:, :steps], atol=1e-3)  # it did compress
+
+
+def test_batched_left_padded_generate_matches(world):
+    samples = world.test
+    lengths = hf_inputs(world.mllm, samples)["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1  # the batch really is padded
+    masks: list[int] = []  # attention-mask length of each LLM forward
+    hook = world.mllm.lm.register_forward_pre_hook(
+        lambda mod, args, kw: masks.append(kw["attention_mask"].shape[1]), with_kwargs=True
+    )
+    try:
+        answers, logits, sel = compressed_generate(world, samples, 1 / 3)
+    finally:
+        hook.remove()
+    # the mask follows the shortened sequence (the KV cache), not the full-length prompt
+    assert masks == [sel.prefill_tokens + t for t in range(len(masks))]
+    kept = harness_kept(world, samples, 1 / 3)
+    assert all(torch.equal(a, b) for a, b in zip(sel.kept, kept, strict=True))
+    ref_answers, ref_logits = project_generate(world, samples, kept)
+    assert answers == ref_answers
+    torch.testing.assert_close(logits, ref_logits[:, : logits.shape[1]], rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_question_overrides_the_prompt(world):
+    s = world.test[0]
+    other = next(t for t in world.test if t.question != s.question)
+    *_, read = compressed_generate(world, [s], 1 / 3)
+    *_, given = compressed_generate(world, [s], 1 / 3, question=other.question)
+    assert given.questions == [other.question] and read.questions == [s.question]
+    mllm = world.mllm
+    compressor, _ = load_compressor(world.compressor)
+    feats = SimpleNamespace(
+        tokens=world.fstore.get(s.id).tokens, text=mllm.question_embeddings(other.question)
+    )
+    sel = Selector(mllm, {"grid": mllm.grid}, compressor)
+    want = sel.kept("evocomp", read.k, [s], [feats], sel.scores("evocomp", [s], [feats]))
+    assert torch.equal(given.kept[0], want[0])
+
+
+# ---- (b) a shorter prefill and KV cache -----------------------------------------------------------
+
+
+def test_prefill_and_cache_shrink_by_the_dropped_tokens(world):
+    mllm, s = world.mllm, world.test[0]
+    seen: list[int] = []  # sequence length of each LLM forward
+    hook = mllm.lm.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        _, full = hf_generate(mllm, [s])
+        prefill_full, seen[:] = seen[0], []
+        with compress_model(mllm.model, mllm.processor, world.compressor, 1 / 3) as handle:
+            _, short = hf_generate(mllm, [s])
+        prefill_short = seen[0]
+    finally:
+        hook.remove()
+    n, k = mllm.n_tokens, keep_count(1 / 3, mllm.n_tokens)
+    assert prefill_full - prefill_short == n - k
+    assert seen[1:] == [1] * (len(seen) - 1)  # decoding steps feed one token each
+    assert handle.last.prompt_tokens - handle.last.prefill_tokens == n - k
+    assert full.cache.get_seq_length() - short.cache.get_seq_length() == n - k
+
+
+# ---- (c) detach, (d) keep everything -------------------------------------------------------------
+
+
+def test_detach_restores_the_model(world):
+    mllm, samples = world.mllm, world.test[:2]
+    tape = LogitTape(mllm.model)
+    try:
+        before, _ = hf_generate(mllm, samples)
+        untouched = tape.take()
+        handle = compress_model(mllm.model, mllm.processor, world.compressor, 1 / 9)
+        hf_generate(mllm, samples)
+        compressed = tape.take()
+        handle.detach()
+        handle.detach()  # idempotent
+        after, _ = hf_generate(mllm, samples)
+        restored = tape.take()
+    finally:
+        tape.close()
+    assert "prepare_inputs_for_generation" not in vars(mllm.model)
+    assert after == before
+    assert torch.equal(restored, untouched)
+    assert not torch.allclose(
+        compressed[:, : untouched.shape[1]], untouched[:, : compressed.shape[1]], atol=1e-3
+    )
+
+
+def test_keep_ratio_one_is_the_unmodified_model(world):
+    mllm, samples = world.mllm, world.test
+    tape = LogitTape(mllm.model)
+    try:
+        plain, _ = hf_generate(mllm, samples)
+        plain_logits = tape.take()
+    finally:
+        tape.close()
+    answers, logits, sel = compressed_generate(world, samples, 1.0)
+    assert sel.k == sel.n_tokens and sel.prefill_tokens == sel.prompt_tokens
+    assert answers == plain
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-4)
+
+
+# ---- what is refused ------------------------------------------------------------------------------
+
+
+def test_refusals(world, tmp_path):
+    mllm = world.mllm
+    model, proc, comp = mllm.model, mllm.processor, world.compressor
+    with pytest.raises(ValueError, match="prune_layer=2"):
+        compress_model(model, proc, comp, 1 / 3, prune_layer=2)
+    with pytest.raises(ValueError, match="outside"):
+        compress_model(model, proc, comp, 1.5)
+    with pytest.raises(ModelError, match="qwen2_vl"):
+        compress_model(
+            SimpleNamespace(config=SimpleNamespace(model_type="qwen2_vl")), proc, comp, 0.5
+        )
+    with pytest.raises(FileNotFoundError, match="no compressor"):
+        compress_model(model, proc, tmp_path / "none", 1 / 3)
+    compressor, extra = load_compressor(comp)
+    save_compressor(compressor, tmp_path / "other", {**extra, "model_id": "other-0123456789ab"})
+    with pytest.raises(ModelError, match="trained for model 'other-0123456789ab'"):
+        compress_model(model, proc, tmp_path / "other", 1 / 3)
+    with compress_model(model, proc, comp, 1 / 3):
+        with pytest.raises(ValueError, match="already has a compressor"):
+            compress_model(model, proc, comp, 1 / 3)
+        inputs = hf_inputs(mllm, world.test[:1])
+        with pytest.raises(ValueError, match="outside"):
+            model.generate(**inputs, max_new_tokens=1, keep_ratio=0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "question"),
+    [
+        ("what colour is the cross ? ASSISTANT:", "what colour is the cross ?"),
+        (
+            "\nhow many red objects are there ? ASSISTANT: 2 </s> USER: and blue ? ASSISTANT:",
+            "how many red objects are there ?",
+        ),
+        ("no template here", "no template here"),
+        ("ASSISTANT:", ""),
+    ],
+)
+def test_question_read_from_the_prompt(text, question):
+    assert question_from_text(text, DEFAULT_TEMPLATE) == question
+
+
+# ---- (e) the command ------------------------------------------------------------------------------
+
+
+def cli(*args: str):
+    return runner.invoke(app, ["generate", *args])
+
+
+def test_cli_answers_with_the_api(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s, mllm = world.test[0], world.mllm
+    res = cli(
+        "--model", str(mllm.path), "--compressor", str(world.compressor),
+        "--image", str(s.image), "--question", s.question, "--keep-ratio", "0.333",
+        "--max-new-tokens", str(NEW), "--json",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    answers, _, sel = compressed_generate(world, [s], 0.333)
+    assert out["answer"] == answers[0]
+    assert out["kept"] == sel.kept[0].tolist() and out["k"] == 12 and out["n_tokens"] == 36
+    assert out["prefill_tokens"] == out["prompt_tokens"] - 24 and out["seconds"] > 0
+    plain = cli("--model", str(mllm.path), "--compressor", str(world.compressor),
+                "--image", str(s.image), "--question", s.question, "--max-new-tokens", str(NEW))  # fmt: skip
+    assert plain.exit_code == 0 and plain.stdout.strip() == answers[0]
+
+
+@pytest.fixture
+def bad_inputs(world, tmp_path):
+    (tmp_path / "not-image.png").write_text("hello")
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    (qwen / "model.safetensors").write_bytes(b"")
+    compressor, extra = load_compressor(world.compressor)
+    save_compressor(compressor, tmp_path / "other", {**extra, "model_id": "other-0123456789ab"})
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"--image": "missing.png"}, "image not found"),
+        ({"--image": "{tmp}/not-image.png"}, "unreadable image"),
+        ({"--model": "{tmp}"}, "no config.json"),
+        ({"--model": "{tmp}/qwen"}, "has no compressed generate() yet"),
+        ({"--compressor": "{tmp}/other"}, "trained for model 'other-0123456789ab'"),
+        ({"--compressor": "{tmp}/none"}, "no compressor"),
+        ({"--keep-ratio": "0"}, "--keep-ratio"),
+    ],
+)
+def test_cli_bad_input_is_one_line(world, bad_inputs, monkeypatch, change, match):
+    monkeypatch.chdir(bad_inputs)
+    s = world.test[0]
+    args = {
+        "--model": str(world.mllm.path),
+        "--compressor": str(world.compressor),
+        "--image": str(s.image),
+        "--question": s.question,
+    }
+    args.update({k: v.format(tmp=bad_inputs) for k, v in change.items()})
+    res = cli(*[x for kv in args.items() for x in kv])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], res.output
+
+
+# ---- the benchmark's smoke run --------------------------------------------------------------------
+
+
+def test_deploy_speed_bench_smoke(monkeypatch, tmp_path):
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import deploy_speed
+
+    out = tmp_path / "bench_deploy.json"
+    report = deploy_speed.main(
+        ["--tiny", "--quick", "--warmup", "0", "--new-tokens", "2", "--out", str(out)]
+    )
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report)) and not list(tmp_path.glob("*.tmp"))
+    tokens = data["tokens"]
+    assert tokens["1.000"]["visual"] - tokens["0.333"]["visual"] == 36 - 12
+    for key in ("1.000", "0.333"):  # the cache holds the prefill plus the fed new tokens
+        assert tokens[key]["kv_cache_after"] == tokens[key]["prefill"] + 1
+    assert tokens["1.000"]["prefill"] - tokens["0.333"]["prefill"] == 24
+    assert set(data["prefill_speedup"]) == {"0.333"} and data["command"].split()[1].startswith(
+        "bench/"
+    )

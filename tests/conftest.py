@@ -193,3 +193,107 @@ def make_tiny_qwen_vl(
         temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
     ).save_pretrained(path)  # fmt: skip
     return path
+
+
+GEMMA3_SPECIALS = (
+    "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+    "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+)  # fmt: skip
+GEMMA3_CHAT_TEMPLATE = (  # Gemma 3's chat template, reduced to images and text
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}"
+    "{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def gemma3_tokenizer():
+    """A word-level tokenizer with Gemma 3's special tokens, BOS and chat template (offline);
+    newlines are tokens of their own, as the image block's ``\\n\\n`` needs."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from evocomp.data import shapes
+
+    words = list(dict.fromkeys([*GEMMA3_SPECIALS, "\n", "user", "model", *shapes.WORDS]))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), "removed"),
+            pre_tokenizers.Split("\n", "isolated"),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", extra_special_tokens={"boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )  # fmt: skip
+    fast.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    fast.chat_template = GEMMA3_CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_gemma3(
+    path: Path, sliding_window: int = 24, image_size: int = 96, patch: int = 8, seed: int = 0
+) -> Path:
+    """A random Gemma3ForConditionalGeneration (hidden 64, a local and a global layer) saved
+    with its processor like a downloaded one.
+
+    SigLIP 96 px / patch 8 gives 12x12 patches, pooled 2x2 to 36 visual tokens (6x6). The
+    local layer's window (24) is shorter than a prompt with 36 image tokens, so it slides.
+    """
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tok = gemma3_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA3_SPECIALS}
+    rope = {"rope_type": "default"}
+    text = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=sliding_window,
+        rope_parameters={"sliding_attention": {**rope, "rope_theta": 1e4},
+                         "full_attention": {**rope, "rope_theta": 1e6}},
+        max_position_embeddings=512, pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"],
+        bos_token_id=ids["<bos>"],
+    )  # fmt: skip
+    vision = SiglipVisionConfig(
+        image_size=image_size, patch_size=patch, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, vision_use_head=False,
+    )  # fmt: skip
+    n = (image_size // patch // 2) ** 2
+    torch.manual_seed(seed)
+    cfg = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=n,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
+    model = Gemma3ForConditionalGeneration(cfg)
+    # the projector starts at zero (every visual token alike): give it random weights
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
+    model.generation_config.eos_token_id = ids["<eos>"]
+    model.generation_config.pad_token_id = ids["<pad>"]
+    model.save_pretrained(path)
+    images = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    Gemma3Processor(
+        images, tok, chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=n
+    ).save_pretrained(path)
+    return path

@@ -130,7 +130,16 @@ def tiny_checkpoint(tmp_path):
     ("config", "weights", "match"),
     [
         ({"model_type": "llava"}, False, "no weights"),
-        ({"model_type": "gemma3"}, True, "'gemma3' is not supported (supported families: llava"),
+        (
+            {"model_type": "llava_next"},
+            True,
+            "'llava_next' is not supported (supported families: llava",
+        ),
+        (
+            {"model_type": "gemma3", "vision_config": {"model_type": "clip_vision_model"}},
+            True,
+            "Gemma 3 checkpoint with vision tower 'clip_vision_model' is not supported",
+        ),
         (
             {"model_type": "llava", "vision_config": {"model_type": "pixtral"}},
             True,

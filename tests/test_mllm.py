@@ -147,15 +147,16 @@ def test_prune_at_layer(mllm, scene):
     img, qa = scene
     v = mllm.visual_tokens([img])[0]
     qs = [qa.question, "how many red objects are there ?"]
-    x, mask, pos = mllm._prompt_rows(qs, [v, v], [None, None])
+    x, mask, pos, image = mllm._prompt_rows(qs, [v, v], [None, None])
+    assert image.sum(1).tolist() == [36, 36] and not image[mask == 0].any()
     full = mllm.lm(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
     everyone = torch.ones_like(mask, dtype=torch.bool)
     torch.testing.assert_close(
-        mllm._hidden_pruned(x, mask, pos, everyone, 1), full, rtol=1e-4, atol=1e-5
+        mllm._hidden_pruned(x, mask, pos, image, everyone, 1), full, rtol=1e-4, atol=1e-5
     )
     some = everyone.clone()
     some[:, 5:30] = False  # drop visual tokens after layer 1: the answer position sees less
-    assert not torch.allclose(mllm._hidden_pruned(x, mask, pos, some, 1), full, atol=1e-4)
+    assert not torch.allclose(mllm._hidden_pruned(x, mask, pos, image, some, 1), full, atol=1e-4)
     kept = [torch.arange(0, 36, 2), None]
     batch = mllm.generate(qs, [v, v], kept, 3, prune_layer=1)
     assert batch == [

@@ -24,10 +24,12 @@ FAMILIES = {
     "llava": "LLaVA-1.5 / LLaVA-interleave (LlavaForConditionalGeneration; CLIP or SigLIP tower)",
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
+    "gemma3": "Gemma 3 (Gemma3ForConditionalGeneration; SigLIP tower)",
 }
 SUPPORTED = tuple(FAMILIES)
 QWEN = ("qwen2_vl", "qwen2_5_vl")
 LLAVA_TOWERS = ("clip_vision_model", "siglip_vision_model")
+GEMMA3_TOWER = "siglip_vision_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 # Where a checkpoint keeps its chat template (the prompt comes from it, so the id covers it).
@@ -72,6 +74,8 @@ def check_checkpoint(path: str | Path) -> dict:
         )
     if family in QWEN:
         qwen_grid(path, cfg)  # the processor config fixes N: refuse a folder without one now
+    if family == "gemma3":
+        gemma3_grid(path, cfg)
     return cfg
 
 
@@ -128,12 +132,40 @@ def qwen_grid(path: Path, cfg: dict) -> tuple[int, int]:
     return side, side
 
 
+def gemma3_grid(path: Path, cfg: dict) -> tuple[int, int]:
+    """The token grid of a Gemma 3 checkpoint: ``mm_tokens_per_image`` as a square.
+
+    Its projector average-pools the SigLIP tower's ``(image_size / patch)`` squared patches to
+    ``mm_tokens_per_image`` tokens, so N is fixed per model (every image is resized to
+    ``image_size``). Defaults are the config classes' (256 tokens; SigLIP 224 px, patch 16).
+    """
+    vision = cfg.get("vision_config") or {}
+    tower = vision.get("model_type", GEMMA3_TOWER)
+    if tower != GEMMA3_TOWER:
+        raise ModelError(
+            f"{path}: a Gemma 3 checkpoint with vision tower {tower!r} is not supported "
+            f"(supported: {GEMMA3_TOWER})"
+        )
+    n = int(cfg.get("mm_tokens_per_image") or 256)
+    side = math.isqrt(n)
+    patches = int(vision.get("image_size", 224)) // int(vision.get("patch_size", 16))
+    if side * side != n or patches % side:
+        raise ModelError(
+            f"{path / 'config.json'}: mm_tokens_per_image {n} is not a square grid that "
+            f"pools the tower's {patches}x{patches} patches evenly"
+        )
+    return side, side
+
+
 def checkpoint_info(path: str | Path, prompt_template: str | None = None) -> dict:
     """What the pipeline needs to know of a checkpoint without loading its weights."""
     path = Path(path)
     cfg = check_checkpoint(path)
     if cfg["model_type"] in QWEN:
         grid = qwen_grid(path, cfg)
+        n = grid[0] * grid[1]
+    elif cfg["model_type"] == "gemma3":
+        grid = gemma3_grid(path, cfg)
         n = grid[0] * grid[1]
     else:
         n = int(cfg["image_seq_length"])

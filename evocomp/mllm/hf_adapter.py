@@ -1,8 +1,10 @@
 """The LLM side every HF adapter shares: prompts, subset losses, generation, FastV scores.
 
-A family adapter (:mod:`.hf_llava`, :mod:`.hf_qwen_vl`) loads its model and says how its
-images become visual tokens and where each token sits (:meth:`HFAdapter.layout`: the full
-sequence's position ids, 1-D for LLaVA, ``(3, L)`` M-RoPE for Qwen). Everything else —
+A family adapter (:mod:`.hf_llava`, :mod:`.hf_qwen_vl`, :mod:`.hf_gemma3`) loads its model
+and says how its images become visual tokens, where each token sits
+(:meth:`HFAdapter.layout`: the full sequence's position ids, 1-D for LLaVA, ``(3, L)`` M-RoPE
+for Qwen) and how the LLM attends (:meth:`HFAdapter.llm_mask`: causal, or Gemma 3's
+bidirectional image block over the kept tokens). Everything else —
 ``[prefix][kept tokens][suffix][answer]`` through ``inputs_embeds``, each kept token at its
 original position, one batched forward per population, greedy decoding with a KV cache,
 pruning after LLM layer l — lives here once. Attention runs as SDPA except for the calls that
@@ -22,7 +24,14 @@ from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
 from evocomp.mllm.decoding import greedy
 from evocomp.mllm.prompts import resolve_template
-from evocomp.mllm.sequence import Prompt, encode_prompt, left_pad, subset_columns
+from evocomp.mllm.sequence import (
+    IMAGE,
+    Prompt,
+    encode_prompt,
+    left_pad,
+    left_pad_flags,
+    subset_columns,
+)
 
 
 def image_token_id(config) -> int:
@@ -56,14 +65,16 @@ class HFAdapter:
         self.model, self.tokenizer, self.processor = self.load(path)
         config = self.model.config
         self.prompt_override = prompt_template
+        image_token, image_block = self.image_placeholder()
         self.template = resolve_template(
             path,
             self.family,
             getattr(config, "evocomp", None) or {},
             self.tokenizer,
-            self.tokenizer.convert_ids_to_tokens(image_token_id(config)),
-            prompt_template,
-            self.processor,
+            image_token,
+            override=prompt_template,
+            processor=self.processor,
+            image_block=image_block,
         )
         self.model_id = checkpoint_id(path, prompt_template)
         self.lm = self.model.model.language_model
@@ -85,6 +96,32 @@ class HFAdapter:
     def layout(self, n_prefix: int, n_tail: int) -> torch.Tensor:
         """Position ids ``(..., n_prefix + N + n_tail)`` of the full sequence (all N tokens)."""
         return torch.arange(n_prefix + self.n_tokens + n_tail, device=self.device)
+
+    def image_placeholder(self) -> tuple[str, str]:
+        """What the chat template renders for the image, and the template text it stands for."""
+        return self.tokenizer.convert_ids_to_tokens(image_token_id(self.model.config)), IMAGE
+
+    def llm_mask(self, x, mask, pos, image):
+        """What the LLM takes as ``attention_mask`` for a prefill ``x (B, L, D)``.
+
+        ``mask (B, L)`` marks real tokens (None: all), ``pos`` the 1-D position ids or None,
+        ``image (B, L)`` the visual tokens fed. Causal attention needs only the padding mask;
+        a family whose image block attends otherwise builds its masks here.
+        """
+        return mask
+
+    def layer_inputs(self, h, mask, pos, image) -> list[tuple]:
+        """``(attention mask, rotary embeddings)`` per decoder layer, for a forward by hand."""
+        from transformers.masking_utils import create_causal_mask
+
+        cm = create_causal_mask(
+            config=self.lm.config,
+            inputs_embeds=h,
+            attention_mask=mask,
+            cache=None,
+            position_ids=self.text_positions(pos),
+        )
+        return [(cm, self.lm.rotary_emb(h, position_ids=pos))] * self.n_layers
 
     # ---- positions -------------------------------------------------------------------------------
     def positions(self, n_prefix: int, kept: torch.Tensor, n_tail: int) -> torch.Tensor:
@@ -153,6 +190,9 @@ class HFAdapter:
             # An explicit mask: with none, transformers reads the gaps in our position ids as
             # packed-sequence boundaries and walls the answer off from the visual tokens.
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=self.device)
+            image = torch.zeros(x.shape[:2], dtype=torch.bool, device=self.device)
+            image[:, len(prompt.prefix) : len(prompt.prefix) + k] = True
+            mask = self.llm_mask(x, mask, self.text_positions(pos), image)
             h = self.lm(
                 inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False
             ).last_hidden_state
@@ -162,8 +202,9 @@ class HFAdapter:
         return torch.cat(losses).cpu()
 
     def _prompt_rows(self, questions, visual, kept, vis_pos=None):
-        """``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``position_ids (..., B, L)``."""
-        rows, pos = [], []
+        """``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``position_ids (..., B, L)``
+        and where the visual tokens are ``(B, L)``, left-padded."""
+        rows, pos, image = [], [], []
         for i, q in enumerate(questions):
             p = self.encode(q)
             v = visual[i].to(self.device, self.dtype)
@@ -175,42 +216,34 @@ class HFAdapter:
             at = idx if vis_pos is None else vis_pos[i].to(self.device)
             rows.append(torch.cat([self._ids(p.prefix), v, self._ids(p.suffix)]))
             pos.append(self.positions(len(p.prefix), at[None], len(p.suffix))[..., 0, :])
-        return left_pad(rows, pos)
+            image.append(torch.zeros(rows[-1].shape[0], dtype=torch.bool, device=self.device))
+            image[-1][len(p.prefix) : len(p.prefix) + v.shape[0]] = True
+        x, mask, pid = left_pad(rows, pos)
+        return x, mask, pid, left_pad_flags(image, x.shape[1])
 
-    def _hidden_pruned(self, x, mask, pos, survive, layer: int) -> torch.Tensor:
+    def _hidden_pruned(self, x, mask, pos, image, survive, layer: int) -> torch.Tensor:
         """Last-position hidden states ``(B, D)``: all tokens for ``layer`` layers, then only ``survive``.
 
         The paper's pruning at LLM layer l (l=2): the first l layers see every visual token,
         the dropped ones' hidden states are removed before layer l.
         """
-        from transformers.masking_utils import create_causal_mask
-
-        lm = self.lm
-
-        def prep(h, m, p):
-            cm = create_causal_mask(
-                config=lm.config,
-                inputs_embeds=h,
-                attention_mask=m,
-                cache=None,
-                position_ids=self.text_positions(p),
-            )
-            return cm, lm.rotary_emb(h, position_ids=p)
-
-        h = x
-        cm, pe = prep(h, mask, pos)
-        for i, block in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+        h, B = x, x.shape[0]
+        inputs = self.layer_inputs(h, mask, pos, image)
+        for i, block in enumerate(self.lm.layers[: self.n_layers]):
             if i == layer:
-                keep = [survive[b] & mask[b].bool() for b in range(h.shape[0])]
+                keep = [survive[b] & mask[b].bool() for b in range(B)]
+                image = [image[b][keep[b]] for b in range(B)]
                 h, mask, pos = left_pad(
-                    [h[b][keep[b]] for b in range(h.shape[0])],
-                    [pos[..., b, :][..., keep[b]] for b in range(h.shape[0])],
+                    [h[b][keep[b]] for b in range(B)],
+                    [pos[..., b, :][..., keep[b]] for b in range(B)],
                 )
-                cm, pe = prep(h, mask, pos)
+                image = left_pad_flags(image, h.shape[1])
+                inputs = self.layer_inputs(h, mask, pos, image)
+            cm, pe = inputs[i]
             h = block(
                 h, attention_mask=cm, position_embeddings=pe, position_ids=self.text_positions(pos)
             )
-        return lm.norm(h)[:, -1]
+        return self.lm.norm(h)[:, -1]
 
     @torch.no_grad()
     def generate(
@@ -231,18 +264,21 @@ class HFAdapter:
         """
         if prune_layer > 0:
             return self._generate_pruned(questions, visual, kept, max_new_tokens, prune_layer)
-        x, mask, pos = self._prompt_rows(questions, visual, kept, vis_pos)
+        x, mask, pos, image = self._prompt_rows(questions, visual, kept, vis_pos)
         B, state = x.shape[0], {"cache": None, "x": x, "mask": mask, "pos": pos}
 
         def step(prev: torch.Tensor | None) -> torch.Tensor:
-            if prev is not None:  # feed the chosen tokens after the cached sequence
+            attn = state["mask"]
+            if prev is None:  # the prefill: the mask of the prompt, image block included
+                attn = self.llm_mask(x, attn, self.text_positions(pos), image)
+            else:  # feed the chosen tokens after the cached sequence
                 state["x"] = self.embed(prev.to(self.device))[:, None]
                 one = torch.ones(B, 1, dtype=state["mask"].dtype, device=self.device)
-                state["mask"] = torch.cat([state["mask"], one], dim=1)
+                attn = state["mask"] = torch.cat([state["mask"], one], dim=1)
                 state["pos"] = state["pos"][..., -1:] + 1
             res = self.lm(
                 inputs_embeds=state["x"],
-                attention_mask=state["mask"],
+                attention_mask=attn,
                 position_ids=state["pos"],
                 cache=state["cache"],
                 use_cache=True,
@@ -262,7 +298,7 @@ class HFAdapter:
             raise ValueError(
                 f"prune layer {layer} must be in 1..{self.n_layers - 1} for {self.path}"
             )
-        x, mask, pos = self._prompt_rows(questions, visual, [None] * len(questions))
+        x, mask, pos, image = self._prompt_rows(questions, visual, [None] * len(questions))
         survive = torch.ones_like(mask, dtype=torch.bool)
         for b, (q, k) in enumerate(zip(questions, kept, strict=True)):
             if k is not None:
@@ -270,7 +306,8 @@ class HFAdapter:
                 vis = torch.zeros(self.n_tokens, dtype=torch.bool)
                 vis[k] = True
                 survive[b, start : start + self.n_tokens] = vis.to(survive.device)
-        B, state = x.shape[0], {"x": x, "mask": mask, "pos": pos, "survive": survive}
+        B = x.shape[0]
+        state = {"x": x, "mask": mask, "pos": pos, "image": image, "survive": survive}
 
         def step(prev: torch.Tensor | None) -> torch.Tensor:
             # No KV cache on this path: the whole sequence goes through every layer again.
@@ -280,8 +317,9 @@ class HFAdapter:
                 state["mask"] = torch.cat([state["mask"], one], 1)
                 state["pos"] = torch.cat([state["pos"], state["pos"][..., -1:] + 1], -1)
                 state["survive"] = torch.cat([state["survive"], one.bool()], 1)
+                state["image"] = torch.cat([state["image"], ~one.bool()], 1)
             h = self._hidden_pruned(
-                state["x"], state["mask"], state["pos"], state["survive"], layer
+                state["x"], state["mask"], state["pos"], state["image"], state["survive"], layer
             )
             return self.model.lm_head(h)
 
@@ -299,8 +337,17 @@ class HFAdapter:
         pos = self.layout(len(prompt.prefix), len(prompt.suffix))
         # 1-D positions are the model's default (0..L-1); M-RoPE ones must be given.
         extra = {} if pos.ndim == 1 else {"position_ids": pos[..., None, :]}
-        with self._eager():
-            res = self.lm(inputs_embeds=x, output_attentions=True, use_cache=False, **extra)
-        a = res.attentions[layer - 1][0].float().mean(0)  # (L, L), mean over heads
         start = len(prompt.prefix)
+        image = torch.zeros(x.shape[:2], dtype=torch.bool, device=self.device)
+        image[:, start : start + self.n_tokens] = True
+        with self._eager():  # the mask after the switch: it is built for the eager kernel
+            mask = self.llm_mask(x, None, None, image)
+            res = self.lm(
+                inputs_embeds=x,
+                attention_mask=mask,
+                output_attentions=True,
+                use_cache=False,
+                **extra,
+            )
+        a = res.attentions[layer - 1][0].float().mean(0)  # (L, L), mean over heads
         return a[-1, start : start + self.n_tokens].cpu()

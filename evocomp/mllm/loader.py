@@ -30,11 +30,13 @@ def load_mllm(
         ModelError: not a checkpoint directory, an unsupported family or an unknown dtype.
     """
     family = check_checkpoint(path)["model_type"]
-    # Imported here, so a LLaVA run never imports the Qwen code (and the reverse).
+    # Imported here, so a run imports its own family's adapter only.
     if family == "llava":
         from evocomp.mllm.hf_llava import HFLlava as Adapter
     elif family == "qwen2_vl":
         from evocomp.mllm.hf_qwen_vl import HFQwenVL as Adapter
+    elif family == "gemma3":
+        from evocomp.mllm.hf_gemma3 import HFGemma3 as Adapter
     else:  # check_checkpoint admits only FAMILIES
         from evocomp.mllm.hf_qwen_vl import HFQwen25VL as Adapter
     return Adapter(path, device=device, dtype=dtype, prompt_template=prompt_template)

@@ -24,10 +24,16 @@ QWEN_TEMPLATE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     f"<|vision_start|>{IMAGE}<|vision_end|>{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 )
+# Gemma 3's processor writes each image as this block where its chat template puts <start_of_image>.
+GEMMA3_IMAGE_BLOCK = f"\n\n<start_of_image>{IMAGE}<end_of_image>\n\n"
+GEMMA3_TEMPLATE = (
+    f"<start_of_turn>user\n{GEMMA3_IMAGE_BLOCK}{QUESTION}<end_of_turn>\n<start_of_turn>model\n"
+)
 FAMILY_TEMPLATES = {
     "llava": DEFAULT_TEMPLATE,
     "qwen2_vl": QWEN_TEMPLATE,
     "qwen2_5_vl": QWEN_TEMPLATE,
+    "gemma3": GEMMA3_TEMPLATE,
 }
 
 
@@ -53,11 +59,15 @@ def chat_template_of(path: Path, tokenizer, processor=None) -> str | None:
     return None
 
 
-def render_chat_template(tokenizer, chat_template: str, image_token: str) -> str:
+def render_chat_template(
+    tokenizer, chat_template: str, image_token: str, image_block: str = IMAGE
+) -> str:
     """One user turn (the image, then the question) rendered and written as a template.
 
     The image placeholder the template renders (``image_token``, e.g. ``<|image_pad|>``) is
-    written as ``<image>``; markers around it (``<|vision_start|>``) stay in the text.
+    written as ``image_block``: ``<image>``, with the text a processor puts around the image
+    tokens when the template leaves that to it (Gemma 3: :data:`GEMMA3_IMAGE_BLOCK`); markers
+    the template writes itself (``<|vision_start|>``) stay in the text.
     """
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
@@ -68,7 +78,7 @@ def render_chat_template(tokenizer, chat_template: str, image_token: str) -> str
     if image_token != IMAGE:
         if IMAGE in text:
             raise ModelError(f"chat template renders a literal {IMAGE} besides {image_token}")
-        text = text.replace(image_token, IMAGE)
+        text = text.replace(image_token, image_block)
     return text
 
 
@@ -80,14 +90,19 @@ def resolve_template(
     image_token: str,
     override: str | None = None,
     processor=None,
+    image_block: str = IMAGE,
 ) -> str:
-    """The prompt template for the checkpoint at ``path`` (the precedence in the module doc)."""
+    """The prompt template for the checkpoint at ``path`` (the precedence in the module doc).
+
+    ``image_token`` is what the chat template renders for the image, ``image_block`` the
+    template text it stands for (:func:`render_chat_template`).
+    """
     if override is not None:
         return check_template(override, "mllm.prompt_template")
     if own := config_extra.get("prompt_template"):
         return check_template(own, f"{path / 'config.json'} evocomp.prompt_template")
     if chat := chat_template_of(path, tokenizer, processor):
-        rendered = render_chat_template(tokenizer, chat, image_token)
+        rendered = render_chat_template(tokenizer, chat, image_token, image_block)
         return check_template(
             rendered,
             f"{path}: the chat template (one user turn, image + question) rendered; "

@@ -111,3 +111,12 @@ def left_pad(
         mask[i, L - n :] = 1
         pid[..., i, L - n :] = p
     return emb, mask, pid
+
+
+def left_pad_flags(flags: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Rows of per-token flags ``(L_i,)`` left-padded with False into ``(B, length)``,
+    aligned with :func:`left_pad`'s rows."""
+    out = torch.zeros(len(flags), length, dtype=torch.bool, device=flags[0].device)
+    for i, f in enumerate(flags):
+        out[i, length - f.shape[0] :] = f
+    return out

@@ -261,9 +261,9 @@ def test_refusals(world, tmp_path):
         compress_model(model, proc, comp, 1 / 3, prune_layer=2)
     with pytest.raises(ValueError, match="outside"):
         compress_model(model, proc, comp, 1.5)
-    with pytest.raises(ModelError, match="qwen2_vl"):
+    with pytest.raises(ModelError, match="gemma3"):
         compress_model(
-            SimpleNamespace(config=SimpleNamespace(model_type="qwen2_vl")), proc, comp, 0.5
+            SimpleNamespace(config=SimpleNamespace(model_type="gemma3")), proc, comp, 0.5
         )
     with pytest.raises(FileNotFoundError, match="no compressor"):
         compress_model(model, proc, tmp_path / "none", 1 / 3)
@@ -324,10 +324,10 @@ def test_cli_answers_with_the_api(world, tmp_path, monkeypatch):
 @pytest.fixture
 def bad_inputs(world, tmp_path):
     (tmp_path / "not-image.png").write_text("hello")
-    qwen = tmp_path / "qwen"
-    qwen.mkdir()
-    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    (qwen / "model.safetensors").write_bytes(b"")
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    (gemma / "model.safetensors").write_bytes(b"")
     compressor, extra = load_compressor(world.compressor)
     save_compressor(compressor, tmp_path / "other", {**extra, "model_id": "other-0123456789ab"})
     return tmp_path
@@ -339,7 +339,7 @@ def bad_inputs(world, tmp_path):
         ({"--image": "missing.png"}, "image not found"),
         ({"--image": "{tmp}/not-image.png"}, "unreadable image"),
         ({"--model": "{tmp}"}, "no config.json"),
-        ({"--model": "{tmp}/qwen"}, "has no compressed generate() yet"),
+        ({"--model": "{tmp}/gemma"}, "has no compressed generate() yet"),
         ({"--compressor": "{tmp}/other"}, "trained for model 'other-0123456789ab'"),
         ({"--compressor": "{tmp}/none"}, "no compressor"),
         ({"--keep-ratio": "0"}, "--keep-ratio"),

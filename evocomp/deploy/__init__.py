@@ -9,5 +9,13 @@
 
 from evocomp.deploy.attach import FAMILIES, CompressedModel, compress_model, load_checkpoint
 from evocomp.deploy.llava import Selection
+from evocomp.deploy.qwen import QwenProcessor
 
-__all__ = ["FAMILIES", "CompressedModel", "Selection", "compress_model", "load_checkpoint"]
+__all__ = [
+    "FAMILIES",
+    "CompressedModel",
+    "QwenProcessor",
+    "Selection",
+    "compress_model",
+    "load_checkpoint",
+]

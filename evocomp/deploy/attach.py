@@ -15,10 +15,12 @@ or one per prompt) to score with instead of the question read from the prompt, a
 ``keep_ratio=`` to override the handle's ratio for one call.
 
 Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5-style checkpoints: one image per
-prompt, a fixed number of visual tokens), batches of left-padded prompts, the default dynamic
-cache, tokens dropped before the LLM (``prune_layer=0``). Another family adds its own hook to
-:data:`FAMILIES`. One ``generate()`` at a time per model: the hook keeps the running call's
-kept positions between its iterations.
+prompt, a fixed number of visual tokens) and ``Qwen2VLForConditionalGeneration`` /
+``Qwen2_5_VLForConditionalGeneration`` (one image per prompt, 3-D M-RoPE positions kept:
+:mod:`evocomp.deploy.qwen`), batches of left-padded prompts whose images give the same N, the
+default dynamic cache, tokens dropped before the LLM (``prune_layer=0``). Another family adds
+its own hook to :data:`FAMILIES`. One ``generate()`` at a time per model: the hook keeps the
+running call's kept positions between its iterations.
 """
 
 from __future__ import annotations
@@ -30,10 +32,18 @@ from pathlib import Path
 
 from evocomp.deploy.llava import LlavaPrefill, Selection
 from evocomp.deploy.prompt import template_of
+from evocomp.deploy.qwen import QwenPrefill, QwenProcessor
 from evocomp.deploy.scorer import TokenScorer
 from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
 from evocomp.tokens import keep_count
+
+
+def auto_processor(path: Path):
+    """The checkpoint's own processor (LLaVA's loads without torchvision)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
 
 
 @dataclass(frozen=True)
@@ -43,10 +53,23 @@ class Family:
     model_class: str  # the transformers class its checkpoints load with
     check: Callable[[Path], dict]  # checks a checkpoint folder (config, weights); raises ModelError
     hook: type  # (model, tokenizer, template) -> object with .prefill(...) and .follow(...)
+    processor: Callable[[Path], object] = auto_processor  # the processor of a checkpoint folder
 
 
 FAMILIES: dict[str, Family] = {
     "llava": Family("LlavaForConditionalGeneration", check_checkpoint, LlavaPrefill),
+    "qwen2_vl": Family(
+        "Qwen2VLForConditionalGeneration",
+        check_checkpoint,
+        QwenPrefill,
+        QwenProcessor.from_pretrained,
+    ),
+    "qwen2_5_vl": Family(
+        "Qwen2_5_VLForConditionalGeneration",
+        check_checkpoint,
+        QwenPrefill,
+        QwenProcessor.from_pretrained,
+    ),
 }
 HOOK_ATTR = "_evocomp_compressed"  # set on a model while a compressor is attached
 
@@ -93,7 +116,7 @@ class CompressedModel:
                 keep_count(ratio, 1)  # a bad ratio fails here, before any scoring
                 qs = [question] if isinstance(question, str) else question
                 self.last = self.hook.prefill(
-                    inputs, lambda v, t: self.scorer.kept(v, t, ratio), qs
+                    inputs, lambda v, t, g: self.scorer.kept(v, t, ratio, g), qs
                 )
             else:
                 self.hook.follow(inputs)
@@ -131,8 +154,10 @@ def compress_model(
     """Make ``model.generate()`` keep only the compressor's top-k visual tokens per image.
 
     Args:
-        model: a transformers model of a family in :data:`FAMILIES` (today LLaVA-1.5 style).
-        processor: its processor (the tokenizer decodes the question out of the prompt).
+        model: a transformers model of a family in :data:`FAMILIES` (LLaVA-1.5 style, Qwen2-VL,
+            Qwen2.5-VL).
+        processor: its processor (the tokenizer decodes the question out of the prompt); for
+            Qwen a :class:`evocomp.deploy.qwen.QwenProcessor` (``load_checkpoint`` gives one).
         compressor_dir: a folder written by ``evocomp train``.
         keep_ratio: fraction of each image's N visual tokens kept, in (0, 1]; k =
             ``evocomp.tokens.keep_count(keep_ratio, N)``.
@@ -208,11 +233,11 @@ def load_checkpoint(
         ModelError: as :func:`checkpoint_config`, or an unknown dtype.
     """
     import transformers
-    from transformers import AutoProcessor
 
     config = checkpoint_config(path)
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    cls = getattr(transformers, FAMILIES[config.model_type].model_class)
-    model = cls.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
-    return model, AutoProcessor.from_pretrained(path), checkpoint_id(path, prompt_template)
+    family = FAMILIES[config.model_type]
+    model = getattr(transformers, family.model_class).from_pretrained(path, dtype=DTYPES[dtype])
+    processor = family.processor(Path(path))
+    return model.to(device).eval(), processor, checkpoint_id(path, prompt_template)

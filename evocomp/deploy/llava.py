@@ -41,11 +41,22 @@ class Selection:
     prefill_tokens: int  # what the LLM's prefill (and KV cache) holds: L - (N - k)
 
 
-Pick = Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
+# (visual per image, question embeddings per image, grid per image or None) -> kept indices
+Pick = Callable[
+    [list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]] | None], list[torch.Tensor]
+]
 
 
 class LlavaPrefill:
-    """Drops unkept image positions from LLaVA's prefill; see the module doc."""
+    """Drops unkept image positions from LLaVA's prefill; see the module doc.
+
+    A family whose prefill differs only in where its image features come from, how it embeds
+    them, where its tokens sit or how decoding continues (:mod:`evocomp.deploy.qwen`)
+    overrides those steps: :meth:`_features`, :meth:`_embeddings`, :meth:`_positions`,
+    :meth:`_grids`, :meth:`follow`.
+    """
+
+    DROP = ("pixel_values", "mm_encoder_outputs", "image_sizes")  # inputs the prefill consumed
 
     def __init__(self, model, tokenizer, template: str) -> None:
         self.model, self.tokenizer, self.template = model, tokenizer, template
@@ -68,19 +79,49 @@ class LlavaPrefill:
         return None
 
     def _questions(self, ids: torch.Tensor) -> list[str]:
+        """Each row's question: the ids after the last image token, from the first ordinary
+        token up to the next special one (a chat template's end of turn, ``<|im_end|>``),
+        decoded, then cut at the template's text (:func:`question_from_text`). An unknown
+        word's ``<unk>`` stays in: it is part of the question labeling tokenized."""
+        special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
         out = []
         for row in ids:
             last = int((row == self.image_token_id).nonzero()[-1])
-            text = self.tokenizer.decode(row[last + 1 :].tolist(), skip_special_tokens=True)
+            after = row[last + 1 :].tolist()
+            start = next((i for i, t in enumerate(after) if t not in special), len(after))
+            end = next((i for i, t in enumerate(after) if i > start and t in special), len(after))
+            text = self.tokenizer.decode(after[start:end], skip_special_tokens=False)
             out.append(question_from_text(text, self.template))
         return out
+
+    def _embeddings(self, ids: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """What the model's forward feeds the LLM ``(B, L, D)``: image features in the placeholders."""
+        x = self.model.get_input_embeddings()(ids)  # (B, L, D)
+        image = torch.cat(feats).to(x.device, x.dtype)  # (B * N, D)
+        mask = self.model.model.get_placeholder_mask(ids, inputs_embeds=x, image_features=image)
+        return x.masked_scatter(mask, image)
+
+    def _positions(self, inputs: dict, ids: torch.Tensor) -> torch.Tensor:
+        """The full prompt's position ids ``(B, L)``: as ``generate()`` derives them (original
+        positions, left padding at 0)."""
+        pos = inputs.get("position_ids")
+        if pos is None:
+            attn = inputs.get("attention_mask")
+            ones = torch.ones_like(ids) if attn is None else attn.long()
+            pos = (ones.cumsum(-1) - 1).masked_fill(ones == 0, 0)
+        return pos
+
+    def _grids(self, pos: torch.Tensor, ids: torch.Tensor) -> list[tuple[int, int]] | None:
+        """Each image's token grid (rows, cols) for the compressor; None: ``grid_shape(N)``,
+        the grid of a fixed-N model as labeling and evaluation use it."""
+        return None
 
     def prefill(self, inputs: dict, pick: Pick, questions: list[str] | None) -> Selection | None:
         """Rewrite the first iteration's model ``inputs`` in place to the kept positions.
 
         Args:
             inputs: what ``prepare_inputs_for_generation`` returned for the prompt.
-            pick: ``(visual per image, question embeddings per image) -> kept indices``.
+            pick: ``(visual per image, question embeddings per image, grids) -> kept indices``.
             questions: one per row, or None to read them from the prompt (:mod:`.prompt`).
 
         Returns:
@@ -95,6 +136,11 @@ class LlavaPrefill:
             raise ValueError(
                 "a compressed generate() needs the prompt's input_ids (the processor's output), "
                 "not inputs_embeds"
+            )
+        if inputs.get("use_cache") is False:
+            raise ValueError(
+                "a compressed generate() needs the KV cache (use_cache=True): without one every "
+                "step would feed the whole uncompressed prompt again"
             )
         cache = inputs.get("cache")
         if cache is not None and getattr(cache, "is_compileable", False):
@@ -116,13 +162,10 @@ class LlavaPrefill:
         elif len(questions) != B:
             raise ValueError(f"{len(questions)} questions for {B} prompts")
         text = [question_embeddings(self.model, self.tokenizer, q) for q in questions]
-        kept = pick(feats, text)
+        pos = self._positions(inputs, ids)  # (..., B, L)
+        kept = pick(feats, text, self._grids(pos, ids))
 
-        embed = self.model.get_input_embeddings()
-        x = embed(ids)  # (B, L, D)
-        image = torch.cat(feats).to(x.device, x.dtype)  # (B * N, D)
-        mask = self.model.model.get_placeholder_mask(ids, inputs_embeds=x, image_features=image)
-        x = x.masked_scatter(mask, image)  # what LlavaModel.forward would feed the LLM
+        x = self._embeddings(ids, feats)
         keep = torch.ones(B, L, dtype=torch.bool, device=ids.device)
         for b in range(B):
             slots = (ids[b] == self.image_token_id).nonzero().squeeze(1)  # (N,) prompt positions
@@ -132,20 +175,16 @@ class LlavaPrefill:
         k = int(kept[0].numel())
         L_kept = L - (N - k)  # every row drops N - k: the batch stays rectangular
 
-        pos = inputs.get("position_ids")
         attn = inputs.get("attention_mask")
-        if pos is None:  # as generate() derives them: original positions, left padding at 0
-            ones = torch.ones_like(ids) if attn is None else attn.long()
-            pos = (ones.cumsum(-1) - 1).masked_fill(ones == 0, 0)
         if attn is None:
             # Always an explicit mask: with none, transformers reads the gaps left in the
             # position ids as packed-sequence boundaries and walls the text off the image.
             attn = torch.ones_like(ids)
         inputs["inputs_embeds"] = x[keep].view(B, L_kept, -1)
         inputs["attention_mask"] = attn[keep].view(B, L_kept)
-        inputs["position_ids"] = pos[keep].view(B, L_kept)
+        inputs["position_ids"] = pos[..., keep.to(pos.device)].view(*pos.shape[:-2], B, L_kept)
         inputs["input_ids"] = None
-        for key in ("pixel_values", "mm_encoder_outputs", "image_sizes"):
+        for key in self.DROP:
             inputs.pop(key, None)
         self._keep = keep
         return Selection(kept, N, k, questions, L, L_kept)

@@ -5,11 +5,12 @@ The compressor scores visual tokens given the question alone (its training input
 no answer). Inside ``generate()`` only the prompt's token ids are at hand, so the question is
 recovered from them: the text after the image placeholder up to the end of the user turn,
 where both ends are read off the prompt template (``"USER: <image>\\n{question} ASSISTANT:"``
-for LLaVA-1.5): decode the ids after the last image token, drop the template's text between
-``<image>`` and ``{question}`` when the decoded text starts with it, and cut at the first
-occurrence of the template's text after ``{question}`` (the assistant tag). A prompt that does
-not follow the template keeps everything after the image. Pass ``question=`` to ``generate()``
-to skip the guesswork.
+for LLaVA-1.5): take the ids after the last image token from the first ordinary token up to
+the next special one (a chat template's end of turn, ``<|im_end|>``; ``<unk>`` counts as
+ordinary), decode them, drop the template's text between ``<image>`` and ``{question}`` when
+the decoded text starts with it, and cut at the first occurrence of the template's text after
+``{question}`` (the assistant tag). A prompt that does not follow the template keeps
+everything after the image. Pass ``question=`` to ``generate()`` to skip the guesswork.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def template_of(model, processor, override: str | None = None) -> str:
     )
 
 
-def prompt_text(template: str, question: str) -> str:
-    """The processor's ``text=``: the template with the question filled in, ``<image>`` left for it."""
-    return template.replace(QUESTION, question.strip())
+def prompt_text(template: str, question: str, image_token: str = IMAGE) -> str:
+    """The processor's ``text=``: the template with the question filled in and ``<image>``
+    written as the processor's image token (``processor.image_token``: ``<|image_pad|>`` for
+    Qwen), which the processor expands to the image's N tokens."""
+    return template.replace(QUESTION, question.strip()).replace(IMAGE, image_token)
 
 
 def question_from_text(text: str, template: str) -> str:

@@ -58,7 +58,11 @@ class TokenScorer:
 
     @torch.no_grad()
     def kept(
-        self, visual: list[torch.Tensor], text: list[torch.Tensor], ratio: float
+        self,
+        visual: list[torch.Tensor],
+        text: list[torch.Tensor],
+        ratio: float,
+        grids: list[tuple[int, int]] | None = None,
     ) -> list[torch.Tensor]:
         """Kept token indices per image, ascending: the top ``keep_count(ratio, N)`` scores.
 
@@ -66,18 +70,32 @@ class TokenScorer:
             visual: per image, its projected visual tokens ``(N, D)``.
             text: per image, the question's token embeddings ``(T, D)`` (T may be 0).
             ratio: keep ratio in (0, 1].
+            grids: per image, its token grid (rows, cols) in row-major order (Qwen knows it
+                from the image's size); None: ``grid_shape(N)``, a fixed-N model's grid.
 
         Returns:
             per image a ``(k,)`` LongTensor on the CPU.
+
+        Raises:
+            ValueError: a grid wider or taller than any the compressor was trained on.
         """
+        grids = grids or [grid_shape(v.shape[0]) for v in visual]
+        top = self.compressor.cfg.max_grid
+        for rows, cols in grids:
+            if max(rows, cols) > top:
+                raise ValueError(
+                    f"an image of {rows}x{cols} visual tokens: {self.directory} scores grids of "
+                    f"at most {top} rows and {top} columns (the largest it was trained on); "
+                    "resize the image to the size the compressor's labels were made at"
+                )
         items = [
             Item(
                 v.float().cpu(),
-                grid_positions(v.shape[0], grid_shape(v.shape[0])),
+                grid_positions(v.shape[0], g),
                 t.float().cpu(),
                 torch.zeros(v.shape[0]),
             )
-            for v, t in zip(visual, text, strict=True)
+            for v, t, g in zip(visual, text, grids, strict=True)
         ]
         b = collate(items, device=self.device)
         logits = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask).logits

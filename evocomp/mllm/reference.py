@@ -152,7 +152,8 @@ def train_reference(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.config.evocomp = {
-        "recipe": params.model_dump(),
+        # how to use a model is not how it was trained: prompt_template stays out of the recipe
+        "recipe": params.model_dump(exclude={"prompt_template"}),
         "prompt_template": DEFAULT_TEMPLATE,
         "lm_steps_run": report["steps"],
         "held_out_accuracy": report["held_out"],

@@ -161,12 +161,6 @@ def runs(url: str) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def heuristic_methods(url: str) -> list[str]:
-    """The heuristics the runs compared against (their search params' ``heuristics``)."""
-    return facts.heuristic_methods(get_engine(url))
-
-
-@st.cache_data(ttl=TTL, show_spinner=False)
 def label_facts(url: str) -> pd.DataFrame:
     """One row per stored label (``evocomp.audit.facts.label_facts``)."""
     return facts.label_facts(get_engine(url))

@@ -44,6 +44,7 @@ class HFAdapter:
     """The MLLM protocol over a local HF checkpoint; subclasses load one family."""
 
     family = ""  # config.json model_type this adapter runs
+    model_class = ""  # its transformers class, loaded with AutoProcessor by the default load()
 
     def __init__(
         self,
@@ -87,7 +88,11 @@ class HFAdapter:
     # ---- what a family provides ----------------------------------------------------------------
     def load(self, path: Path):
         """``(model, tokenizer, processor or None)``, the model on ``self.device`` in eval mode."""
-        raise NotImplementedError
+        import transformers
+
+        model = getattr(transformers, self.model_class).from_pretrained(path, dtype=self.dtype)
+        processor = transformers.AutoProcessor.from_pretrained(path)
+        return model.to(self.device).eval(), processor.tokenizer, processor
 
     def token_grid(self, path: Path, cfg: dict) -> tuple[int, tuple[int, int]]:
         """The model's visual tokens per image N and their grid (rows, cols)."""

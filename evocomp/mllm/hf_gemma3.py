@@ -40,13 +40,7 @@ class HFGemma3(HFAdapter):
     """The MLLM protocol over a local Gemma 3 checkpoint directory."""
 
     family = "gemma3"
-
-    def load(self, path: Path):
-        from transformers import AutoProcessor, Gemma3ForConditionalGeneration
-
-        model = Gemma3ForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
-        processor = AutoProcessor.from_pretrained(path)
-        return model.to(self.device).eval(), processor.tokenizer, processor
+    model_class = "Gemma3ForConditionalGeneration"
 
     def token_grid(self, path: Path, cfg: dict) -> tuple[int, tuple[int, int]]:
         grid = gemma3_grid(path, cfg)

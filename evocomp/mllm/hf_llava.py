@@ -29,13 +29,7 @@ class HFLlava(HFAdapter):
     """The MLLM protocol over a local HF LLaVA checkpoint directory."""
 
     family = "llava"
-
-    def load(self, path: Path):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
-        processor = AutoProcessor.from_pretrained(path)
-        return model.to(self.device).eval(), processor.tokenizer, processor
+    model_class = "LlavaForConditionalGeneration"
 
     def token_grid(self, path: Path, cfg: dict) -> tuple[int, tuple[int, int]]:
         n = int(self.model.config.image_seq_length)

@@ -151,7 +151,9 @@ def make_labels(ws: Workspace, samples: list, grouping: str, params: SearchParam
             space = SearchSpace.build(feats.nearest, None, params)
             kept = repair((), space, random.Random(seed))
             prompt = ws.mllm.encode(s.question, s.answer)
-            loss = float(ws.mllm.subset_loss(prompt, feats.tokens, torch.tensor([kept]))[0])
+            loss = float(
+                ws.mllm.subset_loss(prompt, feats.tokens, torch.tensor([kept]), feats.layout)[0]
+            )
             soft = None
         else:
             if grouping == "kmeans":
@@ -187,7 +189,7 @@ def accuracy(raw: dict, method: str) -> dict[str, float]:
 
 def run_variant(ws, labels, test, base: TrainParams, overrides: dict, device: str) -> dict:
     """Train one compressor variant and evaluate it on the test split."""
-    items = items_from_labels(labels, ws.fstore, ws.info["grid"])
+    items = items_from_labels(labels, ws.fstore)
     tp = base.model_copy(update=overrides)
     t0 = time.perf_counter()
     model, history = fit_compressor(

@@ -63,7 +63,7 @@ def answers(
             selections |= heuristic_sets(
                 k,
                 tokens=feats.tokens,
-                grid=mllm.grid,
+                grid=feats.cells,
                 text_attn=feats.text_attn,
                 cls_attn=feats.cls_attn,
                 seed=seed,
@@ -77,13 +77,14 @@ def answers(
         [feats.tokens] * len(names),
         [selections[m] for m in names],
         max_new_tokens=MAX_NEW_TOKENS,
+        layouts=[feats.layout] * len(names),
     )
     prompt = mllm.encode(sample["question"], sample["answer"])
     rows = []
     for name, out in zip(names, outs, strict=True):
         idx = selections[name]
         idx = torch.arange(n) if idx is None else idx.sort().values
-        loss = float(mllm.subset_loss(prompt, feats.tokens, idx[None])[0])
+        loss = float(mllm.subset_loss(prompt, feats.tokens, idx[None], feats.layout)[0])
         rows.append(
             {
                 "selection": name,

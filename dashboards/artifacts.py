@@ -121,7 +121,6 @@ def grad_stats(
     from evocomp.compress.training import items_from_labels
     from evocomp.features.cache import FeatureStore
     from evocomp.labelset import load_label_set
-    from evocomp.tokens import grid_shape
 
     try:
         model, extra = load_compressor(compressor, device)
@@ -136,11 +135,10 @@ def grad_stats(
                 f"{len(df)} labels of {labels} (run `evocomp features`)"
             }
         n = int(present["n_tokens"].iloc[0])
-        grid = grid_shape(n)
         chosen = present.sort_values("sample_id").head(max(1, MAX_GHM_TOKENS // n))
         gs, overlap, weight = [], 0.0, 0
         for start in range(0, len(chosen), CHUNK):
-            split_items = items_from_labels(chosen.iloc[start : start + CHUNK], fstore, grid)
+            split_items = items_from_labels(chosen.iloc[start : start + CHUNK], fstore)
             items = [it for part in split_items.values() for it in part]
             stats = gradient_norms(model, items, device=device)
             gs.append(stats.g)

@@ -77,6 +77,29 @@ def _pooling(grid: tuple[int, int], k: int) -> torch.Tensor:
     return torch.tensor(picks, dtype=torch.long)
 
 
+def _pooling_cells(cells: torch.Tensor, k: int) -> torch.Tensor:
+    """k tokens spread evenly over the patch cells ``(N, 2)`` of an image of any layout.
+
+    Tokens that fill their bounding grid once, in raster order (every single-grid family) get
+    :func:`_pooling` exactly. Otherwise (LLaVA-NeXT: base tokens over tile tokens, unpadded
+    rows) each of :func:`_pooling`'s k target cells of the bounding grid takes the nearest
+    token not yet taken (L1 on cells; ties: the lower index).
+    """
+    h, w = (int(x) + 1 for x in cells.max(0).values)
+    n = cells.shape[0]
+    if n == h * w and torch.equal(cells[:, 0] * w + cells[:, 1], torch.arange(n)):
+        return _pooling((h, w), k)
+    taken = torch.zeros(n, dtype=torch.bool)
+    picks = []
+    for t in _pooling((h, w), k).tolist():
+        d = (cells - torch.tensor([t // w, t % w])).abs().sum(1).float()
+        d[taken] = math.inf
+        i = int(torch.argmin(d))
+        taken[i] = True
+        picks.append(i)
+    return torch.tensor(picks, dtype=torch.long)
+
+
 def _divprune(tokens: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy max-min diversity (DivPrune, Alvar et al., CVPR 2025).
 
@@ -129,6 +152,10 @@ def _dart(tokens: torch.Tensor, k: int) -> torch.Tensor:
 
 def _infer_n(tokens, grid, text_attn, cls_attn) -> int | None:
     sizes = {}
+    if isinstance(grid, torch.Tensor):  # cells (N, 2)
+        if grid.ndim != 2 or grid.shape[1] != 2 or grid.shape[0] == 0 or grid.min() < 0:
+            raise ValueError(f"cells must be (N, 2) >= 0, got shape {tuple(grid.shape)}")
+        sizes["grid"], grid = grid.shape[0], None
     if tokens is not None:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (N, D), got shape {tuple(tokens.shape)}")
@@ -152,7 +179,7 @@ def select(
     k: int,
     *,
     tokens: torch.Tensor | None = None,
-    grid: tuple[int, int] | None = None,
+    grid: tuple[int, int] | torch.Tensor | None = None,
     text_attn: torch.Tensor | None = None,
     cls_attn: torch.Tensor | None = None,
     seed: int = 0,
@@ -163,7 +190,8 @@ def select(
         method: one of :data:`HEURISTICS`.
         k: tokens to keep, 1 <= k <= N.
         tokens: (N, D) visual tokens (divprune, dart; fixes N for random).
-        grid: (h, w) patch grid with h*w = N (pooling).
+        grid: (h, w) patch grid with h*w = N, or each token's (row, col) cell ``(N, 2)``
+            for an image of any layout (pooling).
         text_attn: (N,) attention of the last prompt token to each visual token at
             LLM layer 2, mean over heads (fastv; FastV, Chen et al. 2024).
         cls_attn: (N,) vision-tower CLS attention summed over heads (visionzip;
@@ -204,7 +232,7 @@ def _pick(method, k, n, tokens, grid, text_attn, cls_attn, seed) -> torch.Tensor
     if method == "random":
         picks = _random(n, k, seed)
     elif method == "pooling":
-        picks = _pooling(grid, k)
+        picks = _pooling_cells(grid, k) if isinstance(grid, torch.Tensor) else _pooling(grid, k)
     elif method == "fastv":
         picks = _top(_check_vector("text_attn", text_attn), k)
     elif method == "visionzip":
@@ -220,7 +248,7 @@ def heuristic_sets(
     k: int,
     *,
     tokens: torch.Tensor | None = None,
-    grid: tuple[int, int] | None = None,
+    grid: tuple[int, int] | torch.Tensor | None = None,
     text_attn: torch.Tensor | None = None,
     cls_attn: torch.Tensor | None = None,
     seed: int = 0,

@@ -104,7 +104,7 @@ def harness_kept(world, samples, ratio) -> list[torch.Tensor]:
     sel = Selector(mllm, {"grid": mllm.grid}, compressor)
     feats = [world.fstore.get(s.id) for s in samples]
     scores = sel.scores("evocomp", samples, feats)
-    return sel.kept("evocomp", keep_count(ratio, mllm.n_tokens), samples, feats, scores)
+    return sel.kept("evocomp", ratio, samples, feats, scores)
 
 
 def project_generate(world, samples, kept):
@@ -179,11 +179,13 @@ def test_explicit_question_overrides_the_prompt(world):
     assert given.questions == [other.question] and read.questions == [s.question]
     mllm = world.mllm
     compressor, _ = load_compressor(world.compressor)
+    cached = world.fstore.get(s.id)
     feats = SimpleNamespace(
-        tokens=world.fstore.get(s.id).tokens, text=mllm.question_embeddings(other.question)
+        tokens=cached.tokens, cells=cached.cells, text=mllm.question_embeddings(other.question)
     )
     sel = Selector(mllm, {"grid": mllm.grid}, compressor)
-    want = sel.kept("evocomp", read.k, [s], [feats], sel.scores("evocomp", [s], [feats]))
+    ratio = read.k / cached.tokens.shape[0]
+    want = sel.kept("evocomp", ratio, [s], [feats], sel.scores("evocomp", [s], [feats]))
     assert torch.equal(given.kept[0], want[0])
 
 

@@ -138,9 +138,10 @@ def native_inputs(m, img, question: str, answer: str = "") -> dict:
     text = m.tokenizer.apply_chat_template(
         user_turn(question), tokenize=False, add_generation_prompt=True
     )
-    text = text.replace("<|image_pad|>", "<|image_pad|>" * m.n_tokens) + answer
-    ids = m.tokenizer(text, return_tensors="pt")["input_ids"]
     px, thw = m.pixels([img])
+    n = int(thw[0].prod()) // m.merge**2  # this image's N
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * n) + answer
+    ids = m.tokenizer(text, return_tensors="pt")["input_ids"]
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
@@ -259,7 +260,7 @@ def test_qwen_attention_scores(qwen, scene):
     v = qwen.visual_tokens([img])[0]
     a = qwen.text_attention(qwen.encode(qa.question), v, layer=2)
     assert a.shape == (36,) and (a >= 0).all() and a.sum() <= 1 + 1e-5
-    c = qwen.cls_attention([img, img.rotate(90)])
+    c = torch.stack(qwen.cls_attention([img, img.rotate(90)]))
     heads = qwen.model.config.vision_config.num_heads
     assert c.shape == (2, 36) and (c >= 0).all() and not torch.allclose(c[0], c[1])
     # each image's patches receive one unit of attention per head in all (last block: full)
@@ -282,10 +283,52 @@ def test_qwen_vision_scores_are_in_token_order(qwen, scene):
         assert not torch.allclose(seen["out"], torch.cat(tokens))
 
 
-def test_qwen_refuses_another_token_count(qwen, scene):
-    img, _ = scene
-    with pytest.raises(ModelError, match="variable token counts per sample are not supported yet"):
-        qwen.visual_tokens([img.resize((160, 96))])
+def test_qwen_variable_token_counts(qwen, scene):
+    """A 160x96 image gives its own merged grid (N per image): its all-tokens loss is the
+    model's forward on that image, a subset keeps its original (t, h, w) ids, and a batch of
+    images of different N generates as each alone."""
+    img, qa = scene
+    wide = img.resize((160, 96))
+    square, other = qwen.image_tokens([img, wide])
+    assert square.tokens.shape[0] == 36 and square.layout.tolist() == [6, 6]
+    rows, cols = other.layout.tolist()
+    assert rows != cols and other.tokens.shape == (rows * cols, 64)
+    assert other.cells.tolist() == [[r, c] for r in range(rows) for c in range(cols)]
+    p = qwen.encode(qa.question, qa.answer)
+    inputs = native_inputs(qwen, wide, qa.question, qa.answer)
+    ids = inputs["input_ids"]
+    labels = answer_labels(ids, len(p.answer))
+    native = float(qwen.model(**inputs, labels=labels).loss)
+    v, lay = other.tokens, other.layout
+    everything = torch.arange(rows * cols)[None]
+    assert abs(float(qwen.subset_loss(p, v, everything, lay)[0]) - native) < 2e-6
+    with pytest.raises(ModelError, match="do not fit"):
+        qwen.subset_loss(p, v, everything)  # the default (square) layout: another N
+    pos, _ = qwen.model.model.get_rope_index(
+        ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
+    )
+    x = qwen.model.get_input_embeddings()(ids)
+    image = ids[0] == qwen.model.config.image_token_id
+    x[0, image] = v
+    kept = torch.tensor([0, 3, cols + 1, rows * cols - 1])
+    keep = ~image
+    keep[len(p.prefix) + kept] = True
+    removed = qwen.model(
+        inputs_embeds=x[:, keep], position_ids=pos[:, :, keep], labels=labels[:, keep]
+    ).loss
+    assert abs(float(qwen.subset_loss(p, v, kept[None], lay)[0]) - float(removed)) < 1e-5
+    qs = [qa.question, qa.question]
+    both = qwen.generate(qs, [square.tokens, v], [None, kept], 3, layouts=[square.layout, lay])
+    alone = [
+        qwen.generate([qa.question], [square.tokens], [None], 3, layouts=[square.layout])[0],
+        qwen.generate([qa.question], [v], [kept], 3, layouts=[lay])[0],
+    ]
+    assert both == alone
+    a = qwen.text_attention(qwen.encode(qa.question), v, layout=lay)
+    assert a.shape == (rows * cols,) and [c.shape[0] for c in qwen.cls_attention([img, wide])] == [
+        36,
+        rows * cols,
+    ]
 
 
 def test_qwen_pipeline_features_label_train_evaluate(tmp_path, monkeypatch, shapes_data):

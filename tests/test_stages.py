@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -53,10 +54,13 @@ def test_features_cached_once(world):
 
 def test_features_with_nan_refused(world):
     f = world["fstore"].get(world["samples"][0].id)
-    bad = type(f)(f.tokens.clone(), f.nearest, f.cls_attn, f.text_attn, f.text)
+    bad = replace(f, tokens=f.tokens.clone())
     bad.tokens[3, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         label_sample(world["mllm"], world["samples"][0], bad, SMALL)
+    assert f.cells.shape == (36, 2) and f.layout.tolist() == [6, 6]
+    with pytest.raises(ValueError, match="cells"):
+        label_sample(world["mllm"], world["samples"][0], replace(f, cells=f.cells[:5]), SMALL)
 
 
 @pytest.mark.parametrize("mode", ["paper", "budget"])
@@ -101,10 +105,10 @@ def test_train_and_refuse_mismatch(world, tiny_llava, tmp_path, monitor):
     other = FeatureStore(world["root"] / "features", "another-model")
     df = pd.read_parquet(world["root"] / "labels.parquet")
     with pytest.raises(ValueError, match="made with model"):
-        items_from_labels(df, other, info["grid"])
+        items_from_labels(df, other)
     df.loc[0, "n_tokens"] = 99
     with pytest.raises(ValueError, match="label has 99 tokens"):
-        items_from_labels(df, world["fstore"], info["grid"])
+        items_from_labels(df, world["fstore"])
 
 
 def test_evaluate_every_method(world, tiny_llava, tmp_path):

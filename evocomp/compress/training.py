@@ -17,12 +17,9 @@ from evocomp.compress.model import save_compressor
 from evocomp.config import TrainParams
 from evocomp.features.cache import FeatureStore
 from evocomp.labelset import label_set_hash, load_label_set
-from evocomp.tokens import grid_positions
 
 
-def items_from_labels(
-    df: pd.DataFrame, fstore: FeatureStore, grid: tuple[int, int]
-) -> dict[str, list[Item]]:
+def items_from_labels(df: pd.DataFrame, fstore: FeatureStore) -> dict[str, list[Item]]:
     """Items per split; refuses labels of another model or with mismatched token counts."""
     other = sorted(set(df["model_id"]) - {fstore.model_id})
     if other:
@@ -46,7 +43,7 @@ def items_from_labels(
         out.setdefault(row.split, []).append(
             Item(
                 visual=feats.tokens,
-                grid_pos=grid_positions(n, grid),
+                grid_pos=feats.cells,
                 text=feats.text,
                 target=target,
                 soft=soft,
@@ -66,7 +63,7 @@ def train_compressor(
 ) -> tuple[list[dict], dict]:
     """Fit on the train split (early stopping on val), save to ``out``; ``(history, summary)``."""
     df = load_label_set(labels)
-    items = items_from_labels(df, FeatureStore(features, info["model_id"]), info["grid"])
+    items = items_from_labels(df, FeatureStore(features, info["model_id"]))
     if not items["train"]:
         raise ValueError(f"{labels}: no train-split labels to train on")
     model, history = fit_compressor(

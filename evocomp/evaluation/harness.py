@@ -19,7 +19,7 @@ from evocomp.compress.model import select_topk
 from evocomp.data.samples import Sample, sample_seed
 from evocomp.evaluation.answers import is_correct
 from evocomp.features.cache import FeatureStore
-from evocomp.tokens import grid_positions, keep_count, ratio_key
+from evocomp.tokens import keep_count, ratio_key
 
 
 def prefill_flops(
@@ -61,19 +61,11 @@ class Selector:
 
     def scores(self, method: str, samples: list[Sample], feats: list) -> list[torch.Tensor] | None:
         if method == "evocomp":
-            items = [
-                Item(
-                    f.tokens,
-                    grid_positions(f.tokens.shape[0], self.info["grid"]),
-                    f.text,
-                    torch.zeros(f.tokens.shape[0]),
-                )
-                for f in feats
-            ]
+            items = [Item(f.tokens, f.cells, f.text, torch.zeros(f.tokens.shape[0])) for f in feats]
             b = collate(items)
             with torch.no_grad():
                 out = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask)
-            return list(out.logits)
+            return [row[: f.tokens.shape[0]] for row, f in zip(out.logits, feats, strict=True)]
         if method == "oracle":
             missing = [s.id for s in samples if s.id not in self.labels]
             if missing:
@@ -84,21 +76,23 @@ class Selector:
         return None
 
     def kept(
-        self, method: str, k: int, samples: list[Sample], feats: list, scores
+        self, method: str, ratio: float, samples: list[Sample], feats: list, scores
     ) -> list[torch.Tensor]:
+        """Each sample's kept set at ``ratio`` of its own N."""
+        ks = [keep_count(ratio, f.tokens.shape[0]) for f in feats]
         if scores is not None:
-            return [select_topk(sc, k=k) for sc in scores]
+            return [select_topk(sc, k=k) for sc, k in zip(scores, ks, strict=True)]
         return [
             select(
                 method,
                 k,
                 tokens=f.tokens,
-                grid=self.info["grid"],
+                grid=f.cells,
                 text_attn=f.text_attn,
                 cls_attn=f.cls_attn,
                 seed=sample_seed(self.seed, s.id),
             )
-            for s, f in zip(samples, feats, strict=True)
+            for s, f, k in zip(samples, feats, ks, strict=True)
         ]
 
 
@@ -121,13 +115,15 @@ def evaluate_methods(
     if not samples:
         raise ValueError("no test samples to evaluate")
     sel = Selector(mllm, info, compressor, labels, seed)
-    n = info["n_tokens"]
     hits: dict[str, list[bool]] = defaultdict(list)
+    n_visual: list[int] = []  # each sample's N
     by_type: dict[tuple[str, str], list[bool]] = defaultdict(list)
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
         feats = [fstore.get(s.id) for s in chunk]
         vis = [f.tokens for f in feats]
+        lays = [f.layout for f in feats]
+        n_visual.extend(f.tokens.shape[0] for f in feats)
         qs = [s.question for s in chunk]
 
         def record(name: str, answers: list[str], chunk: list[Sample] = chunk) -> None:
@@ -136,28 +132,33 @@ def evaluate_methods(
                 hits[name].append(ok)
                 by_type[(name, s.meta.get("qtype") or "all")].append(ok)
 
-        record("full", mllm.generate(qs, vis, [None] * len(chunk), max_new_tokens))
+        record("full", mllm.generate(qs, vis, [None] * len(chunk), max_new_tokens, layouts=lays))
         for method in methods:
             scores = sel.scores(method, chunk, feats)
             for r in ratios:
-                k = keep_count(r, n)
                 name = f"{method}@{ratio_key(r)}"
                 if method == "visionzip":
-                    merged = [visionzip_merge(f.tokens, f.cls_attn, k) for f in feats]
+                    merged = [
+                        visionzip_merge(f.tokens, f.cls_attn, keep_count(r, f.tokens.shape[0]))
+                        for f in feats
+                    ]
                     answers = mllm.generate(
                         qs,
                         [m[0] for m in merged],
                         [None] * len(chunk),
                         max_new_tokens,
                         vis_pos=[m[1] for m in merged],
+                        layouts=lays,
                     )
                 else:
-                    kept = sel.kept(method, k, chunk, feats, scores)
-                    answers = mllm.generate(qs, vis, kept, max_new_tokens, prune_layer=prune_layer)
+                    kept = sel.kept(method, r, chunk, feats, scores)
+                    answers = mllm.generate(
+                        qs, vis, kept, max_new_tokens, prune_layer=prune_layer, layouts=lays
+                    )
                 record(name, answers)
         if progress:
             progress(min(start + batch, len(samples)), len(samples))
-    return {"hits": hits, "by_type": by_type}
+    return {"hits": hits, "by_type": by_type, "n_tokens": n_visual}
 
 
 def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: int) -> dict:
@@ -175,19 +176,26 @@ def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: 
         "prefill_flops": {},
         "by_type": {},
     }
-    n = info["n_tokens"]
-    full_flops = prefill_flops(info, n_text, n, n)
+    ns = raw.get("n_tokens") or [info["n_tokens"]]
+
+    def mean(xs):  # an int when every sample has the same N (the usual case)
+        return xs[0] if len(set(xs)) == 1 else round(sum(xs) / len(xs), 2)
+
+    def flops(r: float | None) -> float:
+        return mean(
+            [prefill_flops(info, n_text, n, keep_count(r, n) if r else n, prune_layer if r else 0)
+             for n in ns]
+        )  # fmt: skip
+
+    full_flops = flops(None)
     for r in ratios:
-        key, k = ratio_key(r), keep_count(r, n)
+        key = ratio_key(r)
         out["ratios"][key] = {m: acc(raw["hits"][f"{m}@{key}"]) for m in methods}
         out["retention"][key] = {
             m: round(100 * v / full, 2) if full else 0.0 for m, v in out["ratios"][key].items()
         }
-        out["tokens"][key] = k
-        out["prefill_flops"][key] = {
-            "flops": prefill_flops(info, n_text, n, k, prune_layer),
-            "ratio_to_full": prefill_flops(info, n_text, n, k, prune_layer) / full_flops,
-        }
+        out["tokens"][key] = mean([keep_count(r, n) for n in ns])
+        out["prefill_flops"][key] = {"flops": flops(r), "ratio_to_full": flops(r) / full_flops}
     types = sorted({q for (_, q) in raw["by_type"]})
     out["by_type"] = {
         name: {q: acc(raw["by_type"][(name, q)]) for q in types if (name, q) in raw["by_type"]}

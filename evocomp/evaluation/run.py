@@ -21,7 +21,7 @@ from evocomp.evaluation.harness import Selector, evaluate_methods, summarise
 from evocomp.features.compute import ensure_features
 from evocomp.labelset import load_label_set
 from evocomp.mllm.checkpoint import checkpoint_info
-from evocomp.tokens import keep_count, ratio_key
+from evocomp.tokens import ratio_key
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -35,12 +35,11 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            mllm.generate([s.question], [f.tokens], [None], max_new_tokens=1)
+            mllm.generate([s.question], [f.tokens], [None], 1, layouts=[f.layout])
             ts.append(time.perf_counter() - t0)
         out["full"].append(min(ts))
     for method in [m for m in methods if m not in ("visionzip", "oracle")]:
         for r in ratios:
-            k = keep_count(r, info["n_tokens"])
             key = f"{method}@{ratio_key(r)}"
             out[key] = []
             for s, f in zip(few, feats, strict=True):
@@ -48,8 +47,8 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     scores = selector.scores(method, [s], [f])
-                    kept = selector.kept(method, k, [s], [f], scores)
-                    mllm.generate([s.question], [f.tokens], kept, max_new_tokens=1)
+                    kept = selector.kept(method, r, [s], [f], scores)
+                    mllm.generate([s.question], [f.tokens], kept, 1, layouts=[f.layout])
                     ts.append(time.perf_counter() - t0)
                 out[key].append(min(ts))
     return {k: round(statistics.median(v), 5) for k, v in out.items()}

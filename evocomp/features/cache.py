@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FIELDS = ("tokens", "nearest", "cls_attn", "text_attn", "text")
+FIELDS = ("tokens", "nearest", "cls_attn", "text_attn", "text", "cells", "layout")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class Features:
     cls_attn: torch.Tensor  # (N,) float32
     text_attn: torch.Tensor  # (N,) float32
     text: torch.Tensor  # (T, D) float32, question token embeddings
+    cells: torch.Tensor  # (N, 2) long, each token's (row, col) on the image's patch grid
+    layout: torch.Tensor  # (m,) long, where the model places the tokens (ImageTokens.layout)
 
     def check(self, sample_id: str) -> None:
         """Refuse unusable features (NaN/Inf, ragged shapes) naming the sample."""
@@ -46,6 +48,11 @@ class Features:
                 raise ValueError(
                     f"sample {sample_id}: {name} has shape {tuple(getattr(self, name).shape)}, expected ({n},)"
                 )
+        if self.cells.shape != (n, 2) or self.layout.ndim != 1:
+            raise ValueError(
+                f"sample {sample_id}: cells {tuple(self.cells.shape)} / layout "
+                f"{tuple(self.layout.shape)} do not fit {n} visual tokens"
+            )
 
 
 class FeatureStore:
@@ -57,12 +64,17 @@ class FeatureStore:
         self._index: dict[str, Path] | None = None
 
     def _load_index(self) -> dict[str, Path]:
+        """Sample id -> shard, for samples with every field (a shard written before a field
+        existed counts as missing, so ``evocomp features`` computes it again)."""
         if self._index is None:
             self._index = {}
             for shard in sorted(self.dir.glob("shard-*.safetensors")):
                 with safe_open(shard, "pt") as f:
-                    for key in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-                        self._index[key.split("/", 1)[0]] = shard
+                    keys = set(f.keys())
+                for key in keys:
+                    sid = key.split("/", 1)[0]
+                    if all(f"{sid}/{k}" in keys for k in FIELDS):
+                        self._index[sid] = shard
         return self._index
 
     def __contains__(self, sample_id: str) -> bool:
@@ -89,7 +101,10 @@ class FeatureStore:
         name = hashlib.sha256("".join(sorted(feats)).encode()).hexdigest()[:16]
         path = self.dir / f"shard-{name}.safetensors"
         tensors = {
-            f"{sid}/{k}": getattr(f, k).contiguous() for sid, f in feats.items() for k in FIELDS
+            # clone: samples may share one tensor (one grid per model), safetensors refuses that
+            f"{sid}/{k}": getattr(f, k).contiguous().clone()
+            for sid, f in feats.items()
+            for k in FIELDS
         }
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"model_id": self.model_id})

@@ -1,6 +1,7 @@
 """Per-sample model features: computed once per (sample, model) and cached.
 
-For every sample: the projected visual tokens ``(N, D)``, each token's nearest
+For every sample: the projected visual tokens ``(N, D)`` (N per image), their cells on the
+image's patch grid and the model's layout of them, each token's nearest
 vocabulary id (the semantic groups), the vision tower's CLS attention
 (VisionZip), the last prompt token's attention at LLM layer 2 (FastV) and the
 question's token embeddings ``(T, D)`` (the compressor's text input).
@@ -21,18 +22,22 @@ from evocomp.features.grouping import nearest_vocab
 def compute(mllm, samples: list[Sample]) -> dict[str, Features]:
     """Features of a batch of samples (one vision-tower pass for the batch)."""
     images = [s.load_image() for s in samples]
-    tokens = mllm.visual_tokens(images)  # (B, N, D)
-    cls = mllm.cls_attention(images)  # (B, N)
+    visual = mllm.image_tokens(images)  # N may differ per image
+    cls = mllm.cls_attention(images)  # (N_i,) per image
     vocab = mllm.vocab_embeddings()
     out = {}
-    for s, tok, c in zip(samples, tokens, cls, strict=True):
+    for s, vis, c in zip(samples, visual, cls, strict=True):
+        tok = vis.tokens
         prompt = mllm.encode(s.question)
+        attn = mllm.text_attention(prompt, tok, layer=min(2, mllm.n_layers), layout=vis.layout)
         out[s.id] = Features(
             tokens=tok.contiguous(),
             nearest=nearest_vocab(tok, vocab),
             cls_attn=c.contiguous(),
-            text_attn=mllm.text_attention(prompt, tok, layer=min(2, mllm.n_layers)),
+            text_attn=attn,
             text=mllm.question_embeddings(s.question),
+            cells=vis.cells.contiguous(),
+            layout=vis.layout.contiguous(),
         )
     return out
 

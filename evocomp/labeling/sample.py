@@ -51,13 +51,13 @@ def label_sample(
         raise ValueError(f"sample {sample.id}: the answer {sample.answer!r} encodes to no tokens")
 
     def fitness(idx: torch.Tensor) -> torch.Tensor:
-        return mllm.subset_loss(prompt, feats.tokens, idx)
+        return mllm.subset_loss(prompt, feats.tokens, idx, feats.layout)
 
     seed = sample_seed(params.seed, sample.id)
     hsets = heuristic_sets(
         space.k,
         tokens=feats.tokens,
-        grid=mllm.grid,
+        grid=feats.cells,
         text_attn=feats.text_attn,
         cls_attn=feats.cls_attn,
         seed=seed,

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from evocomp.errors import ModelError
+from evocomp.mllm.base import ImageTokens
 from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
 from evocomp.mllm.decoding import greedy
 from evocomp.mllm.prompts import resolve_template
@@ -30,8 +32,8 @@ from evocomp.mllm.sequence import (
     encode_prompt,
     left_pad,
     left_pad_flags,
-    subset_columns,
 )
+from evocomp.tokens import grid_positions
 
 
 def image_token_id(config) -> int:
@@ -98,9 +100,32 @@ class HFAdapter:
         """The model's visual tokens per image N and their grid (rows, cols)."""
         raise NotImplementedError
 
-    def layout(self, n_prefix: int, n_tail: int) -> torch.Tensor:
-        """Position ids ``(..., n_prefix + N + n_tail)`` of the full sequence (all N tokens)."""
-        return torch.arange(n_prefix + self.n_tokens + n_tail, device=self.device)
+    def layout(self, n_prefix: int, n_tail: int, layout=None) -> torch.Tensor:
+        """Position ids ``(..., n_prefix + N + M + n_tail)`` of the full sequence: every one of
+        the image's N tokens and its M always-fed ones (:meth:`block`)."""
+        n, _, fixed, _ = self.block(layout)
+        return torch.arange(n_prefix + n + fixed.shape[0] + n_tail, device=self.device)
+
+    def default_layout(self) -> torch.Tensor:
+        """The layout of the model's default image (``n_tokens`` tokens on ``grid``)."""
+        return torch.tensor(self.grid)
+
+    def block(self, layout=None):
+        """The image block of a layout: ``(N, slots (N,), fixed_slots (M,), fixed (M, D))``.
+
+        ``slots[i]`` is where selectable token i sits in the image block of N + M entries;
+        ``fixed`` are embeddings fed whatever is kept (LLaVA-NeXT's ``image_newline`` after
+        each tile row) at ``fixed_slots``. The default: N = rows * cols of a (rows, cols)
+        layout, token i in slot i, nothing fixed.
+        """
+        rows, cols = (int(x) for x in (self.grid if layout is None else layout))
+        n = rows * cols
+        return (
+            n,
+            torch.arange(n, device=self.device),
+            torch.zeros(0, dtype=torch.long, device=self.device),
+            torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device),
+        )
 
     def image_placeholder(self) -> tuple[str, str]:
         """What the chat template renders for the image, and the template text it stands for."""
@@ -129,10 +154,34 @@ class HFAdapter:
         return [(cm, self.lm.rotary_emb(h, position_ids=pos))] * self.n_layers
 
     # ---- positions -------------------------------------------------------------------------------
-    def positions(self, n_prefix: int, kept: torch.Tensor, n_tail: int) -> torch.Tensor:
-        """Position ids ``(..., P, L)`` of rows ``kept (P, k)``: each token's original one."""
-        cols = subset_columns(n_prefix, self.n_tokens, kept.to(self.device), n_tail)
-        return self.layout(n_prefix, n_tail)[..., cols]
+    def positions(self, n_prefix: int, kept: torch.Tensor, n_tail: int, layout=None):
+        """Position ids ``(..., P, L)`` of rows ``kept (P, k)``: each token's original one
+        (the always-fed tokens included, in block order)."""
+        _, cols = self._block_rows(None, kept.to(self.device), layout)
+        return self._columns(n_prefix, cols, n_tail, layout)
+
+    def _columns(self, n_prefix: int, cols: torch.Tensor, n_tail: int, layout) -> torch.Tensor:
+        """Position ids ``(..., P, L)`` of ``[prefix][block entries cols (P, j)][tail]``."""
+        full = self.layout(n_prefix, n_tail, layout)
+        P, width = cols.shape[0], full.shape[-1] - n_prefix - n_tail
+        pre = torch.arange(n_prefix, device=self.device).expand(P, -1)
+        tail = (n_prefix + width + torch.arange(n_tail, device=self.device)).expand(P, -1)
+        return full[..., torch.cat([pre, n_prefix + cols, tail], dim=1)]
+
+    def _block_rows(self, emb, idx: torch.Tensor, layout):
+        """The image block each row feeds: embeddings ``(P, j, D)`` (None without ``emb``) and
+        block slots ``(P, j)`` of ``emb (P, k, D)``, the tokens at selectable indices
+        ``idx (P, k)``, and of the always-fed tokens, in block order (a family with none keeps
+        the row's own order)."""
+        _, slots, fixed_slots, fixed = self.block(layout)
+        cols = slots[idx]
+        if fixed_slots.numel():
+            P = idx.shape[0]
+            cols, order = torch.cat([cols, fixed_slots.expand(P, -1)], dim=1).sort(dim=1)
+            if emb is not None:
+                emb = torch.cat([emb, fixed.to(emb.dtype).expand(P, -1, -1)], dim=1)
+                emb = emb.gather(1, order[..., None].expand(-1, -1, emb.shape[-1]))
+        return emb, cols
 
     @staticmethod
     def text_positions(pos: torch.Tensor) -> torch.Tensor | None:
@@ -152,12 +201,20 @@ class HFAdapter:
     def vocab_embeddings(self) -> torch.Tensor:
         return self.embed.weight.detach().float().cpu()
 
-    def check_visual(self, visual: torch.Tensor) -> None:
-        if visual.ndim != 2 or visual.shape != (self.n_tokens, self.hidden_size):
+    def check_visual(self, visual: torch.Tensor, layout=None) -> None:
+        n = self.block(layout)[0]
+        if visual.ndim != 2 or visual.shape != (n, self.hidden_size):
             raise ModelError(
                 f"visual tokens of shape {tuple(visual.shape)} do not fit {self.path} "
-                f"(expects ({self.n_tokens}, {self.hidden_size})); features from another model?"
+                f"(expects ({n}, {self.hidden_size})); features from another model?"
             )
+
+    # ---- visual side ---------------------------------------------------------------------------
+    def image_tokens(self, images: list[Image.Image]) -> list[ImageTokens]:
+        """A family with one grid per model: every image gives ``n_tokens`` on ``grid``."""
+        layout = self.default_layout()
+        cells = grid_positions(self.n_tokens, self.grid)
+        return [ImageTokens(t, cells, layout) for t in self.visual_tokens(images)]
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
@@ -174,10 +231,15 @@ class HFAdapter:
     # ---- LLM ---------------------------------------------------------------------------------
     @torch.no_grad()
     def subset_loss(
-        self, prompt: Prompt, visual: torch.Tensor, kept: torch.Tensor, max_rows: int = 64
+        self,
+        prompt: Prompt,
+        visual: torch.Tensor,
+        kept: torch.Tensor,
+        layout=None,
+        max_rows: int = 64,
     ) -> torch.Tensor:
         """Mean answer cross-entropy per row of ``kept (P, k)``; rows share one forward (chunked by max_rows)."""
-        self.check_visual(visual)
+        self.check_visual(visual, layout)
         if not prompt.answer:
             raise ValueError("subset_loss needs a non-empty answer")
         vis = visual.to(self.device, self.dtype)
@@ -187,11 +249,10 @@ class HFAdapter:
         n_ans = len(prompt.answer)
         losses = []
         for rows in kept.split(max_rows):
-            P, k = rows.shape
-            x = torch.cat(
-                [pre.expand(P, -1, -1), vis[rows], tail.expand(P, -1, -1)], dim=1
-            )  # (P, L, D)
-            pos = self.positions(len(prompt.prefix), rows, tail.shape[0])  # (..., P, L)
+            emb, cols = self._block_rows(vis[rows], rows, layout)
+            P, k = cols.shape
+            x = torch.cat([pre.expand(P, -1, -1), emb, tail.expand(P, -1, -1)], dim=1)  # (P, L, D)
+            pos = self._columns(len(prompt.prefix), cols, tail.shape[0], layout)  # (..., P, L)
             # An explicit mask: with none, transformers reads the gaps in our position ids as
             # packed-sequence boundaries and walls the answer off from the visual tokens.
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=self.device)
@@ -206,23 +267,25 @@ class HFAdapter:
             losses.append(ce.mean(1))
         return torch.cat(losses).cpu()
 
-    def _prompt_rows(self, questions, visual, kept, vis_pos=None):
+    def _prompt_rows(self, questions, visual, kept, vis_pos=None, layouts=None):
         """``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``position_ids (..., B, L)``
         and where the visual tokens are ``(B, L)``, left-padded."""
         rows, pos, image = [], [], []
         for i, q in enumerate(questions):
             p = self.encode(q)
+            layout = layouts[i] if layouts is not None else None
             v = visual[i].to(self.device, self.dtype)
             idx = kept[i] if kept[i] is not None else torch.arange(v.shape[0])
             idx = idx.to(self.device)
             if vis_pos is None:  # visual rows are the full N tokens, select them
-                self.check_visual(visual[i])
-                v = v[idx]
-            at = idx if vis_pos is None else vis_pos[i].to(self.device)
-            rows.append(torch.cat([self._ids(p.prefix), v, self._ids(p.suffix)]))
-            pos.append(self.positions(len(p.prefix), at[None], len(p.suffix))[..., 0, :])
+                self.check_visual(visual[i], layout)
+                emb, cols = self._block_rows(v[idx][None], idx[None], layout)
+            else:  # ready-made rows (VisionZip's merged tokens) at these token positions
+                emb, cols = self._block_rows(v[None], vis_pos[i].to(self.device)[None], layout)
+            rows.append(torch.cat([self._ids(p.prefix), emb[0], self._ids(p.suffix)]))
+            pos.append(self._columns(len(p.prefix), cols, len(p.suffix), layout)[..., 0, :])
             image.append(torch.zeros(rows[-1].shape[0], dtype=torch.bool, device=self.device))
-            image[-1][len(p.prefix) : len(p.prefix) + v.shape[0]] = True
+            image[-1][len(p.prefix) : len(p.prefix) + cols.shape[1]] = True
         x, mask, pid = left_pad(rows, pos)
         return x, mask, pid, left_pad_flags(image, x.shape[1])
 
@@ -259,6 +322,7 @@ class HFAdapter:
         max_new_tokens: int = 8,
         vis_pos: list[torch.Tensor] | None = None,
         prune_layer: int = 0,
+        layouts: list | None = None,
     ) -> list[str]:
         """Greedy decoding; with ``vis_pos`` the ``visual[i]`` rows are ready-made tokens at those positions.
 
@@ -268,8 +332,10 @@ class HFAdapter:
         them (no KV cache on this path: one full forward per generated token).
         """
         if prune_layer > 0:
-            return self._generate_pruned(questions, visual, kept, max_new_tokens, prune_layer)
-        x, mask, pos, image = self._prompt_rows(questions, visual, kept, vis_pos)
+            return self._generate_pruned(
+                questions, visual, kept, max_new_tokens, prune_layer, layouts
+            )
+        x, mask, pos, image = self._prompt_rows(questions, visual, kept, vis_pos, layouts)
         B, state = x.shape[0], {"cache": None, "x": x, "mask": mask, "pos": pos}
 
         def step(prev: torch.Tensor | None) -> torch.Tensor:
@@ -297,20 +363,24 @@ class HFAdapter:
         return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids.tolist()]
 
     def _generate_pruned(
-        self, questions, visual, kept, max_new_tokens: int, layer: int
+        self, questions, visual, kept, max_new_tokens: int, layer: int, layouts=None
     ) -> list[str]:
         if not 0 < layer < self.n_layers:
             raise ValueError(
                 f"prune layer {layer} must be in 1..{self.n_layers - 1} for {self.path}"
             )
-        x, mask, pos, image = self._prompt_rows(questions, visual, [None] * len(questions))
+        x, mask, pos, image = self._prompt_rows(
+            questions, visual, [None] * len(questions), layouts=layouts
+        )
         survive = torch.ones_like(mask, dtype=torch.bool)
         for b, (q, k) in enumerate(zip(questions, kept, strict=True)):
             if k is not None:
+                n, slots, fixed_slots, _ = self.block(layouts[b] if layouts is not None else None)
                 start = mask.shape[1] - int(mask[b].sum()) + len(self.encode(q).prefix)
-                vis = torch.zeros(self.n_tokens, dtype=torch.bool)
-                vis[k] = True
-                survive[b, start : start + self.n_tokens] = vis.to(survive.device)
+                vis = torch.zeros(n + fixed_slots.shape[0], dtype=torch.bool, device=self.device)
+                vis[slots[k.to(self.device)]] = True
+                vis[fixed_slots] = True  # always fed
+                survive[b, start : start + vis.shape[0]] = vis
         B = x.shape[0]
         state = {"x": x, "mask": mask, "pos": pos, "image": image, "survive": survive}
 
@@ -331,20 +401,22 @@ class HFAdapter:
         return self._decode(greedy(step, B, max_new_tokens, self.tokenizer.eos_token_id))
 
     @torch.no_grad()
-    def text_attention(self, prompt: Prompt, visual: torch.Tensor, layer: int = 2) -> torch.Tensor:
+    def text_attention(
+        self, prompt: Prompt, visual: torch.Tensor, layer: int = 2, layout=None
+    ) -> torch.Tensor:
         """FastV score ``(N,)``: the last prompt token's attention to each visual token at ``layer``."""
-        self.check_visual(visual)
+        self.check_visual(visual, layout)
         if not 1 <= layer <= self.n_layers:
             raise ValueError(f"layer {layer} outside 1..{self.n_layers}")
-        x = torch.cat(
-            [self._ids(prompt.prefix), visual.to(self.device, self.dtype), self._ids(prompt.suffix)]
-        )[None]
-        pos = self.layout(len(prompt.prefix), len(prompt.suffix))
+        everything = torch.arange(visual.shape[0], device=self.device)[None]
+        emb, cols = self._block_rows(visual.to(self.device, self.dtype)[None], everything, layout)
+        x = torch.cat([self._ids(prompt.prefix), emb[0], self._ids(prompt.suffix)])[None]
+        pos = self.layout(len(prompt.prefix), len(prompt.suffix), layout)
         # 1-D positions are the model's default (0..L-1); M-RoPE ones must be given.
         extra = {} if pos.ndim == 1 else {"position_ids": pos[..., None, :]}
         start = len(prompt.prefix)
         image = torch.zeros(x.shape[:2], dtype=torch.bool, device=self.device)
-        image[:, start : start + self.n_tokens] = True
+        image[:, start : start + cols.shape[1]] = True
         with self._eager():  # the mask after the switch: it is built for the eager kernel
             mask = self.llm_mask(x, None, None, image)
             res = self.lm(
@@ -355,4 +427,5 @@ class HFAdapter:
                 **extra,
             )
         a = res.attentions[layer - 1][0].float().mean(0)  # (L, L), mean over heads
-        return a[-1, start : start + self.n_tokens].cpu()
+        _, slots, _, _ = self.block(layout)
+        return a[-1, start + slots].cpu()

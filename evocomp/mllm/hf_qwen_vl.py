@@ -13,9 +13,11 @@ The processor (``AutoProcessor``) needs torchvision for its video half; this ada
 image processor (``AutoImageProcessor``, the PIL backend without torchvision) and the tokenizer
 instead, and takes the chat template from the tokenizer or ``chat_template.json``.
 
-One N per model until variable N lands (issue 13): the token count of a square image at the
-processor's ``max_pixels`` cap (:func:`evocomp.mllm.checkpoint.qwen_grid`); an image giving
-another count is refused.
+N varies per image: the processor keeps each image's aspect ratio within ``[min_pixels,
+max_pixels]``, so a 160x96 image gives another merged grid than a square one. Each image's
+layout is its merged grid ``(rows, cols)`` (:class:`evocomp.mllm.base.ImageTokens`), from
+which its M-RoPE ids are rebuilt; ``n_tokens`` / ``grid`` are those of a square image at the
+``max_pixels`` cap (:func:`evocomp.mllm.checkpoint.qwen_grid`), the model's default.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import torch
 from PIL import Image
 
 from evocomp.errors import ModelError
+from evocomp.mllm.base import ImageTokens
 from evocomp.mllm.checkpoint import qwen_grid
 from evocomp.mllm.hf_adapter import HFAdapter
+from evocomp.tokens import grid_positions
 
 
 class HFQwenVL(HFAdapter):
@@ -59,15 +63,17 @@ class HFQwenVL(HFAdapter):
         grid = qwen_grid(path, cfg)
         return grid[0] * grid[1], grid
 
-    def layout(self, n_prefix: int, n_tail: int) -> torch.Tensor:
+    def layout(self, n_prefix: int, n_tail: int, layout=None) -> torch.Tensor:
         """M-RoPE ids ``(3, n_prefix + N + n_tail)``, from the model's own ``get_rope_index``."""
-        key = (n_prefix, n_tail)
+        rows, cols = (int(x) for x in (self.grid if layout is None else layout))
+        key = (n_prefix, n_tail, rows, cols)
         if key not in self._layouts:
-            L = n_prefix + self.n_tokens + n_tail
+            n = rows * cols
+            L = n_prefix + n + n_tail
             ids = torch.zeros(1, L, dtype=torch.long, device=self.device)
-            ids[0, n_prefix : n_prefix + self.n_tokens] = self.model.config.image_token_id
+            ids[0, n_prefix : n_prefix + n] = self.model.config.image_token_id
             types = (ids == self.model.config.image_token_id).int()  # text 0, image 1
-            thw = torch.tensor([[1, self.grid[0] * self.merge, self.grid[1] * self.merge]])
+            thw = torch.tensor([[1, rows * self.merge, cols * self.merge]])
             pos, _ = self.model.model.get_rope_index(
                 ids, mm_token_type_ids=types, image_grid_thw=thw.to(self.device)
             )
@@ -76,33 +82,42 @@ class HFQwenVL(HFAdapter):
 
     # ---- visual side -------------------------------------------------------------------------
     def pixels(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pixel_values (sum of patches, C*T*P*P)`` and ``image_grid_thw (B, 3)``, checked
-        to give this model's N tokens per image."""
+        """``pixel_values (sum of patches, C*T*P*P)`` and ``image_grid_thw (B, 3)``."""
         out = self.image_processor(images=images, return_tensors="pt")
         thw = out["image_grid_thw"]
         for img, (t, h, w) in zip(images, thw.tolist(), strict=True):
-            rows, cols = h // self.merge, w // self.merge
-            if (t, rows, cols) != (1, *self.grid):
-                side = self.grid[0] * self.merge * self.image_processor.patch_size
+            if t != 1 or h % self.merge or w % self.merge:
                 raise ModelError(
-                    f"an image of {img.width}x{img.height} px gives {t * rows * cols} visual "
-                    f"tokens ({rows}x{cols}) on {self.path}, whose N is {self.n_tokens} "
-                    f"({self.grid[0]}x{self.grid[1]}: square images of at least {side} px, from "
-                    "preprocessor_config.json size.longest_edge): variable token counts per "
-                    "sample are not supported yet (issue 13); resize the images or set "
-                    "longest_edge to fit them"
+                    f"an image of {img.width}x{img.height} px gives a {t}x{h}x{w} patch grid on "
+                    f"{self.path}, not one frame of whole {self.merge}x{self.merge} merges"
                 )
         return out["pixel_values"].to(self.device, self.dtype), thw.to(self.device)
 
-    @torch.no_grad()
-    def visual_tokens(self, images: list[Image.Image]) -> torch.Tensor:
-        px, thw = self.pixels(images)
-        out = self.model.model.get_image_features(px, thw)
-        return torch.stack(list(out.pooler_output)).float().cpu()  # (B, N, D)
+    def grids(self, thw: torch.Tensor) -> list[tuple[int, int]]:
+        """Each image's merged-token grid ``(rows, cols)``."""
+        return [(h // self.merge, w // self.merge) for _, h, w in thw.tolist()]
 
     @torch.no_grad()
-    def cls_attention(self, images: list[Image.Image]) -> torch.Tensor:
-        """VisionZip's score without a CLS token ``(B, N)``: the attention each merged token's
+    def image_tokens(self, images: list[Image.Image]) -> list[ImageTokens]:
+        px, thw = self.pixels(images)
+        out = self.model.model.get_image_features(px, thw)
+        return [
+            ImageTokens(t.float().cpu(), grid_positions(r * c, (r, c)), torch.tensor([r, c]))
+            for t, (r, c) in zip(out.pooler_output, self.grids(thw), strict=True)
+        ]
+
+    def visual_tokens(self, images: list[Image.Image]) -> torch.Tensor:
+        toks = [v.tokens for v in self.image_tokens(images)]
+        if len({t.shape[0] for t in toks}) > 1:
+            raise ModelError(
+                f"these images give {sorted({t.shape[0] for t in toks})} visual tokens each on "
+                f"{self.path}: use image_tokens() for images of different shapes"
+            )
+        return torch.stack(toks)  # (B, N, D)
+
+    @torch.no_grad()
+    def cls_attention(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """VisionZip's score without a CLS token, ``(N_i,)`` per image: the attention each merged token's
         patches receive in the last vision block (mean over queries, summed over heads and
         over the merge x merge patches), as the LLaVA adapter does for a SigLIP tower."""
         px, thw = self.pixels(images)
@@ -127,8 +142,9 @@ class HFQwenVL(HFAdapter):
         for a, b in zip(cu[:-1], cu[1:], strict=True):  # one image (or window) at a time
             w = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling
             received[a:b] = w.softmax(-1).sum(0).mean(0).cpu()
-        units = received.reshape(-1, self.merge**2).sum(1)  # (B * N,) in the blocks' order
-        return self.token_order(units, thw).reshape(len(images), self.n_tokens)
+        units = received.reshape(-1, self.merge**2).sum(1)  # (sum N,) in the blocks' order
+        sizes = [r * c for r, c in self.grids(thw)]
+        return list(self.token_order(units, thw).split(sizes))
 
     def token_order(self, units: torch.Tensor, thw: torch.Tensor) -> torch.Tensor:
         """Rows ``(B * N, ...)`` in the vision blocks' order, put in visual-token order.

@@ -230,6 +230,19 @@ def sample_labels(url: str, sample_id: str) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
+def token_cells(features: str | Path, model_id: str, sample_id: str) -> list[list[int]] | None:
+    """Each visual token's (row, col) on its image's patch grid, from the feature cache; None
+    when the sample's features are not there (the overlay then assumes a square grid)."""
+    from evocomp.features.cache import FeatureStore
+
+    try:
+        store = FeatureStore(features, model_id)
+        return store.get(sample_id).cells.tolist() if sample_id in store else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
 def generations(url: str, label_id: int) -> pd.DataFrame:
     stmt = select(
         Generation.gen,

@@ -100,16 +100,39 @@ def group_colours(n: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def token_boxes(n_tokens: int, cells: Sequence[Sequence[int]] | None) -> tuple[int, int, list]:
+    """``(rows, cols, [(row, col) per token])``: the tokens' cells on their bounding grid
+    (the feature cache's ``cells``), else the square-or-one-row rule of ``grid_shape``."""
+    if cells is None or len(cells) != n_tokens:
+        rows, cols = grid_shape(n_tokens)
+        return rows, cols, [divmod(t, cols) for t in range(n_tokens)]
+    at = [(int(r), int(c)) for r, c in cells]
+    return 1 + max(r for r, _ in at), 1 + max(c for _, c in at), at
+
+
+def soft_map(soft: Sequence[float], cells: Sequence[Sequence[int]] | None) -> list[list]:
+    """The soft label on the token grid (rows of keep rates; None where no token sits, the
+    highest rate where several do)."""
+    rows, cols, at = token_boxes(len(soft), cells)
+    grid: list[list] = [[None] * cols for _ in range(rows)]
+    for (r, c), v in zip(at, soft, strict=True):
+        grid[r][c] = v if grid[r][c] is None else max(grid[r][c], v)
+    return grid
+
+
 def overlay(
     image_path: str | Path | None,
     n_tokens: int,
     kept: Sequence[int],
     groups: Sequence[int] | None,
     size: int = 384,
+    cells: Sequence[Sequence[int]] | None = None,
 ) -> Image.Image:
     """The image with its patch grid: every cell tinted by its group, kept cells outlined in
-    their group's colour and left bright, dropped cells darkened."""
-    rows, cols = grid_shape(n_tokens)
+    their group's colour and left bright, dropped cells darkened. ``cells``: each token's
+    (row, col) when the image's tokens are not one square grid (a Qwen aspect ratio,
+    LLaVA-NeXT's base + tiles, where a base token shares its cell with tile tokens)."""
+    rows, cols, at = token_boxes(n_tokens, cells)
     try:
         base = Image.open(image_path).convert("RGB") if image_path else None
     except OSError:
@@ -123,11 +146,11 @@ def overlay(
     keep = set(int(k) for k in kept)
     tint = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(tint)
-    cells = []
+    boxes = []
     for t in range(n_tokens):
-        r, c = divmod(t, cols)
+        r, c = at[t]
         box = (c * w / cols, r * h / rows, (c + 1) * w / cols - 1, (r + 1) * h / rows - 1)
-        cells.append(box)
+        boxes.append(box)
         colour = palette[ids[t]] if groups is not None else (128, 128, 128)
         if t in keep:
             draw.rectangle(box, fill=(*colour, 60))
@@ -137,5 +160,5 @@ def overlay(
     draw = ImageDraw.Draw(out)
     for t in sorted(keep):
         colour = palette[ids[t]] if groups is not None else (255, 215, 0)
-        draw.rectangle(cells[t], outline=(*colour, 255), width=max(2, w // 128))
+        draw.rectangle(boxes[t], outline=(*colour, 255), width=max(2, w // 128))
     return out.convert("RGB")

@@ -437,6 +437,25 @@ def test_overlay_keeps_kept_cells_bright(tmp_path, with_image):
     assert brightness(7) > 1.5 * brightness(8) and brightness(20) > 1.5 * brightness(21)
 
 
+def test_overlay_places_tokens_at_their_cells():
+    """A 3 x 5 image grid (a Qwen aspect ratio, N = 15 is no square): with the cells from the
+    feature cache the kept token is drawn at its cell, the soft map has the image's shape."""
+    from dashboards.ui import overlay, soft_map
+
+    cells = [[r, c] for r in range(3) for c in range(5)]
+    img = overlay(None, 15, kept=[7], groups=None, size=100, cells=cells)  # (1, 2) is token 7
+    assert img.size == (100, 60)
+
+    def brightness(r: int, c: int) -> float:
+        return sum(img.getpixel((c * 20 + 10, r * 20 + 10))) / 3
+
+    assert brightness(1, 2) > 1.5 * brightness(0, 2) and brightness(1, 2) > 1.5 * brightness(1, 3)
+    soft = soft_map([t / 15 for t in range(15)], cells)
+    assert len(soft) == 3 and len(soft[0]) == 5 and soft[1][2] == 7 / 15
+    # two tokens on one cell (LLaVA-NeXT: a base token over tile tokens): the higher rate
+    assert soft_map([0.2, 0.9, 0.4], [[0, 0], [0, 0], [0, 1]]) == [[0.9, 0.4]]
+
+
 def test_bench_dashboard_load_smoke(tmp_path, monkeypatch):
     """bench/dashboard_load.py end to end on a tiny store (no timing assertions)."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))

@@ -14,7 +14,6 @@ from dashboards import artifacts, data, ui
 from evocomp.audit import suspects
 from evocomp.config import Params, load_params
 from evocomp.errors import ParamsError
-from evocomp.tokens import grid_shape
 
 s = data.settings()
 st.title("Sample drill-down")
@@ -83,8 +82,9 @@ img = image_path(sample)
 left, right = st.columns([3, 2])
 with left:
     kept, groups = list(lab["kept"]), lab["groups"]
+    cells = data.token_cells(s.features, str(lab["model_id"]), sid)
     st.image(
-        ui.overlay(img, int(lab["n_tokens"]), kept, groups),
+        ui.overlay(img, int(lab["n_tokens"]), kept, groups, cells=cells),
         width=420,
         caption=f"{len(kept)} of {lab['n_tokens']} tokens kept (outlined); colour = "
         "vocabulary group; dropped tokens darkened",
@@ -92,10 +92,8 @@ with left:
     if img is None:
         st.caption(f"Image not found ({sample['image']}): the grid is drawn on a blank canvas.")
     if lab["soft"] is not None:
-        rows, cols = grid_shape(int(lab["n_tokens"]))
-        soft = [list(lab["soft"])[r * cols : (r + 1) * cols] for r in range(rows)]
         fig = px.imshow(
-            soft,
+            ui.soft_map(list(lab["soft"]), cells),
             zmin=0,
             zmax=1,
             color_continuous_scale="Viridis",

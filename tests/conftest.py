@@ -297,3 +297,26 @@ def make_tiny_gemma3(
         images, tok, chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=n
     ).save_pretrained(path)
     return path
+
+
+def reference_greedy(m, ref: dict, steps: int) -> list[int]:
+    """Gemma 3's greedy decoding by full HF forwards (no cache) on one prompt given as
+    ``inputs_embeds``, ``position_ids`` and ``token_type_ids`` (the image block): each new
+    token at the next position after the last prompt one, a text token."""
+    x, pos, types = ref["inputs_embeds"], ref["position_ids"], ref["token_type_ids"]
+    out: list[int] = []
+    for _ in range(steps):
+        # a mask, else transformers reads the gaps in the position ids as packed sequences
+        mask = torch.ones_like(types)
+        with torch.no_grad():
+            logits = m.model(
+                inputs_embeds=x, attention_mask=mask, position_ids=pos, token_type_ids=types
+            ).logits
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        if tok == m.tokenizer.eos_token_id:
+            break
+        x = torch.cat([x, m.model.get_input_embeddings()(torch.tensor([[tok]]))], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+        types = torch.cat([types, torch.zeros_like(types[:, :1])], 1)
+    return out

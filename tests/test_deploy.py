@@ -16,119 +16,34 @@ import torch
 from typer.testing import CliRunner
 
 from evocomp.cli import app
-from evocomp.compress.fit import Item, fit_compressor
-from evocomp.compress.model import load_compressor, save_compressor
-from evocomp.config import SearchParams, TrainParams
+from evocomp.compress.model import load_compressor
 from evocomp.deploy import compress_model
-from evocomp.deploy.prompt import prompt_text, question_from_text
+from evocomp.deploy.prompt import question_from_text
 from evocomp.errors import ModelError
 from evocomp.evaluation.harness import Selector
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE
-from evocomp.tokens import grid_positions, keep_count
+from evocomp.tokens import keep_count
+from tests.deploy_helpers import (
+    NEW,
+    LogitTape,
+    compressed_generate,
+    harness_kept,
+    hf_generate,
+    hf_inputs,
+    other_model_compressor,
+    project_generate,
+    trained_world,
+)
 
-SMALL = SearchParams(population=8, parents=4, generations=2)
-NEW = 6  # tokens generated per answer
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def world(tiny_llava, shapes_data, tmp_path_factory):
     """The tiny LLaVA, a compressor trained on GA labels of a few samples, and test samples."""
-    from evocomp.data.readers import read_dataset
-    from evocomp.features.compute import ensure_features
-    from evocomp.labeling.sample import label_sample
     from evocomp.mllm.hf_llava import HFLlava
 
-    root = tmp_path_factory.mktemp("deploy")
-    mllm = HFLlava(tiny_llava)
-    samples = read_dataset(shapes_data)
-    split = {sp: [s for s in samples if s.split == sp] for sp in ("train", "val", "test")}
-    train, val = split["train"][:5], split["val"][:2]
-    test = (split["test"] + split["val"][2:])[:4]
-    fstore = ensure_features(mllm, train + val + test, root / "features", batch_size=16)
-
-    def item(s) -> Item:
-        f = fstore.get(s.id)
-        target = torch.zeros(mllm.n_tokens)
-        target[label_sample(mllm, s, f, SMALL).result.kept] = 1.0
-        return Item(f.tokens, grid_positions(mllm.n_tokens, mllm.grid), f.text, target)
-
-    compressor, _ = fit_compressor(
-        [item(s) for s in train], [item(s) for s in val], TrainParams(epochs=1), llm_heads=4
-    )
-    save_compressor(compressor, root / "compressor", {"model_id": mllm.model_id})
-    return SimpleNamespace(
-        root=root, mllm=mllm, fstore=fstore, test=test, compressor=root / "compressor"
-    )
-
-
-class LogitTape:
-    """Records the last-position logits of every ``lm_head`` call: one row per decoding step."""
-
-    def __init__(self, model):
-        self.rows: list[torch.Tensor] = []
-        self._h = model.lm_head.register_forward_hook(self._record)
-
-    def _record(self, module, args, out):
-        self.rows.append((out[:, -1] if out.ndim == 3 else out).detach().float().clone())
-
-    def take(self) -> torch.Tensor:
-        rows, self.rows = self.rows, []
-        return torch.stack(rows, 1)  # (B, steps, V)
-
-    def close(self):
-        self._h.remove()
-
-
-def hf_inputs(mllm, samples):
-    text = [prompt_text(mllm.template, s.question) for s in samples]
-    images = [s.load_image() for s in samples]
-    return mllm.processor(images=images, text=text, return_tensors="pt", padding=True)
-
-
-def hf_generate(mllm, samples, **kw):
-    """``model.generate()`` as a user calls it: (answers, sequences incl. the prompt, output)."""
-    inputs = hf_inputs(mllm, samples)
-    out = mllm.model.generate(
-        **inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, **kw
-    )
-    new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    answers = [mllm.tokenizer.decode(r, skip_special_tokens=True).strip() for r in new]
-    return answers, out
-
-
-def harness_kept(world, samples, ratio) -> list[torch.Tensor]:
-    """The compressor's kept tokens as ``evocomp evaluate`` picks them, from cached features."""
-    mllm = world.mllm
-    compressor, _ = load_compressor(world.compressor)
-    sel = Selector(mllm, {"grid": mllm.grid}, compressor)
-    feats = [world.fstore.get(s.id) for s in samples]
-    scores = sel.scores("evocomp", samples, feats)
-    return sel.kept("evocomp", ratio, samples, feats, scores)
-
-
-def project_generate(world, samples, kept):
-    """``HFLlava.generate`` over the cached features: (answers, logits per step)."""
-    mllm = world.mllm
-    tape = LogitTape(mllm.model)
-    try:
-        vis = [world.fstore.get(s.id).tokens for s in samples]
-        answers = mllm.generate([s.question for s in samples], vis, kept, NEW)
-        return answers, tape.take()
-    finally:
-        tape.close()
-
-
-def compressed_generate(world, samples, ratio, **kw):
-    """``model.generate()`` with the compressor attached: (answers, logits, selection)."""
-    mllm = world.mllm
-    tape = LogitTape(mllm.model)
-    try:
-        with compress_model(mllm.model, mllm.processor, world.compressor, ratio) as handle:
-            answers, _ = hf_generate(mllm, samples, **kw)
-        return answers, tape.take(), handle.last
-    finally:
-        tape.close()
+    return trained_world(HFLlava(tiny_llava), shapes_data, tmp_path_factory.mktemp("deploy"), 4)
 
 
 # ---- (a) the harness's tokens, the project's decoding --------------------------------------------
@@ -152,7 +67,7 @@ def test_generate_matches_the_evaluation_path(world, ratio):
 
 def test_batched_left_padded_generate_matches(world):
     samples = world.test
-    lengths = hf_inputs(world.mllm, samples)["attention_mask"].sum(1)
+    lengths = hf_inputs(world, samples)["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) > 1  # the batch really is padded
     masks: list[int] = []  # attention-mask length of each LLM forward
     hook = world.mllm.lm.register_forward_pre_hook(
@@ -199,10 +114,10 @@ def test_prefill_and_cache_shrink_by_the_dropped_tokens(world):
         lambda mod, args, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
     )
     try:
-        _, full = hf_generate(mllm, [s])
+        _, full = hf_generate(world, [s])
         prefill_full, seen[:] = seen[0], []
         with compress_model(mllm.model, mllm.processor, world.compressor, 1 / 3) as handle:
-            _, short = hf_generate(mllm, [s])
+            _, short = hf_generate(world, [s])
         prefill_short = seen[0]
     finally:
         hook.remove()
@@ -220,14 +135,14 @@ def test_detach_restores_the_model(world):
     mllm, samples = world.mllm, world.test[:2]
     tape = LogitTape(mllm.model)
     try:
-        before, _ = hf_generate(mllm, samples)
+        before, _ = hf_generate(world, samples)
         untouched = tape.take()
         handle = compress_model(mllm.model, mllm.processor, world.compressor, 1 / 9)
-        hf_generate(mllm, samples)
+        hf_generate(world, samples)
         compressed = tape.take()
         handle.detach()
         handle.detach()  # idempotent
-        after, _ = hf_generate(mllm, samples)
+        after, _ = hf_generate(world, samples)
         restored = tape.take()
     finally:
         tape.close()
@@ -243,7 +158,7 @@ def test_keep_ratio_one_is_the_unmodified_model(world):
     mllm, samples = world.mllm, world.test
     tape = LogitTape(mllm.model)
     try:
-        plain, _ = hf_generate(mllm, samples)
+        plain, _ = hf_generate(world, samples)
         plain_logits = tape.take()
     finally:
         tape.close()
@@ -263,20 +178,19 @@ def test_refusals(world, tmp_path):
         compress_model(model, proc, comp, 1 / 3, prune_layer=2)
     with pytest.raises(ValueError, match="outside"):
         compress_model(model, proc, comp, 1.5)
-    with pytest.raises(ModelError, match="gemma3"):
+    with pytest.raises(ModelError, match="llava_next"):
         compress_model(
-            SimpleNamespace(config=SimpleNamespace(model_type="gemma3")), proc, comp, 0.5
+            SimpleNamespace(config=SimpleNamespace(model_type="llava_next")), proc, comp, 0.5
         )
     with pytest.raises(FileNotFoundError, match="no compressor"):
         compress_model(model, proc, tmp_path / "none", 1 / 3)
-    compressor, extra = load_compressor(comp)
-    save_compressor(compressor, tmp_path / "other", {**extra, "model_id": "other-0123456789ab"})
+    other = other_model_compressor(world, tmp_path / "other")
     with pytest.raises(ModelError, match="trained for model 'other-0123456789ab'"):
-        compress_model(model, proc, tmp_path / "other", 1 / 3)
+        compress_model(model, proc, other, 1 / 3)
     with compress_model(model, proc, comp, 1 / 3):
         with pytest.raises(ValueError, match="already has a compressor"):
             compress_model(model, proc, comp, 1 / 3)
-        inputs = hf_inputs(mllm, world.test[:1])
+        inputs = hf_inputs(world, world.test[:1])
         with pytest.raises(ValueError, match="outside"):
             model.generate(**inputs, max_new_tokens=1, keep_ratio=0.0)
 
@@ -326,12 +240,11 @@ def test_cli_answers_with_the_api(world, tmp_path, monkeypatch):
 @pytest.fixture
 def bad_inputs(world, tmp_path):
     (tmp_path / "not-image.png").write_text("hello")
-    gemma = tmp_path / "gemma"
-    gemma.mkdir()
-    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
-    (gemma / "model.safetensors").write_bytes(b"")
-    compressor, extra = load_compressor(world.compressor)
-    save_compressor(compressor, tmp_path / "other", {**extra, "model_id": "other-0123456789ab"})
+    unsupported = tmp_path / "next"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    (unsupported / "model.safetensors").write_bytes(b"")
+    other_model_compressor(world, tmp_path / "other")
     return tmp_path
 
 
@@ -341,7 +254,7 @@ def bad_inputs(world, tmp_path):
         ({"--image": "missing.png"}, "image not found"),
         ({"--image": "{tmp}/not-image.png"}, "unreadable image"),
         ({"--model": "{tmp}"}, "no config.json"),
-        ({"--model": "{tmp}/gemma"}, "has no compressed generate() yet"),
+        ({"--model": "{tmp}/next"}, "has no compressed generate() yet"),
         ({"--compressor": "{tmp}/other"}, "trained for model 'other-0123456789ab'"),
         ({"--compressor": "{tmp}/none"}, "no compressor"),
         ({"--keep-ratio": "0"}, "--keep-ratio"),

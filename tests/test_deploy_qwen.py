@@ -17,16 +17,22 @@ import torch
 from typer.testing import CliRunner
 
 from evocomp.cli import app
-from evocomp.compress.fit import Item, fit_compressor
-from evocomp.compress.model import save_compressor
-from evocomp.config import TrainParams
 from evocomp.deploy import QwenProcessor, compress_model
 from evocomp.deploy.llava import LlavaPrefill
 from evocomp.deploy.prompt import prompt_text
 from evocomp.deploy.qwen import QwenPrefill
-from evocomp.tokens import grid_positions, keep_count
+from evocomp.tokens import keep_count
 from tests.conftest import make_tiny_qwen_vl
-from tests.test_deploy import NEW, SMALL, LogitTape, harness_kept, project_generate
+from tests.deploy_helpers import (
+    NEW,
+    LogitTape,
+    compressed_generate,
+    harness_kept,
+    hf_generate,
+    hf_inputs,
+    project_generate,
+    trained_world,
+)
 
 runner = CliRunner()
 
@@ -34,66 +40,12 @@ runner = CliRunner()
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def world(request, shapes_data, tmp_path_factory):
     """A tiny Qwen, a compressor trained on GA labels of a few samples, and test samples."""
-    from evocomp.data.readers import read_dataset
-    from evocomp.features.compute import ensure_features
-    from evocomp.labeling.sample import label_sample
     from evocomp.mllm.loader import load_mllm
 
     root = tmp_path_factory.mktemp(f"deploy-{request.param}")
     mllm = load_mllm(make_tiny_qwen_vl(root / "model", request.param))
-    samples = read_dataset(shapes_data)
-    split = {sp: [s for s in samples if s.split == sp] for sp in ("train", "val", "test")}
-    train, val = split["train"][:5], split["val"][:2]
-    test = (split["test"] + split["val"][2:])[:3]
-    fstore = ensure_features(mllm, train + val + test, root / "features", batch_size=16)
-
-    def item(s) -> Item:
-        f = fstore.get(s.id)
-        target = torch.zeros(mllm.n_tokens)
-        target[label_sample(mllm, s, f, SMALL).result.kept] = 1.0
-        return Item(f.tokens, grid_positions(mllm.n_tokens, mllm.grid), f.text, target)
-
-    compressor, _ = fit_compressor(
-        [item(s) for s in train], [item(s) for s in val], TrainParams(epochs=1), llm_heads=4
-    )
-    save_compressor(compressor, root / "compressor", {"model_id": mllm.model_id})
-    return SimpleNamespace(
-        root=root,
-        mllm=mllm,
-        processor=QwenProcessor(mllm.image_processor, mllm.tokenizer),
-        fstore=fstore,
-        test=test,
-        compressor=root / "compressor",
-    )
-
-
-def hf_inputs(world, samples):
-    proc = world.processor
-    text = [prompt_text(world.mllm.template, s.question, proc.image_token) for s in samples]
-    return proc(images=[s.load_image() for s in samples], text=text)
-
-
-def hf_generate(world, samples, **kw):
-    """``model.generate()`` as a user calls it: (answers, output with the cache)."""
-    inputs = hf_inputs(world, samples)
-    out = world.mllm.model.generate(
-        **inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, **kw
-    )
-    new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    answers = [world.mllm.tokenizer.decode(r, skip_special_tokens=True).strip() for r in new]
-    return answers, out
-
-
-def compressed_generate(world, samples, ratio, **kw):
-    """``model.generate()`` with the compressor attached: (answers, logits, selection)."""
-    mllm = world.mllm
-    tape = LogitTape(mllm.model)
-    try:
-        with compress_model(mllm.model, world.processor, world.compressor, ratio) as handle:
-            answers, _ = hf_generate(world, samples, **kw)
-        return answers, tape.take(), handle.last
-    finally:
-        tape.close()
+    processor = QwenProcessor(mllm.image_processor, mllm.tokenizer)
+    return trained_world(mllm, shapes_data, root, 3, processor)
 
 
 class LMInputs:

@@ -18,7 +18,7 @@ from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import checkpoint_info
 from evocomp.mllm.loader import load_mllm
 from evocomp.mllm.prompts import FAMILY_TEMPLATES
-from tests.conftest import make_tiny_gemma3
+from tests.conftest import make_tiny_gemma3, reference_greedy
 
 SEED = 3  # a random model whose greedy answers change from token to token (seed 0 repeats one)
 
@@ -167,28 +167,6 @@ def test_gemma3_subset_equals_masking_when_the_window_holds_the_prompt(gemma_wid
             )
         ours = float(m.subset_loss(p, m.visual_tokens([img])[0], KEPT[None])[0])
         assert (abs(ours - masked) < 1e-5) == same, (m.lm.config.sliding_window, ours, masked)
-
-
-def reference_greedy(m, ref: dict, steps: int) -> list[int]:
-    """Greedy decoding by full HF forwards on the shortened prompt (no cache): each new token
-    at the next position after the last prompt one, a text token."""
-    x, pos, types = ref["inputs_embeds"], ref["position_ids"], ref["token_type_ids"]
-    out: list[int] = []
-    for _ in range(steps):
-        # a mask, else transformers reads the gaps in the position ids as packed sequences
-        mask = torch.ones_like(types)
-        with torch.no_grad():
-            logits = m.model(
-                inputs_embeds=x, attention_mask=mask, position_ids=pos, token_type_ids=types
-            ).logits
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok == m.tokenizer.eos_token_id:
-            break
-        x = torch.cat([x, m.model.get_input_embeddings()(torch.tensor([[tok]]))], 1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-        types = torch.cat([types, torch.zeros_like(types[:, :1])], 1)
-    return out
 
 
 def test_gemma3_generate_equals_hf_generate(gemma, scene):

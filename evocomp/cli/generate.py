@@ -4,8 +4,8 @@ evocomp generate --model models/mllm --compressor models/compressor \\
     --image cat.png --question "what colour is the cat ?" --keep-ratio 0.333 --json
 
 Greedy decoding; the prompt is the checkpoint's template (``USER: <image>\\n{question}
-ASSISTANT:`` for LLaVA-1.5, the chat template for Qwen2-VL / Qwen2.5-VL) and the compressor
-keeps ``keep_count(ratio, N)`` visual tokens before the LLM (:mod:`evocomp.deploy`).
+ASSISTANT:`` for LLaVA-1.5, the chat template for Qwen2-VL / Qwen2.5-VL and Gemma 3) and the
+compressor keeps ``keep_count(ratio, N)`` visual tokens before the LLM (:mod:`evocomp.deploy`).
 """
 
 from __future__ import annotations
@@ -50,10 +50,8 @@ def generate(
     from evocomp.data.samples import load_image
     from evocomp.deploy import compress_model, load_checkpoint
     from evocomp.deploy.attach import checkpoint_config
-    from evocomp.deploy.prompt import prompt_text, template_of
     from evocomp.deploy.scorer import TokenScorer
     from evocomp.mllm.checkpoint import checkpoint_id
-    from evocomp.mllm.sequence import IMAGE
     from evocomp.tokens import keep_count
 
     params = params_or_exit(params_path)
@@ -79,9 +77,8 @@ def generate(
             prompt_template=prompt_template,
             model_id=model_id,
         )
-        template = template_of(mllm, processor, prompt_template)
-        text = prompt_text(template, question, getattr(processor, "image_token", IMAGE))
-        inputs = processor(images=picture, text=text, return_tensors="pt").to(mllm.device)
+        inputs = processor(images=picture, text=handle.prompt(question), return_tensors="pt")
+        inputs = inputs.to(mllm.device)
         t0 = time.perf_counter()
         with handle, torch.no_grad():
             out = mllm.generate(

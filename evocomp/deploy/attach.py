@@ -4,6 +4,7 @@
     out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"),
                          max_new_tokens=16)
     handle.last.kept        # what the compressor kept, per prompt
+    handle.prompt(question) # the processor's text= for a question (the template filled in)
     handle.detach()         # the untouched model again (or: `with compress_model(...):`)
 
 The hook point is ``prepare_inputs_for_generation``, replaced on this one model instance (the
@@ -15,9 +16,11 @@ or one per prompt) to score with instead of the question read from the prompt, a
 ``keep_ratio=`` to override the handle's ratio for one call.
 
 Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5-style checkpoints: one image per
-prompt, a fixed number of visual tokens) and ``Qwen2VLForConditionalGeneration`` /
+prompt, a fixed number of visual tokens), ``Qwen2VLForConditionalGeneration`` /
 ``Qwen2_5_VLForConditionalGeneration`` (one image per prompt, 3-D M-RoPE positions kept:
-:mod:`evocomp.deploy.qwen`), batches of left-padded prompts whose images give the same N, the
+:mod:`evocomp.deploy.qwen`) and ``Gemma3ForConditionalGeneration`` (one image per prompt
+without pan-and-scan crops, the kept image tokens one bidirectional block:
+:mod:`evocomp.deploy.gemma3`), batches of left-padded prompts whose images give the same N, the
 default dynamic cache, tokens dropped before the LLM (``prune_layer=0``). Another family adds
 its own hook to :data:`FAMILIES`. One ``generate()`` at a time per model: the hook keeps the
 running call's kept positions between its iterations.
@@ -30,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from evocomp.deploy.gemma3 import Gemma3Prefill
 from evocomp.deploy.llava import LlavaPrefill, Selection
-from evocomp.deploy.prompt import template_of
+from evocomp.deploy.prompt import processor_text, template_of
 from evocomp.deploy.qwen import QwenPrefill, QwenProcessor
 from evocomp.deploy.scorer import TokenScorer
 from evocomp.errors import ModelError
@@ -70,6 +74,7 @@ FAMILIES: dict[str, Family] = {
         QwenPrefill,
         QwenProcessor.from_pretrained,
     ),
+    "gemma3": Family("Gemma3ForConditionalGeneration", check_checkpoint, Gemma3Prefill),
 }
 HOOK_ATTR = "_evocomp_compressed"  # set on a model while a compressor is attached
 
@@ -101,7 +106,7 @@ class CompressedModel:
 
     def __init__(self, model, processor, scorer: TokenScorer, keep_ratio: float, template: str):
         self.model, self.processor, self.scorer = model, processor, scorer
-        self.keep_ratio = keep_ratio
+        self.keep_ratio, self.template = keep_ratio, template
         self.hook = family_of(model.config).hook(model, processor.tokenizer, template)
         self.last: Selection | None = None  # what the latest generate() call kept
         self._original = model.prepare_inputs_for_generation  # bound: the class's or a wrapper
@@ -124,6 +129,11 @@ class CompressedModel:
 
         model.prepare_inputs_for_generation = prepare_inputs_for_generation
         setattr(model, HOOK_ATTR, self)
+
+    def prompt(self, question: str) -> str:
+        """The processor's ``text=`` asking ``question`` in the template the compressor's labels
+        were made with (:func:`evocomp.deploy.prompt.processor_text`)."""
+        return processor_text(self.model, self.processor, self.template, question)
 
     def detach(self) -> None:
         """Give the model back its own ``prepare_inputs_for_generation``; idempotent."""
@@ -155,7 +165,7 @@ def compress_model(
 
     Args:
         model: a transformers model of a family in :data:`FAMILIES` (LLaVA-1.5 style, Qwen2-VL,
-            Qwen2.5-VL).
+            Qwen2.5-VL, Gemma 3).
         processor: its processor (the tokenizer decodes the question out of the prompt); for
             Qwen a :class:`evocomp.deploy.qwen.QwenProcessor` (``load_checkpoint`` gives one).
         compressor_dir: a folder written by ``evocomp train``.

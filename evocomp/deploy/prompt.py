@@ -32,22 +32,59 @@ def template_of(model, processor, override: str | None = None) -> str:
     the checkpoint's chat template rendered for one user turn, the family's default.
     """
     config, tokenizer = model.config, processor.tokenizer
+    image_token, image_block = image_placeholder(config, tokenizer)
     return resolve_template(
         Path(getattr(config, "_name_or_path", "") or "."),
         config.model_type,
         getattr(config, "evocomp", None) or {},
         tokenizer,
-        tokenizer.convert_ids_to_tokens(image_token_id(config)),
-        override,
-        processor,
+        image_token,
+        override=override,
+        processor=processor,
+        image_block=image_block,
     )
 
 
-def prompt_text(template: str, question: str, image_token: str = IMAGE) -> str:
-    """The processor's ``text=``: the template with the question filled in and ``<image>``
+def image_placeholder(config, tokenizer) -> tuple[str, str]:
+    """What the chat template renders for the image, and the template text it stands for, as
+    the family's adapter has them (``image_placeholder``): the image token and ``<image>``;
+    for Gemma 3 ``<start_of_image>`` and the block its processor writes in its place,
+    ``\\n\\n<start_of_image>`` + the N image tokens + ``<end_of_image>\\n\\n``."""
+    if config.model_type == "gemma3":
+        boi, eoi = tokenizer.convert_ids_to_tokens([config.boi_token_id, config.eoi_token_id])
+        return boi, f"\n\n{boi}{IMAGE}{eoi}\n\n"
+    return tokenizer.convert_ids_to_tokens(image_token_id(config)), IMAGE
+
+
+def prompt_text(
+    template: str, question: str, image_token: str = IMAGE, image_block: str = IMAGE
+) -> str:
+    """The processor's ``text=``: the template with the question filled in and the image
+    (``image_block``: ``<image>``, or Gemma 3's block around it, :func:`image_placeholder`)
     written as the processor's image token (``processor.image_token``: ``<|image_pad|>`` for
-    Qwen), which the processor expands to the image's N tokens."""
-    return template.replace(QUESTION, question.strip()).replace(IMAGE, image_token)
+    Qwen, ``<start_of_image>`` for Gemma 3), which the processor expands to the image's N
+    tokens (for Gemma 3 inside the block again)."""
+    return template.replace(QUESTION, question.strip()).replace(image_block, image_token)
+
+
+def processor_text(model, processor, template: str, question: str) -> str:
+    """The processor's ``text=`` for ``question``, so that its ``input_ids`` are the prompt
+    labeling fed (:func:`evocomp.mllm.sequence.encode_prompt`): :func:`prompt_text` with the
+    family's image block, and a BOS the template writes (Gemma 3's chat template does) left
+    to a tokenizer that adds its own, as ``encode_prompt`` keeps one."""
+    tok = processor.tokenizer
+    _, block = image_placeholder(model.config, tok)
+    if block not in template:
+        raise ValueError(
+            f"prompt template {template!r} has no {block!r}: {model.config.model_type}'s "
+            "processor writes each image as that block, so the prompt would not be the one "
+            "labeling fed; put the block where the image goes"
+        )
+    text = prompt_text(template, question, getattr(processor, "image_token", IMAGE), block)
+    bos = tok.bos_token
+    if bos and text.startswith(bos) and tok("")["input_ids"][:1] == [tok.bos_token_id]:
+        text = text[len(bos) :]
+    return text
 
 
 def question_from_text(text: str, template: str) -> str:

@@ -1,0 +1,133 @@
+"""What the deployment tests of every family share: a tiny model with a compressor trained on
+GA labels of a few samples, ``model.generate()`` with and without it, the logits of every
+decoding step, and the evaluation harness's kept tokens and decoding to compare with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from evocomp.compress.fit import Item, fit_compressor
+from evocomp.compress.model import load_compressor, save_compressor
+from evocomp.config import SearchParams, TrainParams
+from evocomp.deploy import compress_model
+from evocomp.deploy.prompt import processor_text
+from evocomp.evaluation.harness import Selector
+
+SMALL = SearchParams(population=8, parents=4, generations=2)
+NEW = 6  # tokens generated per answer
+
+
+def trained_world(mllm, shapes_data: Path, root: Path, n_test: int, processor=None):
+    """``mllm``, a compressor trained on GA labels of 5 train and 2 val samples, and
+    ``n_test`` test samples; ``processor`` is what ``generate()`` inputs are made with
+    (default: the adapter's)."""
+    from evocomp.data.readers import read_dataset
+    from evocomp.features.compute import ensure_features
+    from evocomp.labeling.sample import label_sample
+
+    samples = read_dataset(shapes_data)
+    split = {sp: [s for s in samples if s.split == sp] for sp in ("train", "val", "test")}
+    train, val = split["train"][:5], split["val"][:2]
+    test = (split["test"] + split["val"][2:])[:n_test]
+    fstore = ensure_features(mllm, train + val + test, root / "features", batch_size=16)
+
+    def item(s) -> Item:
+        f = fstore.get(s.id)
+        target = torch.zeros(mllm.n_tokens)
+        target[label_sample(mllm, s, f, SMALL).result.kept] = 1.0
+        return Item(f.tokens, f.cells, f.text, target)
+
+    compressor, _ = fit_compressor(
+        [item(s) for s in train], [item(s) for s in val], TrainParams(epochs=1), llm_heads=4
+    )
+    save_compressor(compressor, root / "compressor", {"model_id": mllm.model_id})
+    return SimpleNamespace(
+        root=root,
+        mllm=mllm,
+        processor=processor or mllm.processor,
+        fstore=fstore,
+        test=test,
+        compressor=root / "compressor",
+    )
+
+
+class LogitTape:
+    """Records the last-position logits of every ``lm_head`` call: one row per decoding step."""
+
+    def __init__(self, model):
+        self.rows: list[torch.Tensor] = []
+        self._h = model.lm_head.register_forward_hook(self._record)
+
+    def _record(self, module, args, out):
+        self.rows.append((out[:, -1] if out.ndim == 3 else out).detach().float().clone())
+
+    def take(self) -> torch.Tensor:
+        rows, self.rows = self.rows, []
+        return torch.stack(rows, 1)  # (B, steps, V)
+
+    def close(self):
+        self._h.remove()
+
+
+def hf_inputs(world, samples):
+    """What the processor gives for the samples' prompts (one image each), padded on the left."""
+    mllm, proc = world.mllm, world.processor
+    text = [processor_text(mllm.model, proc, mllm.template, s.question) for s in samples]
+    images = [[s.load_image()] for s in samples]  # per prompt, as Gemma 3's processor needs
+    return proc(images=images, text=text, return_tensors="pt", padding=True)
+
+
+def hf_generate(world, samples, **kw):
+    """``model.generate()`` as a user calls it: (answers, output with the cache)."""
+    mllm = world.mllm
+    inputs = hf_inputs(world, samples)
+    out = mllm.model.generate(
+        **inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, **kw
+    )
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    answers = [mllm.tokenizer.decode(r, skip_special_tokens=True).strip() for r in new]
+    return answers, out
+
+
+def compressed_generate(world, samples, ratio, **kw):
+    """``model.generate()`` with the compressor attached: (answers, logits, selection)."""
+    mllm = world.mllm
+    tape = LogitTape(mllm.model)
+    try:
+        with compress_model(mllm.model, world.processor, world.compressor, ratio) as handle:
+            answers, _ = hf_generate(world, samples, **kw)
+        return answers, tape.take(), handle.last
+    finally:
+        tape.close()
+
+
+def harness_kept(world, samples, ratio) -> list[torch.Tensor]:
+    """The compressor's kept tokens as ``evocomp evaluate`` picks them, from cached features."""
+    mllm = world.mllm
+    compressor, _ = load_compressor(world.compressor)
+    sel = Selector(mllm, {"grid": mllm.grid}, compressor)
+    feats = [world.fstore.get(s.id) for s in samples]
+    scores = sel.scores("evocomp", samples, feats)
+    return sel.kept("evocomp", ratio, samples, feats, scores)
+
+
+def project_generate(world, samples, kept):
+    """The adapter's own ``generate`` over the cached features: (answers, logits per step)."""
+    mllm = world.mllm
+    tape = LogitTape(mllm.model)
+    try:
+        vis = [world.fstore.get(s.id).tokens for s in samples]
+        answers = mllm.generate([s.question for s in samples], vis, kept, NEW)
+        return answers, tape.take()
+    finally:
+        tape.close()
+
+
+def other_model_compressor(world, path: Path) -> Path:
+    """The world's compressor saved as one trained for another model."""
+    compressor, extra = load_compressor(world.compressor)
+    save_compressor(compressor, path, {**extra, "model_id": "other-0123456789ab"})
+    return path

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from evocomp.mllm.hf_adapter import image_token_id
-from evocomp.mllm.prompts import resolve_template
+from evocomp.mllm.prompts import image_placeholder, resolve_template
 from evocomp.mllm.sequence import IMAGE, QUESTION
 
 
@@ -43,17 +42,6 @@ def template_of(model, processor, override: str | None = None) -> str:
         processor=processor,
         image_block=image_block,
     )
-
-
-def image_placeholder(config, tokenizer) -> tuple[str, str]:
-    """What the chat template renders for the image, and the template text it stands for, as
-    the family's adapter has them (``image_placeholder``): the image token and ``<image>``;
-    for Gemma 3 ``<start_of_image>`` and the block its processor writes in its place,
-    ``\\n\\n<start_of_image>`` + the N image tokens + ``<end_of_image>\\n\\n``."""
-    if config.model_type == "gemma3":
-        boi, eoi = tokenizer.convert_ids_to_tokens([config.boi_token_id, config.eoi_token_id])
-        return boi, f"\n\n{boi}{IMAGE}{eoi}\n\n"
-    return tokenizer.convert_ids_to_tokens(image_token_id(config)), IMAGE
 
 
 def prompt_text(

@@ -25,21 +25,18 @@ from evocomp.errors import ModelError
 from evocomp.mllm.base import ImageTokens
 from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
 from evocomp.mllm.decoding import greedy
-from evocomp.mllm.prompts import resolve_template
+from evocomp.mllm.prompts import (  # noqa: F401 - image_token_id: re-exported
+    image_placeholder,
+    image_token_id,
+    resolve_template,
+)
 from evocomp.mllm.sequence import (
-    IMAGE,
     Prompt,
     encode_prompt,
     left_pad,
     left_pad_flags,
 )
 from evocomp.tokens import grid_positions
-
-
-def image_token_id(config) -> int:
-    """The id of the image placeholder token (``image_token_index`` in older LLaVA configs)."""
-    tid = getattr(config, "image_token_id", None)
-    return tid if tid is not None else config.image_token_index
 
 
 class HFAdapter:
@@ -129,7 +126,7 @@ class HFAdapter:
 
     def image_placeholder(self) -> tuple[str, str]:
         """What the chat template renders for the image, and the template text it stands for."""
-        return self.tokenizer.convert_ids_to_tokens(image_token_id(self.model.config)), IMAGE
+        return image_placeholder(self.model.config, self.tokenizer)
 
     def llm_mask(self, x, mask, pos, image):
         """What the LLM takes as ``attention_mask`` for a prefill ``x (B, L, D)``.

@@ -33,7 +33,6 @@ from PIL import Image
 from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import gemma3_grid
 from evocomp.mllm.hf_adapter import HFAdapter
-from evocomp.mllm.sequence import IMAGE
 
 
 class HFGemma3(HFAdapter):
@@ -45,13 +44,6 @@ class HFGemma3(HFAdapter):
     def token_grid(self, path: Path, cfg: dict) -> tuple[int, tuple[int, int]]:
         grid = gemma3_grid(path, cfg)
         return grid[0] * grid[1], grid
-
-    def image_placeholder(self) -> tuple[str, str]:
-        """The chat template renders ``<start_of_image>``; the processor makes it the block."""
-        boi, eoi = self.tokenizer.convert_ids_to_tokens(
-            [self.model.config.boi_token_id, self.model.config.eoi_token_id]
-        )
-        return boi, f"\n\n{boi}{IMAGE}{eoi}\n\n"
 
     def vocab_embeddings(self) -> torch.Tensor:
         """The input embeddings as the LLM sees them ``(V, D)`` (scaled by sqrt(D))."""

@@ -37,6 +37,23 @@ FAMILY_TEMPLATES = {
 }
 
 
+def image_token_id(config) -> int:
+    """The id of the image placeholder token (``image_token_index`` in older LLaVA configs)."""
+    tid = getattr(config, "image_token_id", None)
+    return tid if tid is not None else config.image_token_index
+
+
+def image_placeholder(config, tokenizer) -> tuple[str, str]:
+    """What a chat template renders for the image, and the template text it stands for: the
+    image token and ``<image>``; for Gemma 3 ``<start_of_image>`` and the block its processor
+    writes in its place, ``\n\n<start_of_image>`` + the N image tokens + ``<end_of_image>\n\n``
+    (labeling's adapters and the deployment hook read prompts the same way)."""
+    if config.model_type == "gemma3":
+        boi, eoi = tokenizer.convert_ids_to_tokens([config.boi_token_id, config.eoi_token_id])
+        return boi, f"\n\n{boi}{IMAGE}{eoi}\n\n"
+    return tokenizer.convert_ids_to_tokens(image_token_id(config)), IMAGE
+
+
 def check_template(template: str, where: str) -> str:
     """``template`` if it has exactly one ``<image>`` and one ``{question}``."""
     if template.count(IMAGE) != 1 or template.count(QUESTION) != 1:

@@ -1,4 +1,5 @@
-"""Smoke test of bench/speedup.py on a shrunk model, and its helpers (no timing assertions)."""
+"""Smoke tests of bench/speedup.py and bench/deploy_speed.py on shrunk models, and their helpers
+(no timing assertions)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import REPO
+from PIL import Image
 
 RATIOS = ["0.500", "0.333", "0.222", "0.111"]
 
@@ -113,3 +116,76 @@ def test_write_json_atomic_replaces_whole_file(bench, tmp_path):
     common.write_json_atomic(path, {"b": [1, 2]})
     assert json.loads(path.read_text()) == {"b": [1, 2]}
     assert [p.name for p in path.parent.iterdir()] == ["bench_x.json"]
+
+
+# ---- bench/deploy_speed.py's families ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "defaults"),
+    [
+        ("llava", ("float32", [0.333], 8, "bench_deploy.json")),
+        ("qwen2_5_vl", ("bfloat16", [0.333, 0.111], 32, "bench_deploy_qwen.json")),
+    ],
+)
+def test_deploy_speed_family_defaults(bench, family, defaults):
+    import deploy_speed
+
+    args = deploy_speed.parse_args(["--family", family])
+    assert (args.dtype, args.ratios, args.new_tokens, args.out.name) == defaults
+    args = deploy_speed.parse_args(["--family", family, "--dtype", "float16", "--ratios", "0.5"])
+    assert (args.dtype, args.ratios) == ("float16", [0.5])
+
+
+def test_deploy_speed_vocab_is_qwen_only(bench):
+    import deploy_speed
+
+    assert deploy_speed.parse_args(["--family", "qwen2_5_vl", "--vocab", "300"]).vocab == 300
+    for argv in (["--vocab", "300"], ["--family", "qwen2_5_vl", "--vocab", "0"]):
+        with pytest.raises(SystemExit):
+            deploy_speed.parse_args(argv)
+
+
+def test_qwen_timing_model_has_the_3b_checkpoints_shape(bench):
+    """Built on the meta device (no memory): Qwen2.5-VL-3B-Instruct's 3.75B parameters."""
+    import _deploy_models as models
+
+    model, processor = models.build_qwen(models.QwenShape(), "meta", torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 3_754_622_976
+    vision = model.config.vision_config
+    assert (vision.depth, vision.hidden_size, vision.out_hidden_size) == (32, 1280, 2048)
+    assert list(vision.fullatt_block_indexes) == [7, 15, 23, 31]
+    text = model.config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_key_value_heads) == (36, 2048, 2)
+    grid = processor.image_processor(images=[Image.new("RGB", (448, 448))])["image_grid_thw"]
+    assert grid.tolist() == [[1, 32, 32]] and models.QwenShape().grid ** 2 == 256
+
+
+def test_deploy_speed_qwen_smoke(bench, tmp_path):
+    """``--family qwen2_5_vl --tiny --quick`` end to end: tokens and keys, no timings judged."""
+    import deploy_speed
+
+    out, new = tmp_path / "bench_deploy_qwen.json", 3
+    argv = ["--family", "qwen2_5_vl", "--tiny", "--quick", "--warmup", "0"]
+    report = deploy_speed.main([*argv, "--new-tokens", str(new), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report)) and not list(tmp_path.glob("*.tmp"))
+    assert data["dtype"] == "bfloat16"
+    assert data["model"]["weight_bytes"] == 2 * data["model"]["params"]
+    keys = ["1.000", "0.333", "0.111"]
+    tokens = data["tokens"]
+    # 96 px / (8 px patches merged 2 x 2) = 6 x 6 = 36 visual tokens; 1/3 keeps 12, 1/9 keeps 4
+    assert [tokens[k]["visual"] for k in keys] == [36, 12, 4]
+    for k in keys:  # the dropped tokens are gone from the prefill and the cache
+        assert tokens[k]["prefill"] == tokens["1.000"]["prefill"] - (36 - tokens[k]["visual"])
+        assert tokens[k]["kv_cache_after"] == tokens[k]["prefill"] + new - 1
+    for name in ("prefill_speedup", "generate_speedup"):
+        assert sorted(data[name]) == sorted(keys[1:])
+        assert all(math.isfinite(x) and x > 0 for x in data[name].values())
+    for part in ("prefill", "generate", "vision"):
+        assert sorted(data["seconds"][part]) == sorted(keys)
+        for stats in data["seconds"][part].values():
+            _positive_stats(stats)
+    assert 0 < data["vision_share"] < 1
+    assert data["generate_speedup_bound"] == pytest.approx(1 / data["vision_share"])
+    assert data["command"].split()[1:5] == ["bench/deploy_speed.py", *argv[:3]]

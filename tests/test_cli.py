@@ -131,9 +131,9 @@ def tiny_checkpoint(tmp_path):
     [
         ({"model_type": "llava"}, False, "no weights"),
         (
-            {"model_type": "llava_next"},
+            {"model_type": "idefics3"},
             True,
-            "'llava_next' is not supported (supported families: llava",
+            "'idefics3' is not supported (supported families: llava",
         ),
         (
             {"model_type": "gemma3", "vision_config": {"model_type": "clip_vision_model"}},

@@ -25,9 +25,12 @@ FAMILIES = {
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
     "gemma3": "Gemma 3 (Gemma3ForConditionalGeneration; SigLIP tower)",
+    "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration; CLIP or SigLIP tower)",
+    "llava_onevision": "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration; SigLIP or CLIP)",
 }
 SUPPORTED = tuple(FAMILIES)
 QWEN = ("qwen2_vl", "qwen2_5_vl")
+ANYRES = ("llava_next", "llava_onevision")  # base crop + tile grid, packed with newlines
 LLAVA_TOWERS = ("clip_vision_model", "siglip_vision_model")
 GEMMA3_TOWER = "siglip_vision_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,10 +65,10 @@ def check_checkpoint(path: str | Path) -> dict:
             f"{', '.join(SUPPORTED)})"
         )
     tower = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
-    if family == "llava" and tower not in LLAVA_TOWERS:
+    if family in ("llava", *ANYRES) and tower not in LLAVA_TOWERS:
         # Pixtral is packaged as model_type llava, its rows separated by [IMG_BREAK] tokens.
         raise ModelError(
-            f"{path}: a LLaVA checkpoint with vision tower {tower!r} is not supported "
+            f"{path}: a {family} checkpoint with vision tower {tower!r} is not supported "
             f"(supported: {', '.join(LLAVA_TOWERS)}; families: {', '.join(SUPPORTED)})"
         )
     if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
@@ -76,6 +79,8 @@ def check_checkpoint(path: str | Path) -> dict:
         qwen_grid(path, cfg)  # the processor config fixes N: refuse a folder without one now
     if family == "gemma3":
         gemma3_grid(path, cfg)
+    if family in ANYRES and not (path / "preprocessor_config.json").is_file():
+        raise ModelError(f"{path}: a {family} checkpoint needs preprocessor_config.json")
     return cfg
 
 
@@ -157,6 +162,17 @@ def gemma3_grid(path: Path, cfg: dict) -> tuple[int, int]:
     return side, side
 
 
+def anyres_tokens(path: Path) -> int:
+    """Selectable tokens of a LLaVA-NeXT / OneVision checkpoint's default image (a square one
+    of the tower's size): base crop + unpadded tile grid, newlines not counted. From the
+    model's own packing code on its config, without weights."""
+    from transformers import AutoConfig
+
+    from evocomp.mllm.hf_llava_next import default_layout_of, layout_block
+
+    return layout_block(default_layout_of(AutoConfig.from_pretrained(path)))[0]
+
+
 def checkpoint_info(path: str | Path, prompt_template: str | None = None) -> dict:
     """What the pipeline needs to know of a checkpoint without loading its weights."""
     path = Path(path)
@@ -167,6 +183,9 @@ def checkpoint_info(path: str | Path, prompt_template: str | None = None) -> dic
     elif cfg["model_type"] == "gemma3":
         grid = gemma3_grid(path, cfg)
         n = grid[0] * grid[1]
+    elif cfg["model_type"] in ANYRES:
+        n = anyres_tokens(path)
+        grid = grid_shape(n)
     else:
         n = int(cfg["image_seq_length"])
         grid = grid_shape(n)

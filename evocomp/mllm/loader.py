@@ -37,6 +37,10 @@ def load_mllm(
         from evocomp.mllm.hf_qwen_vl import HFQwenVL as Adapter
     elif family == "gemma3":
         from evocomp.mllm.hf_gemma3 import HFGemma3 as Adapter
+    elif family == "llava_next":
+        from evocomp.mllm.hf_llava_next import HFLlavaNext as Adapter
+    elif family == "llava_onevision":
+        from evocomp.mllm.hf_llava_next import HFLlavaOnevision as Adapter
     else:  # check_checkpoint admits only FAMILIES
         from evocomp.mllm.hf_qwen_vl import HFQwen25VL as Adapter
     return Adapter(path, device=device, dtype=dtype, prompt_template=prompt_template)

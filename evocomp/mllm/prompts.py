@@ -29,11 +29,15 @@ GEMMA3_IMAGE_BLOCK = f"\n\n<start_of_image>{IMAGE}<end_of_image>\n\n"
 GEMMA3_TEMPLATE = (
     f"<start_of_turn>user\n{GEMMA3_IMAGE_BLOCK}{QUESTION}<end_of_turn>\n<start_of_turn>model\n"
 )
+# LLaVA-OneVision's chat template (Qwen2 markers, the image first in the user turn).
+ONEVISION_TEMPLATE = f"<|im_start|>user {IMAGE}\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 FAMILY_TEMPLATES = {
     "llava": DEFAULT_TEMPLATE,
     "qwen2_vl": QWEN_TEMPLATE,
     "qwen2_5_vl": QWEN_TEMPLATE,
     "gemma3": GEMMA3_TEMPLATE,
+    "llava_next": DEFAULT_TEMPLATE,  # llava-v1.6-vicuna's; mistral's comes with its chat template
+    "llava_onevision": ONEVISION_TEMPLATE,
 }
 
 

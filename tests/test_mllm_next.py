@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from evocomp.cli import app
 from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import check_checkpoint, checkpoint_info
-from evocomp.mllm.hf_llava_next import image_layout, layout_cells, pack
+from evocomp.mllm.anyres import image_layout, layout_cells, pack
 from evocomp.mllm.loader import load_mllm
 from evocomp.mllm.reference import build_tokenizer
 from tests.conftest import qwen_tokenizer

@@ -168,7 +168,7 @@ def anyres_tokens(path: Path) -> int:
     model's own packing code on its config, without weights."""
     from transformers import AutoConfig
 
-    from evocomp.mllm.hf_llava_next import default_layout_of, layout_block
+    from evocomp.mllm.anyres import default_layout_of, layout_block
 
     return layout_block(default_layout_of(AutoConfig.from_pretrained(path)))[0]
 

@@ -152,7 +152,9 @@ def make_labels(ws: Workspace, samples: list, grouping: str, params: SearchParam
             kept = repair((), space, random.Random(seed))
             prompt = ws.mllm.encode(s.question, s.answer)
             loss = float(
-                ws.mllm.subset_loss(prompt, feats.tokens, torch.tensor([kept]), feats.layout)[0]
+                ws.mllm.subset_loss(
+                    prompt, feats.tokens, torch.tensor([kept]), feats.layout, feats.extra
+                )[0]
             )
             soft = None
         else:

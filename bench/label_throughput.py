@@ -87,26 +87,26 @@ def measure_sample(ws, sample, params: SearchParams, repeats: int, seed: int) ->
 
     def floor() -> None:
         for rows in calls:
-            mllm.subset_loss(prompt, feats.tokens, rows, feats.layout)
-        mllm.subset_loss(prompt, feats.tokens, full, feats.layout)
+            mllm.subset_loss(prompt, feats.tokens, rows, feats.layout, feats.extra)
+        mllm.subset_loss(prompt, feats.tokens, full, feats.layout, feats.extra)
 
     def batched() -> None:
         for rows in calls:
-            mllm.subset_loss(prompt, feats.tokens, rows, feats.layout)
+            mllm.subset_loss(prompt, feats.tokens, rows, feats.layout, feats.extra)
 
     def one_by_one() -> None:
         for rows in calls:
             for row in rows.split(1):
-                mllm.subset_loss(prompt, feats.tokens, row, feats.layout)
+                mllm.subset_loss(prompt, feats.tokens, row, feats.layout, feats.extra)
 
     population = random_rows(params.population, res.k, n, gen)  # a whole generation's worth
 
     def population_batched() -> None:
-        mllm.subset_loss(prompt, feats.tokens, population, feats.layout)
+        mllm.subset_loss(prompt, feats.tokens, population, feats.layout, feats.extra)
 
     def population_one_by_one() -> None:
         for row in population.split(1):
-            mllm.subset_loss(prompt, feats.tokens, row, feats.layout)
+            mllm.subset_loss(prompt, feats.tokens, row, feats.layout, feats.extra)
 
     fns = {
         "label": partial(label_sample, mllm, sample, feats, params),

@@ -78,13 +78,16 @@ def answers(
         [selections[m] for m in names],
         max_new_tokens=MAX_NEW_TOKENS,
         layouts=[feats.layout] * len(names),
+        extras=[feats.extra] * len(names),
     )
     prompt = mllm.encode(sample["question"], sample["answer"])
     rows = []
     for name, out in zip(names, outs, strict=True):
         idx = selections[name]
         idx = torch.arange(n) if idx is None else idx.sort().values
-        loss = float(mllm.subset_loss(prompt, feats.tokens, idx[None], feats.layout)[0])
+        loss = float(
+            mllm.subset_loss(prompt, feats.tokens, idx[None], feats.layout, feats.extra)[0]
+        )
         rows.append(
             {
                 "selection": name,

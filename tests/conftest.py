@@ -94,6 +94,18 @@ def shapes_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def scene():
+    """One shapes-vqa image and a question about it (the model-family tests' sample)."""
+    import random
+
+    from evocomp.data import shapes
+
+    rng = random.Random(5)
+    objs = shapes.make_scene(rng)
+    return shapes.render(objs), shapes.make_question(objs, rng)
+
+
 from tests.pg import postgres_server, postgres_url  # noqa: E402, F401  (session PostgreSQL fixtures)
 
 QWEN_SPECIALS = (
@@ -135,7 +147,7 @@ def qwen_tokenizer():
 def make_tiny_qwen_vl(
     path: Path, family: str = "qwen2_vl", image_size: int = 96, patch: int = 8, seed: int = 0
 ) -> Path:
-    """A random Qwen2-VL / Qwen2.5-VL (hidden 64, 2 layers) saved like a downloaded one.
+    """A random Qwen2-VL / Qwen2.5-VL / Qwen3-VL (hidden 64, 2 layers) saved like a downloaded one.
 
     The processor's pixel range is pinned to ``image_size`` squared, so a square image of that
     size gives ``(image_size / (2 * patch))**2`` visual tokens (36 by default).
@@ -165,7 +177,16 @@ def make_tiny_qwen_vl(
         bos_token_id=None,
     )
     common = dict(patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, depth=2)
-    if family == "qwen2_vl":
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        cls, config = Qwen3VLForConditionalGeneration, Qwen3VLConfig
+        text = {**text, "head_dim": 16}
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        # deepstack: the tower's block 0 output, merged, is added after LLM layer 0
+        vision = dict(**common, hidden_size=32, out_hidden_size=64, intermediate_size=64,
+                      num_heads=2, num_position_embeddings=144, deepstack_visual_indexes=[0])  # fmt: skip
+    elif family == "qwen2_vl":
         cls, config = Qwen2VLForConditionalGeneration, Qwen2VLConfig
         vision = dict(**common, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
     else:

@@ -1,11 +1,8 @@
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from evocomp.data import shapes
 from evocomp.errors import ModelError
 from evocomp.mllm.loader import load_mllm
 from evocomp.mllm.recipe import pixels
@@ -15,13 +12,6 @@ from tests.conftest import make_tiny_llava
 @pytest.fixture(scope="module")
 def mllm(tiny_llava):
     return load_mllm(tiny_llava)
-
-
-@pytest.fixture(scope="module")
-def scene():
-    rng = random.Random(5)
-    objs = shapes.make_scene(rng)
-    return shapes.render(objs), shapes.make_question(objs, rng)
 
 
 def test_loads_like_a_user_checkpoint(mllm, scene):

@@ -4,7 +4,6 @@ Qwen2-VL / Qwen2.5-VL against the HF model's own forward and generate, and a pip
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pandas as pd
@@ -16,7 +15,6 @@ from typer.testing import CliRunner
 
 from evocomp.cli import app
 from evocomp.config import MLLMParams
-from evocomp.data import shapes
 from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import checkpoint_id, checkpoint_info
 from evocomp.mllm.loader import load_mllm
@@ -26,13 +24,6 @@ from evocomp.mllm.sequence import DEFAULT_TEMPLATE
 from tests.conftest import make_tiny_llava, make_tiny_qwen_vl
 
 QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
-
-
-@pytest.fixture(scope="module")
-def scene():
-    rng = random.Random(5)
-    objs = shapes.make_scene(rng)
-    return shapes.render(objs), shapes.make_question(objs, rng)
 
 
 def user_turn(question: str) -> list[dict]:

@@ -5,7 +5,6 @@ a pipeline run."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
@@ -13,7 +12,6 @@ import torch
 from typer.testing import CliRunner
 
 from evocomp.cli import app
-from evocomp.data import shapes
 from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import checkpoint_info
 from evocomp.mllm.loader import load_mllm
@@ -21,13 +19,6 @@ from evocomp.mllm.prompts import FAMILY_TEMPLATES
 from tests.conftest import make_tiny_gemma3, reference_greedy
 
 SEED = 3  # a random model whose greedy answers change from token to token (seed 0 repeats one)
-
-
-@pytest.fixture(scope="module")
-def scene():
-    rng = random.Random(5)
-    objs = shapes.make_scene(rng)
-    return shapes.render(objs), shapes.make_question(objs, rng)
 
 
 @pytest.fixture(scope="module")

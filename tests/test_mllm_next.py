@@ -15,14 +15,13 @@ from typer.testing import CliRunner
 
 from evocomp.cli import app
 from evocomp.errors import ModelError
-from evocomp.mllm.checkpoint import check_checkpoint, checkpoint_info
 from evocomp.mllm.anyres import image_layout, layout_cells, pack
+from evocomp.mllm.checkpoint import check_checkpoint, checkpoint_info
 from evocomp.mllm.loader import load_mllm
 from evocomp.mllm.reference import build_tokenizer
 from tests.conftest import qwen_tokenizer
-from tests.test_mllm_families import INTERLEAVE_TEMPLATE, answer_labels, scene, user_turn
+from tests.test_mllm_families import INTERLEAVE_TEMPLATE, answer_labels, user_turn
 
-__all__ = ["scene"]  # the shared fixture
 FAMILIES = ["llava_next", "llava_onevision"]
 # 48-px crops of 16-px patches: a 3 x 3 base; a 96x96 image tiles 2 x 2 (a 6 x 6 grid), a
 # 96-wide 160-high one 2 x 2 unpadded to 6 x 4. OneVision's anyres_max_2 then shrinks

@@ -92,7 +92,7 @@ def noisy_losses(mllm, sample: Sample, feats: Features, sets: dict[str, list[int
     kinds = list(sets)
     prompt = mllm.encode(sample.question, sample.answer)
     idx = torch.tensor([sets[k] for k in kinds], dtype=torch.long)
-    losses = mllm.subset_loss(prompt, feats.tokens, idx, feats.layout)
+    losses = mllm.subset_loss(prompt, feats.tokens, idx, feats.layout, feats.extra)
     return {k: loss_on_grid(float(v)) for k, v in zip(kinds, losses.tolist(), strict=True)}
 
 

@@ -122,7 +122,7 @@ def evaluate_methods(
         chunk = samples[start : start + batch]
         feats = [fstore.get(s.id) for s in chunk]
         vis = [f.tokens for f in feats]
-        lays = [f.layout for f in feats]
+        lays, extras = [f.layout for f in feats], [f.extra for f in feats]
         n_visual.extend(f.tokens.shape[0] for f in feats)
         qs = [s.question for s in chunk]
 
@@ -132,7 +132,12 @@ def evaluate_methods(
                 hits[name].append(ok)
                 by_type[(name, s.meta.get("qtype") or "all")].append(ok)
 
-        record("full", mllm.generate(qs, vis, [None] * len(chunk), max_new_tokens, layouts=lays))
+        record(
+            "full",
+            mllm.generate(
+                qs, vis, [None] * len(chunk), max_new_tokens, layouts=lays, extras=extras
+            ),
+        )
         for method in methods:
             scores = sel.scores(method, chunk, feats)
             for r in ratios:
@@ -149,11 +154,18 @@ def evaluate_methods(
                         max_new_tokens,
                         vis_pos=[m[1] for m in merged],
                         layouts=lays,
+                        extras=extras,
                     )
                 else:
                     kept = sel.kept(method, r, chunk, feats, scores)
                     answers = mllm.generate(
-                        qs, vis, kept, max_new_tokens, prune_layer=prune_layer, layouts=lays
+                        qs,
+                        vis,
+                        kept,
+                        max_new_tokens,
+                        prune_layer=prune_layer,
+                        layouts=lays,
+                        extras=extras,
                     )
                 record(name, answers)
         if progress:

@@ -35,7 +35,7 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            mllm.generate([s.question], [f.tokens], [None], 1, layouts=[f.layout])
+            mllm.generate([s.question], [f.tokens], [None], 1, layouts=[f.layout], extras=[f.extra])
             ts.append(time.perf_counter() - t0)
         out["full"].append(min(ts))
     for method in [m for m in methods if m not in ("visionzip", "oracle")]:
@@ -48,7 +48,9 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
                     t0 = time.perf_counter()
                     scores = selector.scores(method, [s], [f])
                     kept = selector.kept(method, r, [s], [f], scores)
-                    mllm.generate([s.question], [f.tokens], kept, 1, layouts=[f.layout])
+                    mllm.generate(
+                        [s.question], [f.tokens], kept, 1, layouts=[f.layout], extras=[f.extra]
+                    )
                     ts.append(time.perf_counter() - t0)
                 out[key].append(min(ts))
     return {k: round(statistics.median(v), 5) for k, v in out.items()}

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FIELDS = ("tokens", "nearest", "cls_attn", "text_attn", "text", "cells", "layout")
+FIELDS = ("tokens", "nearest", "cls_attn", "text_attn", "text", "cells", "layout", "extra")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Features:
     text: torch.Tensor  # (T, D) float32, question token embeddings
     cells: torch.Tensor  # (N, 2) long, each token's (row, col) on the image's patch grid
     layout: torch.Tensor  # (m,) long, where the model places the tokens (ImageTokens.layout)
+    extra: torch.Tensor  # (E, N, D) float32, ImageTokens.extra (E = 0 for most families)
 
     def check(self, sample_id: str) -> None:
         """Refuse unusable features (NaN/Inf, ragged shapes) naming the sample."""
@@ -48,10 +49,15 @@ class Features:
                 raise ValueError(
                     f"sample {sample_id}: {name} has shape {tuple(getattr(self, name).shape)}, expected ({n},)"
                 )
-        if self.cells.shape != (n, 2) or self.layout.ndim != 1:
+        if (
+            self.cells.shape != (n, 2)
+            or self.layout.ndim != 1
+            or self.extra.shape[1:] != self.tokens.shape
+        ):
             raise ValueError(
                 f"sample {sample_id}: cells {tuple(self.cells.shape)} / layout "
-                f"{tuple(self.layout.shape)} do not fit {n} visual tokens"
+                f"{tuple(self.layout.shape)} / extra {tuple(self.extra.shape)} do not fit "
+                f"{n} visual tokens"
             )
 
 

@@ -29,7 +29,9 @@ def compute(mllm, samples: list[Sample]) -> dict[str, Features]:
     for s, vis, c in zip(samples, visual, cls, strict=True):
         tok = vis.tokens
         prompt = mllm.encode(s.question)
-        attn = mllm.text_attention(prompt, tok, layer=min(2, mllm.n_layers), layout=vis.layout)
+        extra = vis.extra if vis.extra is not None else tok.new_zeros(0, *tok.shape)
+        layer = min(2, mllm.n_layers)
+        attn = mllm.text_attention(prompt, tok, layer, layout=vis.layout, extra=vis.extra)
         out[s.id] = Features(
             tokens=tok.contiguous(),
             nearest=nearest_vocab(tok, vocab),
@@ -38,6 +40,7 @@ def compute(mllm, samples: list[Sample]) -> dict[str, Features]:
             text=mllm.question_embeddings(s.question),
             cells=vis.cells.contiguous(),
             layout=vis.layout.contiguous(),
+            extra=extra.contiguous(),
         )
     return out
 

@@ -51,7 +51,7 @@ def label_sample(
         raise ValueError(f"sample {sample.id}: the answer {sample.answer!r} encodes to no tokens")
 
     def fitness(idx: torch.Tensor) -> torch.Tensor:
-        return mllm.subset_loss(prompt, feats.tokens, idx, feats.layout)
+        return mllm.subset_loss(prompt, feats.tokens, idx, feats.layout, feats.extra)
 
     seed = sample_seed(params.seed, sample.id)
     hsets = heuristic_sets(

@@ -25,6 +25,9 @@ class ImageTokens:
     tokens: torch.Tensor  # (N, D) float32, the selectable visual tokens
     cells: torch.Tensor  # (N, 2) long, each token's (row, col) on the image's patch grid
     layout: torch.Tensor  # (m,) long, the adapter's placement of these tokens
+    # (E, N, D): vectors the family adds to each token's hidden state after LLM layers
+    # 0..E-1 (Qwen3-VL's deepstack features); None (E = 0) for most families
+    extra: torch.Tensor | None = None
 
     def check(self) -> None:
         n = self.tokens.shape[0]
@@ -69,12 +72,14 @@ class MLLM(Protocol):
         visual: torch.Tensor,
         kept: torch.Tensor,
         layout: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean answer cross-entropy ``(P,)`` for P kept-index rows ``(P, k)``, one forward.
 
         ``layout``: the image's :attr:`ImageTokens.layout` (None: the model's default image).
         Tokens a family must always feed (LLaVA-NeXT's ``image_newline``) are added by the
-        adapter; ``kept`` indexes the selectable tokens only.
+        adapter; ``kept`` indexes the selectable tokens only. ``extra``: the image's
+        :attr:`ImageTokens.extra` (needed by a family that has them).
         """
 
     def generate(
@@ -86,17 +91,18 @@ class MLLM(Protocol):
         vis_pos: list[torch.Tensor] | None = None,
         prune_layer: int = 0,
         layouts: list[torch.Tensor | None] | None = None,
+        extras: list[torch.Tensor | None] | None = None,
     ) -> list[str]:
         """Greedy answers, batched over samples; ``kept[i]`` None keeps all tokens.
 
         ``vis_pos``: the ``visual[i]`` rows are ready-made tokens (e.g. VisionZip's merged
         ones) at these original positions, not all N tokens to select from. ``prune_layer``
         l > 0: the first l LLM layers see every visual token, the unkept ones are dropped
-        after them (the paper's l=2). ``layouts[i]``: as in :meth:`subset_loss`.
+        after them (the paper's l=2). ``layouts[i]``, ``extras[i]``: as in :meth:`subset_loss`.
         """
 
     def text_attention(
-        self, prompt: Prompt, visual: torch.Tensor, layer: int = 2, layout=None
+        self, prompt: Prompt, visual: torch.Tensor, layer: int = 2, layout=None, extra=None
     ) -> torch.Tensor:
         """FastV score ``(N,)``: attention of the last prompt token to each visual token at ``layer``."""
 

@@ -24,12 +24,13 @@ FAMILIES = {
     "llava": "LLaVA-1.5 / LLaVA-interleave (LlavaForConditionalGeneration; CLIP or SigLIP tower)",
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
+    "qwen3_vl": "Qwen3-VL (Qwen3VLForConditionalGeneration; DeepStack features kept per token)",
     "gemma3": "Gemma 3 (Gemma3ForConditionalGeneration; SigLIP tower)",
     "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration; CLIP or SigLIP tower)",
     "llava_onevision": "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration; SigLIP or CLIP)",
 }
 SUPPORTED = tuple(FAMILIES)
-QWEN = ("qwen2_vl", "qwen2_5_vl")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ANYRES = ("llava_next", "llava_onevision")  # base crop + tile grid, packed with newlines
 LLAVA_TOWERS = ("clip_vision_model", "siglip_vision_model")
 GEMMA3_TOWER = "siglip_vision_model"

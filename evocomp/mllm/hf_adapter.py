@@ -82,6 +82,7 @@ class HFAdapter:
         self.hidden_size = config.text_config.hidden_size
         self.n_layers = config.text_config.num_hidden_layers
         self.n_tokens, self.grid = self.token_grid(path, cfg)
+        self.n_extra = self.extra_layers()
         self._lock = threading.Lock()
 
     # ---- what a family provides ----------------------------------------------------------------
@@ -92,6 +93,11 @@ class HFAdapter:
         model = getattr(transformers, self.model_class).from_pretrained(path, dtype=self.dtype)
         processor = transformers.AutoProcessor.from_pretrained(path)
         return model.to(self.device).eval(), processor.tokenizer, processor
+
+    def extra_layers(self) -> int:
+        """E: per-token vectors a family adds to the visual tokens' hidden states after LLM
+        layers 0..E-1 (Qwen3-VL's deepstack features); 0 for most families."""
+        return 0
 
     def token_grid(self, path: Path, cfg: dict) -> tuple[int, tuple[int, int]]:
         """The model's visual tokens per image N and their grid (rows, cols)."""
@@ -176,9 +182,44 @@ class HFAdapter:
             P = idx.shape[0]
             cols, order = torch.cat([cols, fixed_slots.expand(P, -1)], dim=1).sort(dim=1)
             if emb is not None:
-                emb = torch.cat([emb, fixed.to(emb.dtype).expand(P, -1, -1)], dim=1)
+                fixed = F.pad(fixed.to(emb.dtype), (0, emb.shape[-1] - fixed.shape[-1]))
+                emb = torch.cat([emb, fixed.expand(P, -1, -1)], dim=1)
                 emb = emb.gather(1, order[..., None].expand(-1, -1, emb.shape[-1]))
         return emb, cols
+
+    # ---- per-token extras (deepstack) ----------------------------------------------------------
+    # The extras ride along as extra channels of each visual row, (N, D) -> (N, (1 + E) * D),
+    # so every selection, reordering and left-padding above carries them with their token;
+    # _split takes them off again before the LLM. Families with E = 0 never see the channels.
+    def _visual(self, visual: torch.Tensor, extra) -> torch.Tensor:
+        """The visual rows on the device, with their extras ``(E, N, D)`` as channels."""
+        vis = visual.to(self.device, self.dtype)
+        if not self.n_extra:
+            return vis
+        if extra is None or extra.shape != (self.n_extra, *visual.shape):
+            got = None if extra is None else tuple(extra.shape)
+            raise ModelError(
+                f"{self.path} adds {self.n_extra} deepstack vectors per visual token: expected "
+                f"extra of shape ({self.n_extra}, {visual.shape[0]}, {visual.shape[1]}), got "
+                f"{got} (features from another model? run `evocomp features` again)"
+            )
+        deep = extra.to(self.device, self.dtype).permute(1, 0, 2).flatten(1)
+        return torch.cat([vis, deep], dim=1)
+
+    def _split(self, x: torch.Tensor):
+        """``(inputs_embeds (..., D), extras (..., E, D) or None)`` of rows built by _visual."""
+        if not self.n_extra:
+            return x, None
+        return x[..., : self.hidden_size], x[..., self.hidden_size :].unflatten(
+            -1, (self.n_extra, self.hidden_size)
+        )
+
+    def _deep_kwargs(self, deep, image) -> dict:
+        """What the LLM's forward takes to add the extras at the visual positions."""
+        if deep is None:
+            return {}
+        embeds = [deep[..., e, :][image] for e in range(self.n_extra)]
+        return {"visual_pos_masks": image, "deepstack_visual_embeds": embeds}
 
     @staticmethod
     def text_positions(pos: torch.Tensor) -> torch.Tensor | None:
@@ -214,7 +255,9 @@ class HFAdapter:
         return [ImageTokens(t, cells, layout) for t in self.visual_tokens(images)]
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
-        return self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
+        """Token embeddings ``(len, D)`` (zero extras appended when the family has any)."""
+        emb = self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
+        return F.pad(emb, (0, self.n_extra * self.hidden_size)) if self.n_extra else emb
 
     @contextmanager
     def _eager(self):
@@ -233,13 +276,14 @@ class HFAdapter:
         visual: torch.Tensor,
         kept: torch.Tensor,
         layout=None,
+        extra=None,
         max_rows: int = 64,
     ) -> torch.Tensor:
         """Mean answer cross-entropy per row of ``kept (P, k)``; rows share one forward (chunked by max_rows)."""
         self.check_visual(visual, layout)
         if not prompt.answer:
             raise ValueError("subset_loss needs a non-empty answer")
-        vis = visual.to(self.device, self.dtype)
+        vis = self._visual(visual, extra)
         kept = kept.to(self.device)
         pre, tail = self._ids(prompt.prefix), self._ids(prompt.suffix + prompt.answer)
         ans = torch.tensor(prompt.answer, device=self.device)
@@ -248,7 +292,8 @@ class HFAdapter:
         for rows in kept.split(max_rows):
             emb, cols = self._block_rows(vis[rows], rows, layout)
             P, k = cols.shape
-            x = torch.cat([pre.expand(P, -1, -1), emb, tail.expand(P, -1, -1)], dim=1)  # (P, L, D)
+            x = torch.cat([pre.expand(P, -1, -1), emb, tail.expand(P, -1, -1)], dim=1)
+            x, deep = self._split(x)  # (P, L, D), extras (P, L, E, D) or None
             pos = self._columns(len(prompt.prefix), cols, tail.shape[0], layout)  # (..., P, L)
             # An explicit mask: with none, transformers reads the gaps in our position ids as
             # packed-sequence boundaries and walls the answer off from the visual tokens.
@@ -257,28 +302,36 @@ class HFAdapter:
             image[:, len(prompt.prefix) : len(prompt.prefix) + k] = True
             mask = self.llm_mask(x, mask, self.text_positions(pos), image)
             h = self.lm(
-                inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False
+                inputs_embeds=x,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=False,
+                **self._deep_kwargs(deep, image),
             ).last_hidden_state
             logits = self.model.lm_head(h[:, -n_ans - 1 : -1]).float()  # (P, n_ans, V)
             ce = F.cross_entropy(logits.transpose(1, 2), ans.expand(P, -1), reduction="none")
             losses.append(ce.mean(1))
         return torch.cat(losses).cpu()
 
-    def _prompt_rows(self, questions, visual, kept, vis_pos=None, layouts=None):
-        """``inputs_embeds (B, L, D)``, ``attention_mask (B, L)``, ``position_ids (..., B, L)``
-        and where the visual tokens are ``(B, L)``, left-padded."""
+    def _prompt_rows(self, questions, visual, kept, vis_pos=None, layouts=None, extras=None):
+        """``inputs_embeds (B, L, D)`` (+ extras as channels: :meth:`_split`), ``attention_mask
+        (B, L)``, ``position_ids (..., B, L)`` and where the visual tokens are ``(B, L)``,
+        left-padded. Ready-made rows (``vis_pos``) take the extras of the token they sit at."""
         rows, pos, image = [], [], []
         for i, q in enumerate(questions):
             p = self.encode(q)
             layout = layouts[i] if layouts is not None else None
-            v = visual[i].to(self.device, self.dtype)
-            idx = kept[i] if kept[i] is not None else torch.arange(v.shape[0])
+            extra = extras[i] if extras is not None else None
+            idx = kept[i] if kept[i] is not None else torch.arange(visual[i].shape[0])
             idx = idx.to(self.device)
             if vis_pos is None:  # visual rows are the full N tokens, select them
                 self.check_visual(visual[i], layout)
+                v = self._visual(visual[i], extra)
                 emb, cols = self._block_rows(v[idx][None], idx[None], layout)
             else:  # ready-made rows (VisionZip's merged tokens) at these token positions
-                emb, cols = self._block_rows(v[None], vis_pos[i].to(self.device)[None], layout)
+                at = vis_pos[i].to(self.device)
+                v = self._visual(visual[i], None if extra is None else extra[:, at.cpu()])
+                emb, cols = self._block_rows(v[None], at[None], layout)
             rows.append(torch.cat([self._ids(p.prefix), emb[0], self._ids(p.suffix)]))
             pos.append(self._columns(len(p.prefix), cols, len(p.suffix), layout)[..., 0, :])
             image.append(torch.zeros(rows[-1].shape[0], dtype=torch.bool, device=self.device))
@@ -286,11 +339,12 @@ class HFAdapter:
         x, mask, pid = left_pad(rows, pos)
         return x, mask, pid, left_pad_flags(image, x.shape[1])
 
-    def _hidden_pruned(self, x, mask, pos, image, survive, layer: int) -> torch.Tensor:
+    def _hidden_pruned(self, x, mask, pos, image, survive, layer: int, deep=None):
         """Last-position hidden states ``(B, D)``: all tokens for ``layer`` layers, then only ``survive``.
 
         The paper's pruning at LLM layer l (l=2): the first l layers see every visual token,
-        the dropped ones' hidden states are removed before layer l.
+        the dropped ones' hidden states are removed before layer l. ``deep (B, L, E, D)``: the
+        extras added after layers 0..E-1 (zero off the visual tokens), pruned with them.
         """
         h, B = x, x.shape[0]
         inputs = self.layer_inputs(h, mask, pos, image)
@@ -298,16 +352,21 @@ class HFAdapter:
             if i == layer:
                 keep = [survive[b] & mask[b].bool() for b in range(B)]
                 image = [image[b][keep[b]] for b in range(B)]
+                if deep is not None:  # rides along as channels, like _visual's
+                    h = torch.cat([h, deep.flatten(2)], dim=-1)
                 h, mask, pos = left_pad(
                     [h[b][keep[b]] for b in range(B)],
                     [pos[..., b, :][..., keep[b]] for b in range(B)],
                 )
+                h, deep = self._split(h)
                 image = left_pad_flags(image, h.shape[1])
                 inputs = self.layer_inputs(h, mask, pos, image)
             cm, pe = inputs[i]
             h = block(
                 h, attention_mask=cm, position_embeddings=pe, position_ids=self.text_positions(pos)
             )
+            if deep is not None and i < self.n_extra:
+                h = h + deep[:, :, i]
         return self.lm.norm(h)[:, -1]
 
     @torch.no_grad()
@@ -320,6 +379,7 @@ class HFAdapter:
         vis_pos: list[torch.Tensor] | None = None,
         prune_layer: int = 0,
         layouts: list | None = None,
+        extras: list | None = None,
     ) -> list[str]:
         """Greedy decoding; with ``vis_pos`` the ``visual[i]`` rows are ready-made tokens at those positions.
 
@@ -330,15 +390,17 @@ class HFAdapter:
         """
         if prune_layer > 0:
             return self._generate_pruned(
-                questions, visual, kept, max_new_tokens, prune_layer, layouts
+                questions, visual, kept, max_new_tokens, prune_layer, layouts, extras
             )
-        x, mask, pos, image = self._prompt_rows(questions, visual, kept, vis_pos, layouts)
+        x, mask, pos, image = self._prompt_rows(questions, visual, kept, vis_pos, layouts, extras)
+        x, deep = self._split(x)
         B, state = x.shape[0], {"cache": None, "x": x, "mask": mask, "pos": pos}
 
         def step(prev: torch.Tensor | None) -> torch.Tensor:
-            attn = state["mask"]
+            attn, more = state["mask"], {}
             if prev is None:  # the prefill: the mask of the prompt, image block included
                 attn = self.llm_mask(x, attn, self.text_positions(pos), image)
+                more = self._deep_kwargs(deep, image)
             else:  # feed the chosen tokens after the cached sequence
                 state["x"] = self.embed(prev.to(self.device))[:, None]
                 one = torch.ones(B, 1, dtype=state["mask"].dtype, device=self.device)
@@ -350,6 +412,7 @@ class HFAdapter:
                 position_ids=state["pos"],
                 cache=state["cache"],
                 use_cache=True,
+                **more,
             )
             state["cache"] = res.cache if hasattr(res, "cache") else res.past_key_values
             return self.model.lm_head(res.last_hidden_state[:, -1])
@@ -360,15 +423,16 @@ class HFAdapter:
         return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids.tolist()]
 
     def _generate_pruned(
-        self, questions, visual, kept, max_new_tokens: int, layer: int, layouts=None
+        self, questions, visual, kept, max_new_tokens: int, layer: int, layouts=None, extras=None
     ) -> list[str]:
         if not 0 < layer < self.n_layers:
             raise ValueError(
                 f"prune layer {layer} must be in 1..{self.n_layers - 1} for {self.path}"
             )
         x, mask, pos, image = self._prompt_rows(
-            questions, visual, [None] * len(questions), layouts=layouts
+            questions, visual, [None] * len(questions), layouts=layouts, extras=extras
         )
+        x, deep = self._split(x)
         survive = torch.ones_like(mask, dtype=torch.bool)
         for b, (q, k) in enumerate(zip(questions, kept, strict=True)):
             if k is not None:
@@ -379,7 +443,7 @@ class HFAdapter:
                 vis[fixed_slots] = True  # always fed
                 survive[b, start : start + vis.shape[0]] = vis
         B = x.shape[0]
-        state = {"x": x, "mask": mask, "pos": pos, "image": image, "survive": survive}
+        state = {"x": x, "mask": mask, "pos": pos, "image": image, "survive": survive, "deep": deep}
 
         def step(prev: torch.Tensor | None) -> torch.Tensor:
             # No KV cache on this path: the whole sequence goes through every layer again.
@@ -390,27 +454,31 @@ class HFAdapter:
                 state["pos"] = torch.cat([state["pos"], state["pos"][..., -1:] + 1], -1)
                 state["survive"] = torch.cat([state["survive"], one.bool()], 1)
                 state["image"] = torch.cat([state["image"], ~one.bool()], 1)
+                if state["deep"] is not None:
+                    state["deep"] = F.pad(state["deep"], (0, 0, 0, 0, 0, 1))
             h = self._hidden_pruned(
-                state["x"], state["mask"], state["pos"], state["image"], state["survive"], layer
-            )
+                state["x"], state["mask"], state["pos"], state["image"], state["survive"], layer,
+                state["deep"],
+            )  # fmt: skip
             return self.model.lm_head(h)
 
         return self._decode(greedy(step, B, max_new_tokens, self.tokenizer.eos_token_id))
 
     @torch.no_grad()
     def text_attention(
-        self, prompt: Prompt, visual: torch.Tensor, layer: int = 2, layout=None
+        self, prompt: Prompt, visual: torch.Tensor, layer: int = 2, layout=None, extra=None
     ) -> torch.Tensor:
         """FastV score ``(N,)``: the last prompt token's attention to each visual token at ``layer``."""
         self.check_visual(visual, layout)
         if not 1 <= layer <= self.n_layers:
             raise ValueError(f"layer {layer} outside 1..{self.n_layers}")
         everything = torch.arange(visual.shape[0], device=self.device)[None]
-        emb, cols = self._block_rows(visual.to(self.device, self.dtype)[None], everything, layout)
+        emb, cols = self._block_rows(self._visual(visual, extra)[None], everything, layout)
         x = torch.cat([self._ids(prompt.prefix), emb[0], self._ids(prompt.suffix)])[None]
+        x, deep = self._split(x)
         pos = self.layout(len(prompt.prefix), len(prompt.suffix), layout)
         # 1-D positions are the model's default (0..L-1); M-RoPE ones must be given.
-        extra = {} if pos.ndim == 1 else {"position_ids": pos[..., None, :]}
+        extra_pos = {} if pos.ndim == 1 else {"position_ids": pos[..., None, :]}
         start = len(prompt.prefix)
         image = torch.zeros(x.shape[:2], dtype=torch.bool, device=self.device)
         image[:, start : start + cols.shape[1]] = True
@@ -421,7 +489,8 @@ class HFAdapter:
                 attention_mask=mask,
                 output_attentions=True,
                 use_cache=False,
-                **extra,
+                **extra_pos,
+                **self._deep_kwargs(deep, image),
             )
         a = res.attentions[layer - 1][0].float().mean(0)  # (L, L), mean over heads
         _, slots, _, _ = self.block(layout)

@@ -1,5 +1,5 @@
-"""HF Qwen2-VL / Qwen2.5-VL backend: ``Qwen2VLForConditionalGeneration`` and
-``Qwen2_5_VLForConditionalGeneration`` checkpoints.
+"""HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL backend: ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration`` checkpoints.
 
 Visual tokens are the vision tower's output after its 2x2 patch merger, in row-major
 order of the merged grid ``(h / merge, w / merge)``. Positions are 3-D M-RoPE: the full
@@ -172,3 +172,37 @@ class HFQwen25VL(HFQwenVL):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         return Qwen2_5_VLForConditionalGeneration
+
+
+class HFQwen3VL(HFQwenVL):
+    """Qwen3-VL: Qwen2-VL's sequence and M-RoPE positions (interleaved sections, the model's own
+    ``get_rope_index``), plus DeepStack: the vision tower's intermediate blocks, merged like its
+    output, give E more vectors per visual token that the LLM adds to that token's hidden state
+    after layers 0..E-1. They are each token's :attr:`ImageTokens.extra`: a kept token brings
+    its own, a dropped token's go with it (as the model does with a shorter image), and the
+    pruned path (l > 0) drops them with the token."""
+
+    family = "qwen3_vl"
+
+    def model_class(self):
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
+
+    def extra_layers(self) -> int:
+        return len(self.model.config.vision_config.deepstack_visual_indexes)
+
+    @torch.no_grad()
+    def image_tokens(self, images: list[Image.Image]) -> list[ImageTokens]:
+        px, thw = self.pixels(images)
+        out = self.model.model.get_image_features(px, thw)
+        deep = [torch.stack(per_image) for per_image in zip(*out.deepstack_features, strict=True)]
+        return [
+            ImageTokens(
+                t.float().cpu(),
+                grid_positions(r * c, (r, c)),
+                torch.tensor([r, c]),
+                extra=d.float().cpu(),  # (E, N, D)
+            )
+            for t, d, (r, c) in zip(out.pooler_output, deep, self.grids(thw), strict=True)
+        ]

@@ -35,6 +35,8 @@ def load_mllm(
         from evocomp.mllm.hf_llava import HFLlava as Adapter
     elif family == "qwen2_vl":
         from evocomp.mllm.hf_qwen_vl import HFQwenVL as Adapter
+    elif family == "qwen3_vl":
+        from evocomp.mllm.hf_qwen_vl import HFQwen3VL as Adapter
     elif family == "gemma3":
         from evocomp.mllm.hf_gemma3 import HFGemma3 as Adapter
     elif family == "llava_next":

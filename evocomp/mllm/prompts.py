@@ -24,6 +24,11 @@ QWEN_TEMPLATE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     f"<|vision_start|>{IMAGE}<|vision_end|>{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 )
+# Qwen3-VL's chat template writes no default system turn.
+QWEN3_TEMPLATE = (
+    f"<|im_start|>user\n<|vision_start|>{IMAGE}<|vision_end|>{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 # Gemma 3's processor writes each image as this block where its chat template puts <start_of_image>.
 GEMMA3_IMAGE_BLOCK = f"\n\n<start_of_image>{IMAGE}<end_of_image>\n\n"
 GEMMA3_TEMPLATE = (
@@ -35,6 +40,7 @@ FAMILY_TEMPLATES = {
     "llava": DEFAULT_TEMPLATE,
     "qwen2_vl": QWEN_TEMPLATE,
     "qwen2_5_vl": QWEN_TEMPLATE,
+    "qwen3_vl": QWEN3_TEMPLATE,
     "gemma3": GEMMA3_TEMPLATE,
     "llava_next": DEFAULT_TEMPLATE,  # llava-v1.6-vicuna's; mistral's comes with its chat template
     "llava_onevision": ONEVISION_TEMPLATE,

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from evocomp.cli import app
@@ -342,3 +343,21 @@ def test_cli_refuses_an_image_the_compressor_cannot_score(world, tmp_path, monke
     assert last.startswith("error: an image of 4x7 visual tokens"), res.output
     assert all(line.startswith("Loading weights") for line in before), res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.png"]
+
+
+def test_cli_refuses_an_image_the_processor_rejects(world, tmp_path, monkeypatch):
+    """A 1000x4 px image is past Qwen's aspect-ratio limit (200): the processor's own error,
+    one line, exit 2, nothing written."""
+    if world.mllm.family != "qwen2_vl":
+        pytest.skip("one family is enough for the command")
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (1000, 4), (200, 30, 30)).save(tmp_path / "dot.png")
+    res = runner.invoke(app, [
+        "generate", "--model", str(world.mllm.path), "--compressor", str(world.compressor),
+        "--image", "dot.png", "--question", world.test[0].question,
+    ])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    *before, last = res.output.strip().splitlines()
+    assert last.startswith("error: ") and "aspect ratio" in last, res.output
+    assert all(line.startswith("Loading weights") for line in before), res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dot.png"]

@@ -36,7 +36,7 @@ def trained_world(mllm, shapes_data: Path, root: Path, n_test: int, processor=No
 
     def item(s) -> Item:
         f = fstore.get(s.id)
-        target = torch.zeros(mllm.n_tokens)
+        target = torch.zeros(f.tokens.shape[0])  # N of this image (LLaVA-NeXT: per size)
         target[label_sample(mllm, s, f, SMALL).result.kept] = 1.0
         return Item(f.tokens, f.cells, f.text, target)
 
@@ -119,8 +119,9 @@ def project_generate(world, samples, kept):
     mllm = world.mllm
     tape = LogitTape(mllm.model)
     try:
-        vis = [world.fstore.get(s.id).tokens for s in samples]
-        answers = mllm.generate([s.question for s in samples], vis, kept, NEW)
+        feats = [world.fstore.get(s.id) for s in samples]
+        vis, lays = [f.tokens for f in feats], [f.layout for f in feats]
+        answers = mllm.generate([s.question for s in samples], vis, kept, NEW, layouts=lays)
         return answers, tape.take()
     finally:
         tape.close()

@@ -19,6 +19,7 @@ from evocomp.mllm.anyres import image_layout, layout_cells, pack
 from evocomp.mllm.checkpoint import check_checkpoint, checkpoint_info
 from evocomp.mllm.loader import load_mllm
 from evocomp.mllm.reference import build_tokenizer
+from evocomp.tokens import keep_count
 from tests.conftest import qwen_tokenizer
 from tests.test_mllm_families import INTERLEAVE_TEMPLATE, answer_labels, user_turn
 
@@ -267,8 +268,11 @@ def test_unsupported_tower_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pipeline_features_label_train_evaluate(tmp_path, monkeypatch, shapes_data, family):
-    """Every stage's command on a tiny checkpoint, half the images 96x160 (another N)."""
+def test_pipeline_features_label_train_evaluate_generate(
+    tmp_path, monkeypatch, shapes_data, family
+):
+    """Every stage's command on a tiny checkpoint, half the images 96x160 (another N), then
+    ``evocomp generate`` with the trained compressor."""
     model = make_tiny_llava_next(tmp_path / "m", family)
     data = shutil.copytree(shapes_data, tmp_path / "raw")
     for i, f in enumerate(sorted((data / "images").glob("*.png"))):
@@ -302,3 +306,16 @@ def test_pipeline_features_label_train_evaluate(tmp_path, monkeypatch, shapes_da
     result = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert result["model_id"] == load_mllm(model).model_id
     assert set(result["ratios"]["0.333"]) == {"random", "fastv", "visionzip", "evocomp"}
+    # the trained compressor inside the model's own generate(), on an image of each size
+    n_seen = set()
+    for image in sorted((data / "images").glob("*.png"))[:2]:
+        args = ["generate", "--model", str(model), "--compressor", "models/compressor",
+                "--image", str(image), "--question", "what colour is the square ?", "--json"]  # fmt: skip
+        res = runner.invoke(app, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out["answer"] and out["model_id"] == result["model_id"]
+        assert out["k"] == keep_count(0.333, out["n_tokens"]) == len(out["kept"])
+        assert out["prompt_tokens"] - out["prefill_tokens"] == out["n_tokens"] - out["k"]
+        n_seen.add(out["n_tokens"])
+    assert len(n_seen) == 2

@@ -4,8 +4,10 @@ evocomp generate --model models/mllm --compressor models/compressor \\
     --image cat.png --question "what colour is the cat ?" --keep-ratio 0.333 --json
 
 Greedy decoding; the prompt is the checkpoint's template (``USER: <image>\\n{question}
-ASSISTANT:`` for LLaVA-1.5, the chat template for Qwen2-VL / Qwen2.5-VL and Gemma 3) and the
-compressor keeps ``keep_count(ratio, N)`` visual tokens before the LLM (:mod:`evocomp.deploy`).
+ASSISTANT:`` for LLaVA-1.5 and LLaVA-NeXT/vicuna, the chat template for Qwen2-VL / Qwen2.5-VL,
+Gemma 3 and LLaVA-OneVision) and the compressor keeps ``keep_count(ratio, N)`` visual tokens
+before the LLM (:mod:`evocomp.deploy`; LLaVA-NeXT / OneVision: N base and tile tokens of this
+image, its newlines always fed).
 """
 
 from __future__ import annotations

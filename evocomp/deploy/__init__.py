@@ -9,9 +9,11 @@
 
 from evocomp.deploy.attach import FAMILIES, CompressedModel, compress_model, load_checkpoint
 from evocomp.deploy.llava import Selection
+from evocomp.deploy.llava_next import AnyresProcessor
 from evocomp.deploy.qwen import QwenProcessor
 
 __all__ = [
+    "AnyresProcessor",
     "FAMILIES",
     "CompressedModel",
     "QwenProcessor",

@@ -20,7 +20,10 @@ prompt, a fixed number of visual tokens), ``Qwen2VLForConditionalGeneration`` /
 ``Qwen2_5_VLForConditionalGeneration`` (one image per prompt, 3-D M-RoPE positions kept:
 :mod:`evocomp.deploy.qwen`) and ``Gemma3ForConditionalGeneration`` (one image per prompt
 without pan-and-scan crops, the kept image tokens one bidirectional block:
-:mod:`evocomp.deploy.gemma3`), batches of left-padded prompts whose images give the same N, the
+:mod:`evocomp.deploy.gemma3`) and ``LlavaNextForConditionalGeneration`` /
+``LlavaOnevisionForConditionalGeneration`` (one image per prompt, base and tile tokens
+selectable, the ``image_newline`` rows always fed: :mod:`evocomp.deploy.llava_next`), batches
+of left-padded prompts whose images give the same N, the
 default dynamic cache, tokens dropped before the LLM (``prune_layer=0``). Another family adds
 its own hook to :data:`FAMILIES`. One ``generate()`` at a time per model: the hook keeps the
 running call's kept positions between its iterations.
@@ -35,6 +38,7 @@ from pathlib import Path
 
 from evocomp.deploy.gemma3 import Gemma3Prefill
 from evocomp.deploy.llava import LlavaPrefill, Selection
+from evocomp.deploy.llava_next import AnyresProcessor, LlavaNextPrefill
 from evocomp.deploy.prompt import processor_text, template_of
 from evocomp.deploy.qwen import QwenPrefill, QwenProcessor
 from evocomp.deploy.scorer import TokenScorer
@@ -75,6 +79,18 @@ FAMILIES: dict[str, Family] = {
         QwenProcessor.from_pretrained,
     ),
     "gemma3": Family("Gemma3ForConditionalGeneration", check_checkpoint, Gemma3Prefill),
+    "llava_next": Family(
+        "LlavaNextForConditionalGeneration",
+        check_checkpoint,
+        LlavaNextPrefill,
+        AnyresProcessor.from_pretrained,
+    ),
+    "llava_onevision": Family(
+        "LlavaOnevisionForConditionalGeneration",
+        check_checkpoint,
+        LlavaNextPrefill,
+        AnyresProcessor.from_pretrained,
+    ),
 }
 HOOK_ATTR = "_evocomp_compressed"  # set on a model while a compressor is attached
 
@@ -165,12 +181,14 @@ def compress_model(
 
     Args:
         model: a transformers model of a family in :data:`FAMILIES` (LLaVA-1.5 style, Qwen2-VL,
-            Qwen2.5-VL, Gemma 3).
+            Qwen2.5-VL, Gemma 3, LLaVA-NeXT, LLaVA-OneVision).
         processor: its processor (the tokenizer decodes the question out of the prompt); for
-            Qwen a :class:`evocomp.deploy.qwen.QwenProcessor` (``load_checkpoint`` gives one).
+            Qwen a :class:`evocomp.deploy.qwen.QwenProcessor`, for LLaVA-NeXT / OneVision an
+            :class:`evocomp.deploy.llava_next.AnyresProcessor` (``load_checkpoint`` gives them).
         compressor_dir: a folder written by ``evocomp train``.
         keep_ratio: fraction of each image's N visual tokens kept, in (0, 1]; k =
-            ``evocomp.tokens.keep_count(keep_ratio, N)``.
+            ``evocomp.tokens.keep_count(keep_ratio, N)`` (LLaVA-NeXT: N base and tile tokens,
+            the newlines always fed).
         prune_layer: 0 drops tokens before the LLM. l > 0 (drop after LLM layer l) is not
             supported here: the first l layers would need a KV cache holding all N tokens and
             the others one holding k, which the single sequence length of ``generate()`` and

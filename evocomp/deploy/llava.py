@@ -34,25 +34,28 @@ class Selection:
     """What one ``generate()`` call kept."""
 
     kept: list[torch.Tensor]  # per prompt row, the kept visual-token indices (k,), ascending
-    n_tokens: int  # N, visual tokens per image
+    n_tokens: int  # N, selectable visual tokens per image
     k: int  # kept per image
     questions: list[str]  # the question each row was scored with
     prompt_tokens: int  # prompt length L with all N visual tokens
     prefill_tokens: int  # what the LLM's prefill (and KV cache) holds: L - (N - k)
 
 
-# (visual per image, question embeddings per image, grid per image or None) -> kept indices
+# (visual per image, question embeddings per image, grid or cells (N, 2) per image, or None)
+# -> kept indices
 Pick = Callable[
-    [list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]] | None], list[torch.Tensor]
+    [list[torch.Tensor], list[torch.Tensor], list[tuple[int, int] | torch.Tensor] | None],
+    list[torch.Tensor],
 ]
 
 
 class LlavaPrefill:
     """Drops unkept image positions from LLaVA's prefill; see the module doc.
 
-    A family whose prefill differs only in where its image features come from, how it embeds
-    them, where its tokens sit or how decoding continues (:mod:`evocomp.deploy.qwen`)
-    overrides those steps: :meth:`_features`, :meth:`_embeddings`, :meth:`_positions`,
+    A family whose prefill differs only in where its image features come from, which of them
+    are selectable, how it embeds them, where its tokens sit or how decoding continues
+    (:mod:`evocomp.deploy.qwen`, :mod:`evocomp.deploy.llava_next`) overrides those steps:
+    :meth:`_features`, :meth:`_selectable`, :meth:`_embeddings`, :meth:`_positions`,
     :meth:`_grids`, :meth:`follow`.
     """
 
@@ -77,6 +80,12 @@ class LlavaPrefill:
             )
             return list(out.pooler_output)
         return None
+
+    def _selectable(self, feats: list[torch.Tensor]) -> tuple[list, list, list | None]:
+        """Per image: its selectable tokens ``(N, D)``, their slots in the image's placeholder
+        block ``(N,)`` (the other slots are always fed) and their cells ``(N, 2)`` for the
+        compressor, or None to use :meth:`_grids`. LLaVA: every token, in order."""
+        return feats, [torch.arange(f.shape[0]) for f in feats], None
 
     def _questions(self, ids: torch.Tensor) -> list[str]:
         """Each row's question: the ids after the last image token, from the first ordinary
@@ -150,28 +159,36 @@ class LlavaPrefill:
             )
         B, L = ids.shape
         n_img = (ids == self.image_token_id).sum(1)  # (B,)
-        N = feats[0].shape[0]
-        if len(feats) != B or bool((n_img != N).any()):
+        placed = [f.shape[0] for f in feats]  # each image's placeholders
+        if len(feats) != B or n_img.tolist() != placed:
             raise ValueError(
                 f"a compressed generate() needs exactly one image per prompt and one prefill "
                 f"pass (no prefill_chunk_size): {B} prompts, {len(feats)} images, "
-                f"{n_img.tolist()} image tokens per prompt (N={N})"
+                f"{n_img.tolist()} image tokens per prompt (the images give {placed})"
             )
+        tokens, slots, cells = self._selectable(feats)
+        if len({t.shape[0] for t in tokens}) > 1:
+            raise ValueError(
+                f"a compressed generate() batches images of one token count N only (every "
+                f"prompt must drop N - k, the batch stays rectangular); these give N = "
+                f"{[t.shape[0] for t in tokens]}: generate them in separate calls"
+            )
+        N = tokens[0].shape[0]
         if questions is None:
             questions = self._questions(ids)
         elif len(questions) != B:
             raise ValueError(f"{len(questions)} questions for {B} prompts")
         text = [question_embeddings(self.model, self.tokenizer, q) for q in questions]
         pos = self._positions(inputs, ids)  # (..., B, L)
-        kept = pick(feats, text, self._grids(pos, ids))
+        kept = pick(tokens, text, self._grids(pos, ids) if cells is None else cells)
 
         x = self._embeddings(ids, feats)
         keep = torch.ones(B, L, dtype=torch.bool, device=ids.device)
         for b in range(B):
-            slots = (ids[b] == self.image_token_id).nonzero().squeeze(1)  # (N,) prompt positions
+            block = (ids[b] == self.image_token_id).nonzero().squeeze(1)  # the image's positions
             drop = torch.ones(N, dtype=torch.bool)
             drop[kept[b]] = False
-            keep[b, slots[drop.to(slots.device)]] = False
+            keep[b, block[slots[b][drop].to(block.device)]] = False
         k = int(kept[0].numel())
         L_kept = L - (N - k)  # every row drops N - k: the batch stays rectangular
 

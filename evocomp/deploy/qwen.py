@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from evocomp.deploy.llava import LlavaPrefill, Pick, Selection
+from evocomp.deploy.processor import ImageTextProcessor
 
 
-class QwenProcessor:
+class QwenProcessor(ImageTextProcessor):
     """Qwen2-VL's processor for images and text, without torchvision (see the module doc).
 
     ``processor(images=[img], text=[prompt])`` as with ``Qwen2VLProcessor``: each
@@ -42,10 +43,10 @@ class QwenProcessor:
     merged token count. Prompts are padded on the left (what ``generate()`` needs).
     """
 
+    default_image_token = "<|image_pad|>"
+
     def __init__(self, image_processor, tokenizer) -> None:
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        super().__init__(image_processor, tokenizer)
         self.merge = int(image_processor.merge_size)
 
     @classmethod
@@ -54,34 +55,11 @@ class QwenProcessor:
 
         return cls(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path))
 
-    def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True):
-        from transformers import BatchFeature
+    def counts(self, data: dict, per_prompt: list[int]) -> list[int]:
+        return (data["image_grid_thw"].prod(-1) // self.merge**2).tolist()
 
-        texts = [text] if isinstance(text, str) else list(text or [])
-        if images is None:
-            images = []
-        elif not isinstance(images, list | tuple):
-            images = [images]
-        placeholders = sum(t.count(self.image_token) for t in texts)
-        if placeholders != len(images):
-            raise ValueError(
-                f"{len(images)} images for {placeholders} {self.image_token} placeholders in the "
-                "text: write one per image (the prompt template's <image>)"
-            )
-        data: dict = {}
-        if images:
-            data = dict(self.image_processor(images=list(images), return_tensors="pt"))
-            counts = iter((data["image_grid_thw"].prod(-1) // self.merge**2).tolist())
-            mark = "\0"  # a stand-in, so the expanded tokens are not expanded again
-            texts = [t.replace(self.image_token, mark) for t in texts]
-            for i, t in enumerate(texts):
-                while mark in t:
-                    t = t.replace(mark, self.image_token * next(counts), 1)
-                texts[i] = t
-        tokens = self.tokenizer(texts, padding=padding, padding_side="left", return_tensors="pt")
-        data.update(tokens)
+    def extra(self, data: dict, tokens: dict) -> None:
         data["mm_token_type_ids"] = (tokens["input_ids"] == self.image_token_id).long()
-        return BatchFeature(data, tensor_type=return_tensors)
 
 
 class QwenPrefill(LlavaPrefill):

@@ -62,7 +62,7 @@ class TokenScorer:
         visual: list[torch.Tensor],
         text: list[torch.Tensor],
         ratio: float,
-        grids: list[tuple[int, int]] | None = None,
+        grids: list[tuple[int, int] | torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Kept token indices per image, ascending: the top ``keep_count(ratio, N)`` scores.
 
@@ -71,7 +71,9 @@ class TokenScorer:
             text: per image, the question's token embeddings ``(T, D)`` (T may be 0).
             ratio: keep ratio in (0, 1].
             grids: per image, its token grid (rows, cols) in row-major order (Qwen knows it
-                from the image's size); None: ``grid_shape(N)``, a fixed-N model's grid.
+                from the image's size) or each token's cell ``(N, 2)`` (LLaVA-NeXT's base and
+                tile tokens, :func:`evocomp.mllm.anyres.layout_cells`); None:
+                ``grid_shape(N)``, a fixed-N model's grid.
 
         Returns:
             per image a ``(k,)`` LongTensor on the CPU.
@@ -80,8 +82,13 @@ class TokenScorer:
             ValueError: a grid wider or taller than any the compressor was trained on.
         """
         grids = grids or [grid_shape(v.shape[0]) for v in visual]
+        cells = [
+            g.long().cpu() if isinstance(g, torch.Tensor) else grid_positions(v.shape[0], g)
+            for v, g in zip(visual, grids, strict=True)
+        ]
         top = self.compressor.cfg.max_grid
-        for rows, cols in grids:
+        for c in cells:
+            rows, cols = (int(x) + 1 for x in c.max(0).values) if c.numel() else (0, 0)
             if max(rows, cols) > top:
                 raise ValueError(
                     f"an image of {rows}x{cols} visual tokens: {self.directory} scores grids of "
@@ -89,13 +96,8 @@ class TokenScorer:
                     "resize the image to the size the compressor's labels were made at"
                 )
         items = [
-            Item(
-                v.float().cpu(),
-                grid_positions(v.shape[0], g),
-                t.float().cpu(),
-                torch.zeros(v.shape[0]),
-            )
-            for v, t, g in zip(visual, text, grids, strict=True)
+            Item(v.float().cpu(), c, t.float().cpu(), torch.zeros(v.shape[0]))
+            for v, t, c in zip(visual, text, cells, strict=True)
         ]
         b = collate(items, device=self.device)
         logits = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask).logits

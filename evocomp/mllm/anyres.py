@@ -56,19 +56,28 @@ def image_layout(config, size: tuple[int, int], crops: int | None = None) -> tor
     crops = num_crops(config, size) if crops is None else crops
     dummy = torch.zeros(crops, side * side, 1)
     packed = pack(config, [dummy], torch.tensor([list(size)]), torch.ones(1))[0][:, 0]
-    lines = (packed == 1).nonzero()[:, 0]
-    base, L = side * side, packed.shape[0]
-    if crops == 1:
+    try:
+        return packed_layout(side, (packed == 1).nonzero()[:, 0], packed.shape[0], crops == 1)
+    except ModelError as err:
+        raise ModelError(f"an image of {size[1]}x{size[0]} px: {err}") from None
+
+
+def packed_layout(side: int, lines: torch.Tensor, length: int, single: bool) -> torch.Tensor:
+    """The layout of a packed image of ``length`` tokens whose newlines sit at ``lines``
+    (ascending slots): a ``side x side`` base, then newline-ended tile rows (``single``: the
+    base and one newline)."""
+    base = side * side
+    if single:
         rows = cols = 0
     else:
         rows = lines.shape[0]
-        cols = (L - base) // max(rows, 1) - 1
-    layout = torch.tensor([side, rows, cols, int(crops == 1)])
-    expected = base + rows * (cols + 1) + int(crops == 1)
-    if not torch.equal(lines, layout_block(layout)[2]) or expected != L:
+        cols = (length - base) // max(rows, 1) - 1
+    layout = torch.tensor([side, rows, cols, int(single)])
+    expected = base + rows * (cols + 1) + int(single)
+    if not torch.equal(lines.cpu(), layout_block(layout)[2]) or expected != length:
         raise ModelError(
-            f"an image of {size[1]}x{size[0]} px packs into {L} tokens with newlines at "
-            f"{lines.tolist()}: not a base crop then newline-ended rows"
+            f"{length} packed tokens with newlines at {lines.tolist()}: not a base crop of "
+            f"{side}x{side} then newline-ended rows"
         )
     return layout
 

@@ -127,7 +127,7 @@ def solve(scene, qa):
         assert getattr(o, m[1]) not in m[2].split()  # the question does not name its answer
         assert any(x is not o and (x.colour == o.colour or x.shape == o.shape) for x in objs)
         return getattr(o, m[1]), [o]
-    if m := re.fullmatch(r"is there a (\w+) (\w+) \?", q):
+    if m := re.fullmatch(r"is there an? (\w+) (\w+) \?", q):
         match = [o for o in objs if (o.colour, o.shape) == (m[1], m[2])]
         if match:
             return "yes", match

@@ -7,7 +7,7 @@ the image fits it ("the large triangle": one large triangle, maybe other triangl
 - ``colour``: "what colour is the [size] <shape> ?" (another object shares the target's
   colour or shape, so the answer is not the only one of its kind)
 - ``shape``: "what shape is the [size] <colour> object ?" (likewise)
-- ``exists``: "is there a <colour> <shape> ?" (half yes; every no is a near miss: the colour
+- ``exists``: "is there a(n) <colour> <shape> ?" (half yes; every no is a near miss: the colour
   is in the image on another shape and the shape in another colour)
 - ``count``: "how many <colour> objects are there ?" / "how many <shape>s are there ?" (zero-six)
 - ``spatial``: "is the <A> left of the <B> ?" / "is the <A> above the <B> ?" (yes/no; A and B
@@ -49,6 +49,7 @@ WORDS = tuple(
             "object",
             "in",
             "a",
+            "an",
             "there",
             "how",
             "many",
@@ -133,10 +134,14 @@ def _exists(scene: Scene, rng: random.Random) -> QA:
     if near_misses and rng.random() < 0.5:
         c, s = rng.choice(near_misses)
         rel = _patches(o for o in objs if o.colour == c or o.shape == s)
-        return QA("exists", f"is there a {c} {s} ?", "no", rel)
+        return QA("exists", f"is there {_a(c)} {c} {s} ?", "no", rel)
     c, s = rng.choice(sorted(present))
     rel = _patches(o for o in objs if (o.colour, o.shape) == (c, s))
-    return QA("exists", f"is there a {c} {s} ?", "yes", rel)
+    return QA("exists", f"is there {_a(c)} {c} {s} ?", "yes", rel)
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _count(scene: Scene, rng: random.Random) -> QA:

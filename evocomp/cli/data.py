@@ -1,6 +1,7 @@
-"""`evocomp synth` and `evocomp prepare`: the built-in benchmark and the prepared samples table.
+"""`evocomp synth` and `evocomp prepare`: the built-in benchmarks and the prepared samples table.
 
 evocomp synth --n 1000 --seed 1 --out data/raw/shapes-vqa
+evocomp synth --benchmark scenes --grid 12 --out data/raw/scenes-vqa
 evocomp prepare --source my_data.json
 """
 
@@ -14,21 +15,35 @@ from evocomp.cli.common import USER_ERRORS, ParamsOpt, fail, params_or_exit, wri
 
 
 def synth(
-    out: Path = typer.Option(Path("data/raw/shapes-vqa"), help="output folder (LLaVA format)"),
+    out: Path = typer.Option(
+        None, help="output folder, LLaVA format (default: data/raw/<benchmark>-vqa)"
+    ),
     n: int = typer.Option(None, help="images (default: prepare.n_images)"),
     seed: int = typer.Option(None, help="seed (default: prepare.seed)"),
     questions: int = typer.Option(
         None, help="questions per image (default: prepare.questions_per_image)"
     ),
+    benchmark: str = typer.Option("shapes", help="shapes (shapes-vqa) or scenes (scenes-vqa)"),
+    grid: int = typer.Option(None, help="scenes-vqa patches per side (default 12; 24: 576 tokens)"),
     params_path: Path = ParamsOpt,
 ) -> None:
-    """Write the built-in shapes-vqa benchmark (images + dataset.json), deterministic by seed."""
-    from evocomp.data.synth import write_dataset
+    """Write a built-in benchmark (images + dataset.json), deterministic by seed."""
+    from evocomp.data.synth import check_benchmark, write_dataset
 
     p = params_or_exit(params_path).prepare
+    try:
+        grid = check_benchmark(benchmark, grid)
+    except ValueError as err:  # an unknown benchmark or a bad grid, before anything is written
+        fail(str(err))
+    out = out or Path(f"data/raw/{benchmark}-vqa")
     writable_or_exit(out)
     path = write_dataset(
-        out, n or p.n_images, p.seed if seed is None else seed, questions or p.questions_per_image
+        out,
+        n or p.n_images,
+        p.seed if seed is None else seed,
+        questions or p.questions_per_image,
+        benchmark=benchmark,
+        grid=grid,
     )
     typer.echo(f"wrote {path}")
 

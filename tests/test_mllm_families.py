@@ -6,14 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from pydantic import ValidationError
-from typer.testing import CliRunner
 
-from evocomp.cli import app
 from evocomp.config import MLLMParams
 from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import checkpoint_id, checkpoint_info
@@ -322,37 +318,3 @@ def test_qwen_variable_token_counts(qwen, scene):
         36,
         rows * cols,
     ]
-
-
-def test_qwen_pipeline_features_label_train_evaluate(tmp_path, monkeypatch, shapes_data):
-    """Every stage's command on a tiny Qwen2-VL: the loader and checkpoint_info route them.
-    Every other image is made 160x96, so the stages see two token counts."""
-    model = make_tiny_qwen_vl(tmp_path / "qwen", "qwen2_vl")
-    source = shutil.copytree(shapes_data, tmp_path / "mixed")
-    images = sorted(p for p in source.rglob("*.png"))
-    for path in images[::2]:
-        Image.open(path).resize((160, 96)).save(path)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(
-        "label: {population: 8, parents: 4, generations: 2, max_samples: 4, mode: budget}\n"
-        "train: {epochs: 2}\n"
-        "evaluate: {max_samples: 2, ratios: [0.333], methods: [random, fastv, visionzip, evocomp]}\n"
-    )
-    runner = CliRunner()
-
-    def run(*args: str) -> str:
-        res = runner.invoke(app, list(args), catch_exceptions=False)
-        assert res.exit_code == 0, res.output
-        return res.output
-
-    run("prepare", "--source", str(source), "--out", "data/prepared")
-    run("features", "--model", str(model))
-    out = run("label", "--in-process", "--model", str(model))
-    assert "12/12 samples labelled" in out
-    labels = pd.read_parquet(tmp_path / "data" / "labels" / "labels.parquet")
-    assert len(set(labels["n_tokens"])) == 2  # 36 and the wide images' count
-    run("train", "--model", str(model))
-    run("evaluate", "--model", str(model))
-    result = json.loads((tmp_path / "metrics" / "eval.json").read_text())
-    assert result["model_id"] == load_mllm(model).model_id
-    assert set(result["ratios"]["0.333"]) == {"random", "fastv", "visionzip", "evocomp"}

@@ -9,9 +9,7 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from evocomp.cli import app
 from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import checkpoint_info
 from evocomp.mllm.loader import load_mllm
@@ -253,30 +251,3 @@ def test_gemma3_checkpoint_checks(tmp_path):
         (path / "model.safetensors").write_bytes(b"\0" * 16)
         with pytest.raises(ModelError, match=match):
             checkpoint_info(path)
-
-
-def test_gemma3_pipeline_features_label_train_evaluate(tmp_path, monkeypatch, shapes_data):
-    """Every stage's command on a tiny Gemma 3: the loader and checkpoint_info route them."""
-    model = make_tiny_gemma3(tmp_path / "gemma3", seed=SEED)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(
-        "label: {population: 8, parents: 4, generations: 2, max_samples: 4, mode: budget}\n"
-        "train: {epochs: 2}\n"
-        "evaluate: {max_samples: 2, ratios: [0.333], methods: [random, fastv, visionzip, evocomp]}\n"
-    )
-    runner = CliRunner()
-
-    def run(*args: str) -> str:
-        res = runner.invoke(app, list(args), catch_exceptions=False)
-        assert res.exit_code == 0, res.output
-        return res.output
-
-    run("prepare", "--source", str(shapes_data), "--out", "data/prepared")
-    run("features", "--model", str(model))
-    out = run("label", "--in-process", "--model", str(model))
-    assert "12/12 samples labelled" in out
-    run("train", "--model", str(model))
-    run("evaluate", "--model", str(model))
-    result = json.loads((tmp_path / "metrics" / "eval.json").read_text())
-    assert result["model_id"] == load_mllm(model).model_id
-    assert set(result["ratios"]["0.333"]) == {"random", "fastv", "visionzip", "evocomp"}

@@ -5,21 +5,16 @@ images of different N in one batch, and a pipeline run."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
-from typer.testing import CliRunner
 
-from evocomp.cli import app
 from evocomp.errors import ModelError
 from evocomp.mllm.anyres import image_layout, layout_cells, pack
 from evocomp.mllm.checkpoint import check_checkpoint, checkpoint_info
 from evocomp.mllm.loader import load_mllm
 from evocomp.mllm.reference import build_tokenizer
-from evocomp.tokens import keep_count
 from tests.conftest import qwen_tokenizer
 from tests.test_mllm_families import INTERLEAVE_TEMPLATE, answer_labels, user_turn
 
@@ -265,57 +260,3 @@ def test_unsupported_tower_is_one_line(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="needs preprocessor_config.json"):
         check_checkpoint(ckpt)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pipeline_features_label_train_evaluate_generate(
-    tmp_path, monkeypatch, shapes_data, family
-):
-    """Every stage's command on a tiny checkpoint, half the images 96x160 (another N), then
-    ``evocomp generate`` with the trained compressor."""
-    model = make_tiny_llava_next(tmp_path / "m", family)
-    data = shutil.copytree(shapes_data, tmp_path / "raw")
-    for i, f in enumerate(sorted((data / "images").glob("*.png"))):
-        if i % 2:
-            tall(Image.open(f)).save(f)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(
-        "label: {population: 8, parents: 4, generations: 2, max_samples: 4, mode: budget}\n"
-        "train: {epochs: 2}\n"
-        "evaluate: {max_samples: 2, ratios: [0.333], methods: [random, fastv, visionzip, evocomp]}\n"
-    )
-    runner = CliRunner()
-
-    def run(*args: str) -> str:
-        res = runner.invoke(app, list(args), catch_exceptions=False)
-        assert res.exit_code == 0, res.output
-        return res.output
-
-    run("prepare", "--source", str(data), "--out", "data/prepared")
-    run("features", "--model", str(model))
-    n_per_image = set()
-    for shard in tmp_path.rglob("shard-*.safetensors"):
-        with safe_open(shard, "pt") as f:
-            keys = [k for k in f.keys() if k.endswith("/tokens")]  # noqa: SIM118 (no __iter__)
-            n_per_image |= {f.get_slice(k).get_shape()[0] for k in keys}
-    assert len(n_per_image) == 2  # both image sizes made it into the feature cache
-    out = run("label", "--in-process", "--model", str(model))
-    assert "12/12 samples labelled" in out
-    run("train", "--model", str(model))
-    run("evaluate", "--model", str(model))
-    result = json.loads((tmp_path / "metrics" / "eval.json").read_text())
-    assert result["model_id"] == load_mllm(model).model_id
-    assert set(result["ratios"]["0.333"]) == {"random", "fastv", "visionzip", "evocomp"}
-    # the trained compressor inside the model's own generate(), on an image of each size
-    n_seen = set()
-    for image in sorted((data / "images").glob("*.png"))[:2]:
-        args = ["generate", "--model", str(model), "--compressor", "models/compressor",
-                "--image", str(image), "--question", "what colour is the square ?", "--json"]  # fmt: skip
-        res = runner.invoke(app, args, catch_exceptions=False)
-        assert res.exit_code == 0, res.output
-        out = json.loads(res.stdout.strip().splitlines()[-1])
-        assert out["answer"] and out["model_id"] == result["model_id"]
-        assert out["k"] == keep_count(0.333, out["n_tokens"]) == len(out["kept"])
-        assert out["prompt_tokens"] - out["prefill_tokens"] == out["n_tokens"] - out["k"]
-        n_seen.add(out["n_tokens"])
-    assert len(n_seen) == 2

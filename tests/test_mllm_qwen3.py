@@ -7,18 +7,10 @@ adds to its hidden state after layers 0..E-1; the adapter keeps them per token
 
 from __future__ import annotations
 
-import json
-import shutil
-
-import pandas as pd
 import pytest
 import torch
-from PIL import Image
-from typer.testing import CliRunner
 
-from evocomp.cli import app
 from evocomp.errors import ModelError
-from evocomp.features.cache import FeatureStore
 from evocomp.mllm.checkpoint import checkpoint_info
 from evocomp.mllm.loader import load_mllm
 from tests.conftest import make_tiny_qwen_vl
@@ -109,39 +101,3 @@ def test_qwen3_generate_equals_hf_generate_and_batches(qwen3, scene):
     assert qwen3.generate(qs, vis, full, 3, prune_layer=1, layouts=lays, extras=extras) == (
         qwen3.generate(qs, vis, full, 3, layouts=lays, extras=extras)
     )
-
-
-def test_qwen3_pipeline_features_label_train_evaluate(tmp_path, monkeypatch, shapes_data):
-    """Every stage's command on a tiny Qwen3-VL, images of two token counts; the feature cache
-    keeps each token's DeepStack vectors."""
-    model = make_tiny_qwen_vl(tmp_path / "qwen3", "qwen3_vl")
-    source = shutil.copytree(shapes_data, tmp_path / "mixed")
-    for path in sorted(source.rglob("*.png"))[::2]:
-        Image.open(path).resize((160, 96)).save(path)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(
-        "label: {population: 8, parents: 4, generations: 2, max_samples: 4, mode: budget}\n"
-        "train: {epochs: 2}\n"
-        "evaluate: {max_samples: 2, ratios: [0.333], methods: [random, fastv, visionzip, evocomp]}\n"
-    )
-    runner = CliRunner()
-
-    def run(*args: str) -> str:
-        res = runner.invoke(app, list(args), catch_exceptions=False)
-        assert res.exit_code == 0, res.output
-        return res.output
-
-    run("prepare", "--source", str(source), "--out", "data/prepared")
-    run("features", "--model", str(model))
-    assert "12/12 samples labelled" in run("label", "--in-process", "--model", str(model))
-    labels = pd.read_parquet(tmp_path / "data" / "labels" / "labels.parquet")
-    assert len(set(labels["n_tokens"])) == 2
-    info = checkpoint_info(model)
-    feats = FeatureStore(tmp_path / "data" / "features", info["model_id"]).get(
-        labels["sample_id"].iloc[0]
-    )
-    assert feats.extra.shape == (1, *feats.tokens.shape)
-    run("train", "--model", str(model))
-    run("evaluate", "--model", str(model))
-    result = json.loads((tmp_path / "metrics" / "eval.json").read_text())
-    assert set(result["ratios"]["0.333"]) == {"random", "fastv", "visionzip", "evocomp"}

@@ -114,14 +114,19 @@ def harness_kept(world, samples, ratio) -> list[torch.Tensor]:
     return sel.kept("evocomp", ratio, samples, feats, scores)
 
 
-def project_generate(world, samples, kept):
-    """The adapter's own ``generate`` over the cached features: (answers, logits per step)."""
+def project_generate(world, samples, kept, extras=None):
+    """The adapter's own ``generate`` over the cached features: (answers, logits per step).
+    A family with per-token extras (Qwen3-VL's DeepStack) gets the cached ones, or ``extras``."""
     mllm = world.mllm
     tape = LogitTape(mllm.model)
     try:
         feats = [world.fstore.get(s.id) for s in samples]
         vis, lays = [f.tokens for f in feats], [f.layout for f in feats]
-        answers = mllm.generate([s.question for s in samples], vis, kept, NEW, layouts=lays)
+        if extras is None and getattr(mllm, "n_extra", 0):
+            extras = [f.extra for f in feats]
+        answers = mllm.generate(
+            [s.question for s in samples], vis, kept, NEW, layouts=lays, extras=extras
+        )
         return answers, tape.take()
     finally:
         tape.close()

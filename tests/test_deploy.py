@@ -178,9 +178,9 @@ def test_refusals(world, tmp_path):
         compress_model(model, proc, comp, 1 / 3, prune_layer=2)
     with pytest.raises(ValueError, match="outside"):
         compress_model(model, proc, comp, 1.5)
-    with pytest.raises(ModelError, match="qwen3_vl"):
+    with pytest.raises(ModelError, match="idefics3"):
         compress_model(
-            SimpleNamespace(config=SimpleNamespace(model_type="qwen3_vl")), proc, comp, 0.5
+            SimpleNamespace(config=SimpleNamespace(model_type="idefics3")), proc, comp, 0.5
         )
     with pytest.raises(FileNotFoundError, match="no compressor"):
         compress_model(model, proc, tmp_path / "none", 1 / 3)
@@ -240,9 +240,9 @@ def test_cli_answers_with_the_api(world, tmp_path, monkeypatch):
 @pytest.fixture
 def bad_inputs(world, tmp_path):
     (tmp_path / "not-image.png").write_text("hello")
-    unsupported = tmp_path / "qwen3"
+    unsupported = tmp_path / "idefics3"
     unsupported.mkdir()
-    (unsupported / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
     (unsupported / "model.safetensors").write_bytes(b"")
     other_model_compressor(world, tmp_path / "other")
     return tmp_path
@@ -254,7 +254,7 @@ def bad_inputs(world, tmp_path):
         ({"--image": "missing.png"}, "image not found"),
         ({"--image": "{tmp}/not-image.png"}, "unreadable image"),
         ({"--model": "{tmp}"}, "no config.json"),
-        ({"--model": "{tmp}/qwen3"}, "has no compressed generate() yet"),
+        ({"--model": "{tmp}/idefics3"}, "has no compressed generate() yet"),
         ({"--compressor": "{tmp}/other"}, "trained for model 'other-0123456789ab'"),
         ({"--compressor": "{tmp}/none"}, "no compressor"),
         ({"--keep-ratio": "0"}, "--keep-ratio"),

@@ -18,7 +18,9 @@ or one per prompt) to score with instead of the question read from the prompt, a
 Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5-style checkpoints: one image per
 prompt, a fixed number of visual tokens), ``Qwen2VLForConditionalGeneration`` /
 ``Qwen2_5_VLForConditionalGeneration`` (one image per prompt, 3-D M-RoPE positions kept:
-:mod:`evocomp.deploy.qwen`) and ``Gemma3ForConditionalGeneration`` (one image per prompt
+:mod:`evocomp.deploy.qwen`), ``Qwen3VLForConditionalGeneration`` (as Qwen2-VL, each kept
+token with its own DeepStack vectors: :mod:`evocomp.deploy.qwen3`),
+``Gemma3ForConditionalGeneration`` (one image per prompt
 without pan-and-scan crops, the kept image tokens one bidirectional block:
 :mod:`evocomp.deploy.gemma3`) and ``LlavaNextForConditionalGeneration`` /
 ``LlavaOnevisionForConditionalGeneration`` (one image per prompt, base and tile tokens
@@ -41,6 +43,7 @@ from evocomp.deploy.llava import LlavaPrefill, Selection
 from evocomp.deploy.llava_next import AnyresProcessor, LlavaNextPrefill
 from evocomp.deploy.prompt import processor_text, template_of
 from evocomp.deploy.qwen import QwenPrefill, QwenProcessor
+from evocomp.deploy.qwen3 import Qwen3Prefill
 from evocomp.deploy.scorer import TokenScorer
 from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
@@ -76,6 +79,12 @@ FAMILIES: dict[str, Family] = {
         "Qwen2_5_VLForConditionalGeneration",
         check_checkpoint,
         QwenPrefill,
+        QwenProcessor.from_pretrained,
+    ),
+    "qwen3_vl": Family(
+        "Qwen3VLForConditionalGeneration",
+        check_checkpoint,
+        Qwen3Prefill,
         QwenProcessor.from_pretrained,
     ),
     "gemma3": Family("Gemma3ForConditionalGeneration", check_checkpoint, Gemma3Prefill),
@@ -181,7 +190,7 @@ def compress_model(
 
     Args:
         model: a transformers model of a family in :data:`FAMILIES` (LLaVA-1.5 style, Qwen2-VL,
-            Qwen2.5-VL, Gemma 3, LLaVA-NeXT, LLaVA-OneVision).
+            Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-NeXT, LLaVA-OneVision).
         processor: its processor (the tokenizer decodes the question out of the prompt); for
             Qwen a :class:`evocomp.deploy.qwen.QwenProcessor`, for LLaVA-NeXT / OneVision an
             :class:`evocomp.deploy.llava_next.AnyresProcessor` (``load_checkpoint`` gives them).

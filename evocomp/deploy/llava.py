@@ -56,7 +56,8 @@ class LlavaPrefill:
     are selectable, how it embeds them, where its tokens sit or how decoding continues
     (:mod:`evocomp.deploy.qwen`, :mod:`evocomp.deploy.llava_next`) overrides those steps:
     :meth:`_features`, :meth:`_selectable`, :meth:`_embeddings`, :meth:`_positions`,
-    :meth:`_grids`, :meth:`follow`.
+    :meth:`_grids`, :meth:`follow`; one whose LLM input is not ready-made embeddings
+    (:mod:`evocomp.deploy.qwen3`) overrides :meth:`_feed`.
     """
 
     DROP = ("pixel_values", "mm_encoder_outputs", "image_sizes")  # inputs the prefill consumed
@@ -109,6 +110,20 @@ class LlavaPrefill:
         image = torch.cat(feats).to(x.device, x.dtype)  # (B * N, D)
         mask = self.model.model.get_placeholder_mask(ids, inputs_embeds=x, image_features=image)
         return x.masked_scatter(mask, image)
+
+    def _feed(
+        self,
+        inputs: dict,
+        ids: torch.Tensor,
+        feats: list[torch.Tensor],
+        keep: torch.Tensor,
+        kept: list[torch.Tensor],
+    ) -> None:
+        """Put the LLM input of the kept positions ``keep (B, L)`` into ``inputs``: LLaVA's is
+        their embeddings ``inputs_embeds (B, L_kept, D)`` (no ``input_ids``)."""
+        x = self._embeddings(ids, feats)  # (B, L, D)
+        inputs["inputs_embeds"] = x[keep].view(ids.shape[0], -1, x.shape[-1])
+        inputs["input_ids"] = None
 
     def _positions(self, inputs: dict, ids: torch.Tensor) -> torch.Tensor:
         """The full prompt's position ids ``(B, L)``: as ``generate()`` derives them (original
@@ -182,7 +197,6 @@ class LlavaPrefill:
         pos = self._positions(inputs, ids)  # (..., B, L)
         kept = pick(tokens, text, self._grids(pos, ids) if cells is None else cells)
 
-        x = self._embeddings(ids, feats)
         keep = torch.ones(B, L, dtype=torch.bool, device=ids.device)
         for b in range(B):
             block = (ids[b] == self.image_token_id).nonzero().squeeze(1)  # the image's positions
@@ -197,12 +211,11 @@ class LlavaPrefill:
             # Always an explicit mask: with none, transformers reads the gaps left in the
             # position ids as packed-sequence boundaries and walls the text off the image.
             attn = torch.ones_like(ids)
-        inputs["inputs_embeds"] = x[keep].view(B, L_kept, -1)
         inputs["attention_mask"] = attn[keep].view(B, L_kept)
         inputs["position_ids"] = pos[..., keep.to(pos.device)].view(*pos.shape[:-2], B, L_kept)
-        inputs["input_ids"] = None
         for key in self.DROP:
             inputs.pop(key, None)
+        self._feed(inputs, ids, feats, keep, kept)
         self._keep = keep
         return Selection(kept, N, k, questions, L, L_kept)
 

@@ -23,18 +23,17 @@ from evocomp.tokens import keep_count
 from tests.conftest import make_tiny_gemma3, make_tiny_llava, make_tiny_qwen_vl
 from tests.test_mllm_next import make_tiny_llava_next
 
-# family -> (builder, the other image shape, whether N follows the image, deploy hook?)
+# family -> (builder, the other image shape, whether N follows the image)
 FAMILIES = {
-    "llava": (make_tiny_llava, (96, 160), False, True),
-    "qwen2_vl": (lambda p: make_tiny_qwen_vl(p, "qwen2_vl"), (160, 96), True, True),
-    "qwen2_5_vl": (lambda p: make_tiny_qwen_vl(p, "qwen2_5_vl"), (160, 96), True, True),
-    "qwen3_vl": (lambda p: make_tiny_qwen_vl(p, "qwen3_vl"), (160, 96), True, False),
-    "gemma3": (lambda p: make_tiny_gemma3(p, seed=3), (96, 160), False, True),
-    "llava_next": (lambda p: make_tiny_llava_next(p, "llava_next"), (96, 160), True, True),
+    "llava": (make_tiny_llava, (96, 160), False),
+    "qwen2_vl": (lambda p: make_tiny_qwen_vl(p, "qwen2_vl"), (160, 96), True),
+    "qwen2_5_vl": (lambda p: make_tiny_qwen_vl(p, "qwen2_5_vl"), (160, 96), True),
+    "qwen3_vl": (lambda p: make_tiny_qwen_vl(p, "qwen3_vl"), (160, 96), True),
+    "gemma3": (lambda p: make_tiny_gemma3(p, seed=3), (96, 160), False),
+    "llava_next": (lambda p: make_tiny_llava_next(p, "llava_next"), (96, 160), True),
     "llava_onevision": (
         lambda p: make_tiny_llava_next(p, "llava_onevision"),
         (96, 160),
-        True,
         True,
     ),
 }
@@ -47,7 +46,7 @@ PARAMS = (
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pipeline_end_to_end(tmp_path, monkeypatch, shapes_data, family):
-    build, other_shape, n_varies, deploys = FAMILIES[family]
+    build, other_shape, n_varies = FAMILIES[family]
     model = build(tmp_path / family)
     data = shutil.copytree(shapes_data, tmp_path / "raw")
     images = sorted((data / "images").glob("*.png"))
@@ -77,11 +76,6 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, shapes_data, family):
     for image in images[:2]:  # one of each shape
         args = ["generate", "--model", str(model), "--compressor", "models/compressor",
                 "--image", str(image), "--question", "what colour is the square ?", "--json"]  # fmt: skip
-        if not deploys:
-            res = run(*args, code=2)
-            assert res.output.strip().splitlines()[-1].startswith("error: "), res.output
-            assert "no compressed generate() yet" in res.output
-            return
         out = json.loads(run(*args).stdout.strip().splitlines()[-1])
         assert out["answer"] and out["model_id"] == result["model_id"]
         assert out["k"] == keep_count(0.333, out["n_tokens"]) == len(out["kept"])

@@ -109,8 +109,7 @@ def family_of(config) -> Family:
     kind = getattr(config, "model_type", None)
     if kind not in FAMILIES:
         raise ModelError(
-            f"model_type {kind!r} has no compressed generate() yet (supported: "
-            f"{sorted(FAMILIES)}; other families: issue 13)"
+            f"model_type {kind!r} has no compressed generate() yet (supported: {sorted(FAMILIES)})"
         )
     return FAMILIES[kind]
 
@@ -252,7 +251,7 @@ def checkpoint_config(path: str | Path):
     if kind not in FAMILIES:
         raise ModelError(
             f"{path}: model_type {kind!r} has no compressed generate() yet "
-            f"(supported: {sorted(FAMILIES)}; other families: issue 13)"
+            f"(supported: {sorted(FAMILIES)})"
         )
     FAMILIES[kind].check(path)
     return AutoConfig.from_pretrained(path)

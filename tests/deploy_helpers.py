@@ -104,6 +104,21 @@ def compressed_generate(world, samples, ratio, **kw):
         tape.close()
 
 
+def assert_keep_one_is_plain(world, samples):
+    """keep 1.0 through the hook: the untouched ``generate()``'s answers and logits."""
+    tape = LogitTape(world.mllm.model)
+    try:
+        plain, _ = hf_generate(world, samples)
+        plain_logits = tape.take()
+    finally:
+        tape.close()
+    answers, logits, sel = compressed_generate(world, samples, 1.0)
+    assert sel.k == sel.n_tokens and sel.prefill_tokens == sel.prompt_tokens
+    assert answers == plain
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-4)
+    return sel
+
+
 def harness_kept(world, samples, ratio) -> list[torch.Tensor]:
     """The compressor's kept tokens as ``evocomp evaluate`` picks them, from cached features."""
     mllm = world.mllm

@@ -23,7 +23,7 @@ from evocomp.tokens import keep_count
 from tests.conftest import make_tiny_qwen_vl
 from tests.deploy_helpers import (
     NEW,
-    LogitTape,
+    assert_keep_one_is_plain,
     compressed_generate,
     harness_kept,
     hf_generate,
@@ -81,17 +81,7 @@ def recorded(world, samples, ratio):
 
 
 def test_keep_ratio_one_is_the_unmodified_model(world):
-    mllm, samples = world.mllm, world.test
-    tape = LogitTape(mllm.model)
-    try:
-        plain, _ = hf_generate(world, samples)
-        plain_logits = tape.take()
-    finally:
-        tape.close()
-    answers, logits, sel = compressed_generate(world, samples, 1.0)
-    assert sel.k == sel.n_tokens and sel.prefill_tokens == sel.prompt_tokens
-    assert answers == plain
-    torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert_keep_one_is_plain(world, world.test)
 
 
 # ---- the harness's tokens, the project's decoding, DeepStack included ------------------------------

@@ -7,8 +7,9 @@ for Qwen) and how the LLM attends (:meth:`HFAdapter.llm_mask`: causal, or Gemma 
 bidirectional image block over the kept tokens). Everything else —
 ``[prefix][kept tokens][suffix][answer]`` through ``inputs_embeds``, each kept token at its
 original position, one batched forward per population, greedy decoding with a KV cache,
-pruning after LLM layer l — lives here once. Attention runs as SDPA except for the calls that
-need its weights, which switch to eager for that call only.
+pruning after LLM layer l (:mod:`.hf_pruning`) — lives here once; where the image's
+tokens sit, the always-fed ones and per-token extras are :mod:`.hf_block`. Attention runs as
+SDPA except for the calls that need its weights, which switch to eager for that call only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from evocomp.errors import ModelError
 from evocomp.mllm.base import ImageTokens
 from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
 from evocomp.mllm.decoding import greedy
+from evocomp.mllm.hf_block import ImageBlock
+from evocomp.mllm.hf_pruning import PrunedDecoding
 from evocomp.mllm.prompts import (  # noqa: F401 - image_token_id: re-exported
     image_placeholder,
     image_token_id,
@@ -39,7 +42,7 @@ from evocomp.mllm.sequence import (
 from evocomp.tokens import grid_positions
 
 
-class HFAdapter:
+class HFAdapter(ImageBlock, PrunedDecoding):
     """The MLLM protocol over a local HF checkpoint; subclasses load one family."""
 
     family = ""  # config.json model_type this adapter runs
@@ -103,33 +106,6 @@ class HFAdapter:
         """The model's visual tokens per image N and their grid (rows, cols)."""
         raise NotImplementedError
 
-    def layout(self, n_prefix: int, n_tail: int, layout=None) -> torch.Tensor:
-        """Position ids ``(..., n_prefix + N + M + n_tail)`` of the full sequence: every one of
-        the image's N tokens and its M always-fed ones (:meth:`block`)."""
-        n, _, fixed, _ = self.block(layout)
-        return torch.arange(n_prefix + n + fixed.shape[0] + n_tail, device=self.device)
-
-    def default_layout(self) -> torch.Tensor:
-        """The layout of the model's default image (``n_tokens`` tokens on ``grid``)."""
-        return torch.tensor(self.grid)
-
-    def block(self, layout=None):
-        """The image block of a layout: ``(N, slots (N,), fixed_slots (M,), fixed (M, D))``.
-
-        ``slots[i]`` is where selectable token i sits in the image block of N + M entries;
-        ``fixed`` are embeddings fed whatever is kept (LLaVA-NeXT's ``image_newline`` after
-        each tile row) at ``fixed_slots``. The default: N = rows * cols of a (rows, cols)
-        layout, token i in slot i, nothing fixed.
-        """
-        rows, cols = (int(x) for x in (self.grid if layout is None else layout))
-        n = rows * cols
-        return (
-            n,
-            torch.arange(n, device=self.device),
-            torch.zeros(0, dtype=torch.long, device=self.device),
-            torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device),
-        )
-
     def image_placeholder(self) -> tuple[str, str]:
         """What the chat template renders for the image, and the template text it stands for."""
         return image_placeholder(self.model.config, self.tokenizer)
@@ -156,77 +132,6 @@ class HFAdapter:
         )
         return [(cm, self.lm.rotary_emb(h, position_ids=pos))] * self.n_layers
 
-    # ---- positions -------------------------------------------------------------------------------
-    def positions(self, n_prefix: int, kept: torch.Tensor, n_tail: int, layout=None):
-        """Position ids ``(..., P, L)`` of rows ``kept (P, k)``: each token's original one
-        (the always-fed tokens included, in block order)."""
-        _, cols = self._block_rows(None, kept.to(self.device), layout)
-        return self._columns(n_prefix, cols, n_tail, layout)
-
-    def _columns(self, n_prefix: int, cols: torch.Tensor, n_tail: int, layout) -> torch.Tensor:
-        """Position ids ``(..., P, L)`` of ``[prefix][block entries cols (P, j)][tail]``."""
-        full = self.layout(n_prefix, n_tail, layout)
-        P, width = cols.shape[0], full.shape[-1] - n_prefix - n_tail
-        pre = torch.arange(n_prefix, device=self.device).expand(P, -1)
-        tail = (n_prefix + width + torch.arange(n_tail, device=self.device)).expand(P, -1)
-        return full[..., torch.cat([pre, n_prefix + cols, tail], dim=1)]
-
-    def _block_rows(self, emb, idx: torch.Tensor, layout):
-        """The image block each row feeds: embeddings ``(P, j, D)`` (None without ``emb``) and
-        block slots ``(P, j)`` of ``emb (P, k, D)``, the tokens at selectable indices
-        ``idx (P, k)``, and of the always-fed tokens, in block order (a family with none keeps
-        the row's own order)."""
-        _, slots, fixed_slots, fixed = self.block(layout)
-        cols = slots[idx]
-        if fixed_slots.numel():
-            P = idx.shape[0]
-            cols, order = torch.cat([cols, fixed_slots.expand(P, -1)], dim=1).sort(dim=1)
-            if emb is not None:
-                fixed = F.pad(fixed.to(emb.dtype), (0, emb.shape[-1] - fixed.shape[-1]))
-                emb = torch.cat([emb, fixed.expand(P, -1, -1)], dim=1)
-                emb = emb.gather(1, order[..., None].expand(-1, -1, emb.shape[-1]))
-        return emb, cols
-
-    # ---- per-token extras (deepstack) ----------------------------------------------------------
-    # The extras ride along as extra channels of each visual row, (N, D) -> (N, (1 + E) * D),
-    # so every selection, reordering and left-padding above carries them with their token;
-    # _split takes them off again before the LLM. Families with E = 0 never see the channels.
-    def _visual(self, visual: torch.Tensor, extra) -> torch.Tensor:
-        """The visual rows on the device, with their extras ``(E, N, D)`` as channels."""
-        vis = visual.to(self.device, self.dtype)
-        if not self.n_extra:
-            return vis
-        if extra is None or extra.shape != (self.n_extra, *visual.shape):
-            got = None if extra is None else tuple(extra.shape)
-            raise ModelError(
-                f"{self.path} adds {self.n_extra} deepstack vectors per visual token: expected "
-                f"extra of shape ({self.n_extra}, {visual.shape[0]}, {visual.shape[1]}), got "
-                f"{got} (features from another model? run `evocomp features` again)"
-            )
-        deep = extra.to(self.device, self.dtype).permute(1, 0, 2).flatten(1)
-        return torch.cat([vis, deep], dim=1)
-
-    def _split(self, x: torch.Tensor):
-        """``(inputs_embeds (..., D), extras (..., E, D) or None)`` of rows built by _visual."""
-        if not self.n_extra:
-            return x, None
-        return x[..., : self.hidden_size], x[..., self.hidden_size :].unflatten(
-            -1, (self.n_extra, self.hidden_size)
-        )
-
-    def _deep_kwargs(self, deep, image) -> dict:
-        """What the LLM's forward takes to add the extras at the visual positions."""
-        if deep is None:
-            return {}
-        embeds = [deep[..., e, :][image] for e in range(self.n_extra)]
-        return {"visual_pos_masks": image, "deepstack_visual_embeds": embeds}
-
-    @staticmethod
-    def text_positions(pos: torch.Tensor) -> torch.Tensor | None:
-        """What masks and decoder layers take as ``position_ids``: 1-D ones, none for M-RoPE
-        (3-D ids would be read as packed sequences; the mask comes from ``attention_mask``)."""
-        return pos if pos.ndim == 2 else None
-
     # ---- text side -------------------------------------------------------------------------------
     def encode(self, question: str, answer: str = "") -> Prompt:
         return encode_prompt(self.tokenizer, question, answer, self.template)
@@ -239,14 +144,6 @@ class HFAdapter:
     def vocab_embeddings(self) -> torch.Tensor:
         return self.embed.weight.detach().float().cpu()
 
-    def check_visual(self, visual: torch.Tensor, layout=None) -> None:
-        n = self.block(layout)[0]
-        if visual.ndim != 2 or visual.shape != (n, self.hidden_size):
-            raise ModelError(
-                f"visual tokens of shape {tuple(visual.shape)} do not fit {self.path} "
-                f"(expects ({n}, {self.hidden_size})); features from another model?"
-            )
-
     # ---- visual side ---------------------------------------------------------------------------
     def image_tokens(self, images: list[Image.Image]) -> list[ImageTokens]:
         """A family with one grid per model: every image gives ``n_tokens`` on ``grid``."""
@@ -254,10 +151,16 @@ class HFAdapter:
         cells = grid_positions(self.n_tokens, self.grid)
         return [ImageTokens(t, cells, layout) for t in self.visual_tokens(images)]
 
-    def _ids(self, ids: list[int]) -> torch.Tensor:
-        """Token embeddings ``(len, D)`` (zero extras appended when the family has any)."""
-        emb = self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
-        return F.pad(emb, (0, self.n_extra * self.hidden_size)) if self.n_extra else emb
+    def stacked_tokens(self, images: list[Image.Image]) -> torch.Tensor:
+        """``(B, N, D)`` of :meth:`image_tokens` for images of one token count; a family whose
+        N follows the image takes this as its ``visual_tokens``."""
+        toks = [v.tokens for v in self.image_tokens(images)]
+        if len({t.shape[0] for t in toks}) > 1:
+            raise ModelError(
+                f"these images give {sorted({t.shape[0] for t in toks})} visual tokens each on "
+                f"{self.path}: use image_tokens() for images of different shapes"
+            )
+        return torch.stack(toks)
 
     @contextmanager
     def _eager(self):
@@ -339,36 +242,6 @@ class HFAdapter:
         x, mask, pid = left_pad(rows, pos)
         return x, mask, pid, left_pad_flags(image, x.shape[1])
 
-    def _hidden_pruned(self, x, mask, pos, image, survive, layer: int, deep=None):
-        """Last-position hidden states ``(B, D)``: all tokens for ``layer`` layers, then only ``survive``.
-
-        The paper's pruning at LLM layer l (l=2): the first l layers see every visual token,
-        the dropped ones' hidden states are removed before layer l. ``deep (B, L, E, D)``: the
-        extras added after layers 0..E-1 (zero off the visual tokens), pruned with them.
-        """
-        h, B = x, x.shape[0]
-        inputs = self.layer_inputs(h, mask, pos, image)
-        for i, block in enumerate(self.lm.layers[: self.n_layers]):
-            if i == layer:
-                keep = [survive[b] & mask[b].bool() for b in range(B)]
-                image = [image[b][keep[b]] for b in range(B)]
-                if deep is not None:  # rides along as channels, like _visual's
-                    h = torch.cat([h, deep.flatten(2)], dim=-1)
-                h, mask, pos = left_pad(
-                    [h[b][keep[b]] for b in range(B)],
-                    [pos[..., b, :][..., keep[b]] for b in range(B)],
-                )
-                h, deep = self._split(h)
-                image = left_pad_flags(image, h.shape[1])
-                inputs = self.layer_inputs(h, mask, pos, image)
-            cm, pe = inputs[i]
-            h = block(
-                h, attention_mask=cm, position_embeddings=pe, position_ids=self.text_positions(pos)
-            )
-            if deep is not None and i < self.n_extra:
-                h = h + deep[:, :, i]
-        return self.lm.norm(h)[:, -1]
-
     @torch.no_grad()
     def generate(
         self,
@@ -421,48 +294,6 @@ class HFAdapter:
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids.tolist()]
-
-    def _generate_pruned(
-        self, questions, visual, kept, max_new_tokens: int, layer: int, layouts=None, extras=None
-    ) -> list[str]:
-        if not 0 < layer < self.n_layers:
-            raise ValueError(
-                f"prune layer {layer} must be in 1..{self.n_layers - 1} for {self.path}"
-            )
-        x, mask, pos, image = self._prompt_rows(
-            questions, visual, [None] * len(questions), layouts=layouts, extras=extras
-        )
-        x, deep = self._split(x)
-        survive = torch.ones_like(mask, dtype=torch.bool)
-        for b, (q, k) in enumerate(zip(questions, kept, strict=True)):
-            if k is not None:
-                n, slots, fixed_slots, _ = self.block(layouts[b] if layouts is not None else None)
-                start = mask.shape[1] - int(mask[b].sum()) + len(self.encode(q).prefix)
-                vis = torch.zeros(n + fixed_slots.shape[0], dtype=torch.bool, device=self.device)
-                vis[slots[k.to(self.device)]] = True
-                vis[fixed_slots] = True  # always fed
-                survive[b, start : start + vis.shape[0]] = vis
-        B = x.shape[0]
-        state = {"x": x, "mask": mask, "pos": pos, "image": image, "survive": survive, "deep": deep}
-
-        def step(prev: torch.Tensor | None) -> torch.Tensor:
-            # No KV cache on this path: the whole sequence goes through every layer again.
-            if prev is not None:
-                one = torch.ones(B, 1, dtype=mask.dtype, device=mask.device)
-                state["x"] = torch.cat([state["x"], self.embed(prev.to(self.device))[:, None]], 1)
-                state["mask"] = torch.cat([state["mask"], one], 1)
-                state["pos"] = torch.cat([state["pos"], state["pos"][..., -1:] + 1], -1)
-                state["survive"] = torch.cat([state["survive"], one.bool()], 1)
-                state["image"] = torch.cat([state["image"], ~one.bool()], 1)
-                if state["deep"] is not None:
-                    state["deep"] = F.pad(state["deep"], (0, 0, 0, 0, 0, 1))
-            h = self._hidden_pruned(
-                state["x"], state["mask"], state["pos"], state["image"], state["survive"], layer,
-                state["deep"],
-            )  # fmt: skip
-            return self.model.lm_head(h)
-
-        return self._decode(greedy(step, B, max_new_tokens, self.tokenizer.eos_token_id))
 
     @torch.no_grad()
     def text_attention(

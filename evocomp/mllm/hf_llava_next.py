@@ -124,14 +124,7 @@ class HFLlavaNext(HFAdapter):
             result.append(ImageTokens(tokens, layout_cells(layout), layout))
         return result
 
-    def visual_tokens(self, images: list[Image.Image]) -> torch.Tensor:
-        toks = [v.tokens for v in self.image_tokens(images)]
-        if len({t.shape[0] for t in toks}) > 1:
-            raise ModelError(
-                f"these images give {sorted({t.shape[0] for t in toks})} visual tokens each on "
-                f"{self.path}: use image_tokens() for images of different shapes"
-            )
-        return torch.stack(toks)  # (B, N, D)
+    visual_tokens = HFAdapter.stacked_tokens  # N follows the image: image_tokens is the source
 
     @torch.no_grad()
     def cls_attention(self, images: list[Image.Image]) -> list[torch.Tensor]:

@@ -93,6 +93,24 @@ def test_search_doubts_need_room_to_improve(override):
     assert out["score"].iloc[0] == 0 and not out["suspect"].iloc[0]
 
 
+def test_reason_counts_follow_the_suspects_only_switch():
+    """A mild excess fires a reason without flagging its label: counted among all labels,
+    not among the suspects (the dashboard's reason chart follows its "Suspects only")."""
+    out = suspects.score_suspects(
+        frame(
+            fact("mild", loss=6.0, best_heuristic_loss=6.0),  # excess, not flagged
+            fact("bad", loss=8.45, best_heuristic_loss=8.45),  # excess, flagged
+            fact("heur", loss=0.9),  # heuristic, flagged
+            fact("ok"),
+        )
+    )
+    every = suspects.reason_counts(out, suspects_only=False)
+    flagged = suspects.reason_counts(out, suspects_only=True)
+    assert every.to_dict() == {"heuristic": 1, "excess": 2, "margin": 0, "agreement": 0,
+                               "not_converged": 0}  # fmt: skip
+    assert flagged.to_dict() == every.to_dict() | {"excess": 1}
+
+
 def test_the_scale_makes_rules_hold_for_easy_and_hard_questions():
     # an easy yes/no question: every mask is within 0.004 nats, yet a random mask at 0.005
     # is as wrong, relative to what the choice can change, as one at 8 nats on a hard one

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import streamlit as st
 
 from dashboards import artifacts, data, ui
-from evocomp.audit.suspects import EXPLAIN, REASONS, WEIGHTS, before_after, score_suspects
+from evocomp.audit.suspects import (
+    EXPLAIN,
+    REASONS,
+    WEIGHTS,
+    before_after,
+    reason_counts,
+    score_suspects,
+)
 
 PREVIEW = 100  # ids shown in the export preview
 
@@ -79,13 +85,13 @@ for label, col, key in (
     ("Run", "run_id", "f-run"),
 ):
     view = ui.apply_filter(view, col, ui.filter_with_distribution(label, view[col], key))
-reason_counts = pd.Series({r: int(view[f"r_{r}"].gt(0).sum()) for r in REASONS})
+only = st.toggle("Suspects only", value=True, key="only-suspects")
+reasons_fired = reason_counts(view, suspects_only=only)  # of the labels listed below
 left, right = st.columns([2, 3])
 reasons = left.multiselect("Reason", list(REASONS), key="f-reason", placeholder="any")
 right.plotly_chart(
-    ui.counts_chart(reason_counts), key="f-reason-dist", config={"displayModeBar": False}
+    ui.counts_chart(reasons_fired), key="f-reason-dist", config={"displayModeBar": False}
 )
-only = st.toggle("Suspects only", value=True, key="only-suspects")
 
 suspects = view[view["suspect"]]
 if reasons:

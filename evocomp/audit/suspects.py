@@ -107,6 +107,13 @@ def score_suspects(facts: pd.DataFrame, rules: AuditParams = AuditParams()) -> p
     return df.sort_values(["score", "excess"], ascending=False, kind="stable")
 
 
+def reason_counts(scored: pd.DataFrame, suspects_only: bool) -> pd.Series:
+    """Labels each reason fired on, among the suspects only or among all ``scored`` labels (a
+    reason can fire on a label whose score stays under the flag)."""
+    rows = scored[scored["suspect"]] if suspects_only else scored
+    return pd.Series({r: int(rows[f"r_{r}"].gt(0).sum()) for r in REASONS}, dtype=int)
+
+
 def run_health(scored: pd.DataFrame, rules: AuditParams = AuditParams()) -> pd.DataFrame:
     """Per run: done, failed, suspects, bad share and health (see the module docstring),
     oldest run first."""

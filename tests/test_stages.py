@@ -138,10 +138,20 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
     )
     n_test = result["samples"]  # progress reached every test sample at both pruning positions
     assert ("evaluate (l=0)", n_test, n_test) in seen
-    assert ("evaluate evocomp (l=1)", n_test, n_test) in seen
+    assert ("evaluate (l=1)", n_test, n_test) in seen
     assert set(result["ratios"]) == {"0.500", "0.333", "0.222", "0.111"}
     assert set(result["ratios"]["0.333"]) == set(params.evaluate.methods)
     assert result["tokens"]["0.333"] == 12 and "evocomp_l1" in result
+    # every token-selecting method at the other pruning position too (VisionZip merges: l=0)
+    selectors = set(params.evaluate.methods) - {"visionzip"}
+    assert set(result["ratios_l1"]["0.333"]) == selectors
+    assert result["evocomp_l1"]["0.333"] == result["ratios_l1"]["0.333"]["evocomp"]
+    for key in ("stderr", "stderr_l1"):
+        for r, row in result[key].items():
+            acc = result["ratios" + key.removeprefix("stderr")][r]
+            for m, se in row.items():
+                want = (acc[m] * (1 - acc[m]) / result["samples"]) ** 0.5
+                assert se == pytest.approx(want, abs=1e-4)
     assert (
         result["prefill_flops"]["0.111"]["ratio_to_full"]
         < result["prefill_flops"]["0.500"]["ratio_to_full"]

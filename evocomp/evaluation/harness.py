@@ -9,6 +9,7 @@ dominant + contextual variant), the trained EvoComp compressor, and the GA oracl
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -184,6 +185,7 @@ def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: 
         "prune_layer": prune_layer,
         "ratios": {},
         "retention": {},
+        "stderr": {},  # binomial standard error of each accuracy: sqrt(p (1 - p) / n)
         "tokens": {},
         "prefill_flops": {},
         "by_type": {},
@@ -205,6 +207,10 @@ def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: 
         out["ratios"][key] = {m: acc(raw["hits"][f"{m}@{key}"]) for m in methods}
         out["retention"][key] = {
             m: round(100 * v / full, 2) if full else 0.0 for m, v in out["ratios"][key].items()
+        }
+        out["stderr"][key] = {
+            m: round(math.sqrt(v * (1 - v) / max(1, out["samples"])), 4)
+            for m, v in out["ratios"][key].items()
         }
         out["tokens"][key] = mean([keep_count(r, n) for n in ns])
         out["prefill_flops"][key] = {"flops": flops(r), "ratio_to_full": flops(r) / full_flops}

@@ -23,6 +23,15 @@ def write_plot(path: Path, result: dict) -> None:
     write_text_atomic(path, table.to_csv(index=False))
 
 
+def max_stderr(result: dict) -> float:
+    """The largest standard error of any cell (eval.json's ``stderr``, ``stderr_l<l>``)."""
+    cells = [
+        se for k, v in result.items() if k.startswith("stderr") for row in v.values()
+        for se in row.values()
+    ]  # fmt: skip
+    return max(cells, default=0.0)
+
+
 def print_table(result: dict) -> str:
     # eval.json is written with sorted keys: restore the reading order (largest budget
     # first, the methods as params.yaml lists them)
@@ -32,7 +41,8 @@ def print_table(result: dict) -> str:
     methods = [m for m in order if m in present] + [m for m in present if m not in order]
     lines = [
         f"full-token accuracy {result['full']:.3f} on {result['samples']} test samples "
-        f"(prune layer {result['prune_layer']}); cells: accuracy (retention %)",
+        f"(prune layer {result['prune_layer']}); cells: accuracy (retention %); standard "
+        f"errors up to {max_stderr(result):.3f}",
         f"{'method':<11}" + "".join(f"{'keep ' + r:>18}" for r in ratios),
     ]
     for m in methods:
@@ -43,12 +53,15 @@ def print_table(result: dict) -> str:
                 for r in ratios
             )
         )
-    for key in [k for k in result if k.startswith("evocomp_l")]:
-        full = result["full"] or 1
+    for key in [k for k in result if k.startswith("ratios_l")]:
+        layer, accs = key.removeprefix("ratios_l"), result[key]
         lines.append(
-            f"{key:<11}"
-            + "".join(
-                f"{result[key][r]:>10.3f} ({100 * result[key][r] / full:5.1f})" for r in ratios
-            )
+            f"the same, tokens dropped after LLM layer {layer} (VisionZip merges: l=0 only)"
         )
+        for m in [m for m in methods if m in next(iter(accs.values()))]:
+            ret = result[f"retention_l{layer}"]
+            lines.append(
+                f"{m + '_l' + layer:<11}"
+                + "".join(f"{accs[r][m]:>10.3f} ({ret[r][m]:5.1f})" for r in ratios)
+            )
     return "\n".join(lines)

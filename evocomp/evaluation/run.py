@@ -69,7 +69,8 @@ def run_evaluation(
     """``metrics/eval.json`` (DESIGN.md, Metrics files) for the test split of ``data``.
 
     Every method of ``params.evaluate.methods`` at every keep ratio at the configured prune
-    layer, the compressor at the paper's other pruning position too, latencies, and the
+    layer, every token-selecting method at the paper's other pruning position too (``ratios_l<l>``,
+    ``retention_l<l>``, ``stderr_l<l>``), latencies, and the
     real-shape speedups of ``speed`` (``bench/speedup.py``). ``progress(phase, done, total)``
     is called as test samples finish.
     """
@@ -95,7 +96,7 @@ def run_evaluation(
     n_text = len(prompt.prefix) + len(prompt.suffix)
 
     def at_layer(layer: int, which: list[str], labels_df) -> dict:
-        phase = f"evaluate {'evocomp ' if which == ['evocomp'] else ''}(l={layer})"
+        phase = f"evaluate (l={layer})"
         raw = evaluate_methods(
             mllm, info, samples, fstore, p.ratios, which, compressor, labels_df, layer, p.seed,
             progress=(lambda done, total: progress(phase, done, total)) if progress else None,
@@ -103,12 +104,18 @@ def run_evaluation(
         return summarise(raw, p.ratios, which, info, n_text, layer)
 
     result = at_layer(p.prune_layer, methods, label_df)
-    if compressor is not None and info["layers"] > 1:
-        # The paper's two pruning positions: l=0 (above) and l=2 (after two LLM layers;
-        # a 2-layer LLM can only be pruned after layer 1, which is then reported).
+    selectors = [m for m in methods if m != "visionzip"]
+    if selectors and info["layers"] > 1:
+        # The paper's two pruning positions: l=0 (above) and l=2 (after two LLM layers; a
+        # 2-layer LLM can only be pruned after layer 1, which is then reported), every method
+        # that selects tokens at both, so each row compares equal things. VisionZip merges
+        # tokens into new embeddings before the LLM: it has no later-layer variant.
         other = min(2, info["layers"] - 1) if p.prune_layer == 0 else 0
-        alt = at_layer(other, ["evocomp"], None)
-        result[f"evocomp_l{other}"] = {r: alt["ratios"][r]["evocomp"] for r in alt["ratios"]}
+        alt = at_layer(other, selectors, label_df)
+        for key in ("ratios", "retention", "stderr"):
+            result[f"{key}_l{other}"] = alt[key]
+        if "evocomp" in selectors:  # kept for readers of earlier eval.json files
+            result[f"evocomp_l{other}"] = {r: alt["ratios"][r]["evocomp"] for r in alt["ratios"]}
     selector = Selector(mllm, info, compressor, label_df, p.seed)
     result["latency_seconds"] = _latency(mllm, info, samples, fstore, selector, p.ratios, methods)
     result["model_id"] = info["model_id"]

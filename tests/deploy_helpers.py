@@ -104,6 +104,30 @@ def compressed_generate(world, samples, ratio, **kw):
         tape.close()
 
 
+def assert_detach_restores(world):
+    """detach() gives the untouched model back (idempotent): its answers and logits, bitwise."""
+    mllm, samples = world.mllm, world.test[:2]
+    tape = LogitTape(mllm.model)
+    try:
+        before, _ = hf_generate(world, samples)
+        untouched = tape.take()
+        handle = compress_model(mllm.model, world.processor, world.compressor, 1 / 9)
+        hf_generate(world, samples)
+        compressed = tape.take()
+        handle.detach()
+        handle.detach()  # idempotent
+        after, _ = hf_generate(world, samples)
+        restored = tape.take()
+    finally:
+        tape.close()
+    assert "prepare_inputs_for_generation" not in vars(mllm.model)
+    assert after == before
+    assert torch.equal(restored, untouched)
+    assert not torch.allclose(
+        compressed[:, : untouched.shape[1]], untouched[:, : compressed.shape[1]], atol=1e-3
+    )
+
+
 def assert_keep_one_is_plain(world, samples):
     """keep 1.0 through the hook: the untouched ``generate()``'s answers and logits."""
     tape = LogitTape(world.mllm.model)

@@ -25,7 +25,7 @@ from evocomp.mllm.sequence import DEFAULT_TEMPLATE
 from evocomp.tokens import keep_count
 from tests.deploy_helpers import (
     NEW,
-    LogitTape,
+    assert_detach_restores,
     assert_keep_one_is_plain,
     compressed_generate,
     harness_kept,
@@ -133,26 +133,7 @@ def test_prefill_and_cache_shrink_by_the_dropped_tokens(world):
 
 
 def test_detach_restores_the_model(world):
-    mllm, samples = world.mllm, world.test[:2]
-    tape = LogitTape(mllm.model)
-    try:
-        before, _ = hf_generate(world, samples)
-        untouched = tape.take()
-        handle = compress_model(mllm.model, mllm.processor, world.compressor, 1 / 9)
-        hf_generate(world, samples)
-        compressed = tape.take()
-        handle.detach()
-        handle.detach()  # idempotent
-        after, _ = hf_generate(world, samples)
-        restored = tape.take()
-    finally:
-        tape.close()
-    assert "prepare_inputs_for_generation" not in vars(mllm.model)
-    assert after == before
-    assert torch.equal(restored, untouched)
-    assert not torch.allclose(
-        compressed[:, : untouched.shape[1]], untouched[:, : compressed.shape[1]], atol=1e-3
-    )
+    assert_detach_restores(world)
 
 
 def test_keep_ratio_one_is_the_unmodified_model(world):

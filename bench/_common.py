@@ -27,6 +27,17 @@ from evocomp.files import write_json_atomic
 REPO = Path(__file__).resolve().parents[1]
 
 
+def keep_ratios(parser, text: str) -> list[float]:
+    """``--ratios`` "0.333,0.111" as floats, each in (0, 1); a bad value is the parser's error."""
+    try:
+        ratios = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--ratios: expected comma-separated numbers, got {text!r}")
+    if not ratios or not all(0.0 < r < 1.0 for r in ratios):
+        parser.error(f"--ratios: every keep ratio must lie in (0, 1), got {ratios}")
+    return ratios
+
+
 def sync(device: torch.device | str | None) -> None:
     """Wait for queued GPU work, so a wall-clock reading covers it (no-op on CPU)."""
     if device is not None and torch.device(device).type == "cuda":

@@ -42,7 +42,16 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import REPO, begin, collect, command_line, describe_machine, finish, summarize  # noqa: E402
+from _common import (  # noqa: E402
+    REPO,
+    begin,
+    collect,
+    command_line,
+    describe_machine,
+    finish,
+    keep_ratios,
+    summarize,
+)
 from _deploy_models import QWEN25_VOCAB, Subject, llava_subject, qwen_subject  # noqa: E402
 from speedup import DTYPES  # noqa: E402
 
@@ -254,12 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ratios = args.ratios if args.ratios is not None else family.ratios
     args.new_tokens = family.new_tokens if args.new_tokens is None else args.new_tokens
     args.out = args.out or REPO / "metrics" / family.out
-    try:
-        args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    except ValueError:
-        p.error(f"--ratios: expected comma-separated numbers, got {args.ratios!r}")
-    if not args.ratios or not all(0.0 < r < 1.0 for r in args.ratios):
-        p.error(f"--ratios: every keep ratio must lie in (0, 1), got {args.ratios}")
+    args.ratios = keep_ratios(p, args.ratios)
     if args.quick:
         args.repeats = 1
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1:

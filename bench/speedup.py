@@ -47,6 +47,7 @@ from _common import (
     command_line,
     describe_machine,
     finish,  # noqa: E402
+    keep_ratios,
     machine_info,
     summarize,
     timed,
@@ -315,12 +316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", type=Path, default=REPO / "models" / "mllm")
     p.add_argument("--out", type=Path, default=REPO / "metrics" / "bench_speedup.json")
     args = p.parse_args(argv)
-    try:
-        args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    except ValueError:
-        p.error(f"--ratios: expected comma-separated numbers, got {args.ratios!r}")
-    if not args.ratios or not all(0.0 < r < 1.0 for r in args.ratios):
-        p.error(f"--ratios: every keep ratio must lie in (0, 1), got {args.ratios}")
+    args.ratios = keep_ratios(p, args.ratios)
     if args.quick:
         args.repeats = 1
     if args.repeats < 1 or args.warmup < 0:

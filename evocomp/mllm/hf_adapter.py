@@ -47,6 +47,7 @@ class HFAdapter(ImageBlock, PrunedDecoding):
 
     family = ""  # config.json model_type this adapter runs
     model_class = ""  # its transformers class, loaded with AutoProcessor by the default load()
+    n_tokens_key = ""  # the config key that fixes N (families with one N per model)
 
     def __init__(
         self,
@@ -150,6 +151,19 @@ class HFAdapter(ImageBlock, PrunedDecoding):
         layout = self.default_layout()
         cells = grid_positions(self.n_tokens, self.grid)
         return [ImageTokens(t, cells, layout) for t in self.visual_tokens(images)]
+
+    @torch.no_grad()
+    def visual_tokens(self, images: list[Image.Image]) -> torch.Tensor:
+        """``(B, N, D)`` from the model's own ``get_image_features`` on :meth:`pixel_values`
+        (a family with one N per model), checked against the config's N."""
+        out = self.model.model.get_image_features(pixel_values=self.pixel_values(images))
+        feats = torch.stack(list(out.pooler_output)).float().cpu()
+        if feats.shape[1] != self.n_tokens:
+            raise ModelError(
+                f"{self.path}: the vision tower gave {feats.shape[1]} tokens per image, "
+                f"config.{self.n_tokens_key} says {self.n_tokens}"
+            )
+        return feats
 
     def stacked_tokens(self, images: list[Image.Image]) -> torch.Tensor:
         """``(B, N, D)`` of :meth:`image_tokens` for images of one token count; a family whose

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import gemma3_grid
 from evocomp.mllm.hf_adapter import HFAdapter
 
@@ -39,6 +38,7 @@ class HFGemma3(HFAdapter):
     """The MLLM protocol over a local Gemma 3 checkpoint directory."""
 
     family = "gemma3"
+    n_tokens_key = "mm_tokens_per_image"  # the config key that fixes N
     model_class = "Gemma3ForConditionalGeneration"
 
     def token_grid(self, path: Path, cfg: dict) -> tuple[int, tuple[int, int]]:
@@ -80,17 +80,6 @@ class HFGemma3(HFAdapter):
             images=images, do_pan_and_scan=False, return_tensors="pt"
         )
         return out["pixel_values"].to(self.device, self.dtype)
-
-    @torch.no_grad()
-    def visual_tokens(self, images: list[Image.Image]) -> torch.Tensor:
-        out = self.model.model.get_image_features(pixel_values=self.pixel_values(images))
-        feats = out.pooler_output.float().cpu()  # (B, N, D)
-        if feats.shape[1] != self.n_tokens:
-            raise ModelError(
-                f"{self.path}: the vision tower gave {feats.shape[1]} tokens per image, "
-                f"config.mm_tokens_per_image says {self.n_tokens}"
-            )
-        return feats
 
     @torch.no_grad()
     def cls_attention(self, images: list[Image.Image]) -> torch.Tensor:

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import (  # noqa: F401 - re-exported: callers predate checkpoint.py
     DTYPES,
     SUPPORTED,
@@ -29,6 +28,7 @@ class HFLlava(HFAdapter):
     """The MLLM protocol over a local HF LLaVA checkpoint directory."""
 
     family = "llava"
+    n_tokens_key = "image_seq_length"  # the config key that fixes N
     model_class = "LlavaForConditionalGeneration"
 
     def token_grid(self, path: Path, cfg: dict) -> tuple[int, tuple[int, int]]:
@@ -39,17 +39,6 @@ class HFLlava(HFAdapter):
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         px = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return px.to(self.device, self.dtype)
-
-    @torch.no_grad()
-    def visual_tokens(self, images: list[Image.Image]) -> torch.Tensor:
-        out = self.model.model.get_image_features(pixel_values=self.pixel_values(images))
-        feats = torch.stack(list(out.pooler_output)).float().cpu()  # (B, N, D)
-        if feats.shape[1] != self.n_tokens:
-            raise ModelError(
-                f"{self.path}: the vision tower gave {feats.shape[1]} tokens per image, "
-                f"config.image_seq_length says {self.n_tokens}"
-            )
-        return feats
 
     @torch.no_grad()
     def cls_attention(self, images: list[Image.Image]) -> torch.Tensor:

@@ -128,6 +128,37 @@ def assert_detach_restores(world):
     )
 
 
+def assert_keep_one_is_plain_padded(world):
+    """keep 1.0 on a left-padded batch: the plain ``generate()``'s sequences and logits; the
+    selection (``sel.k == sel.n_tokens`` left to the caller, with its family's N)."""
+    mllm, samples = world.mllm, world.test
+    assert len(set(hf_inputs(world, samples)["attention_mask"].sum(1).tolist())) > 1  # padded
+    tape = LogitTape(mllm.model)
+    try:
+        _, plain = hf_generate(world, samples)
+        plain_logits = tape.take()
+        with compress_model(mllm.model, world.processor, world.compressor, 1.0) as handle:
+            _, out = hf_generate(world, samples)
+        logits = tape.take()
+    finally:
+        tape.close()
+    assert handle.last.prefill_tokens == handle.last.prompt_tokens
+    assert torch.equal(out.sequences, plain.sequences)
+    assert len(set(plain.sequences[0, -NEW:].tolist())) >= 2  # several distinct steps
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-4)
+    return handle.last
+
+
+def assert_cli_refuses_other_model(world, tmp_path, cli) -> None:
+    """``evocomp generate`` with a compressor of another model: one error line, exit 2."""
+    other = other_model_compressor(world, tmp_path / "other")
+    res = cli(world, "--compressor", str(other))
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert "trained for model 'other-0123456789ab'" in lines[0]
+
+
 def assert_keep_one_is_plain(world, samples):
     """keep 1.0 through the hook: the untouched ``generate()``'s answers and logits."""
     tape = LogitTape(world.mllm.model)

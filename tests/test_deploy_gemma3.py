@@ -23,11 +23,11 @@ from tests.conftest import make_tiny_gemma3, reference_greedy
 from tests.deploy_helpers import (
     NEW,
     LogitTape,
+    assert_cli_refuses_other_model,
+    assert_keep_one_is_plain_padded,
     compressed_generate,
     harness_kept,
-    hf_generate,
     hf_inputs,
-    other_model_compressor,
     project_generate,
     trained_world,
 )
@@ -107,22 +107,8 @@ def test_the_prompt_is_the_one_labeling_fed(world):
 
 def test_keep_ratio_one_is_the_unmodified_model(world):
     """A left-padded batch: the same tokens as the plain ``generate()``, the same logits."""
-    mllm, samples = world.mllm, world.test
-    assert len(set(hf_inputs(world, samples)["attention_mask"].sum(1).tolist())) > 1  # padded
-    tape = LogitTape(mllm.model)
-    try:
-        _, plain = hf_generate(world, samples)
-        plain_logits = tape.take()
-        with compress_model(mllm.model, world.processor, world.compressor, 1.0) as handle:
-            _, out = hf_generate(world, samples)
-        logits = tape.take()
-    finally:
-        tape.close()
-    sel = handle.last
-    assert sel.k == sel.n_tokens == 36 and sel.prefill_tokens == sel.prompt_tokens
-    assert torch.equal(out.sequences, plain.sequences)
-    assert len(set(plain.sequences[0, -NEW:].tolist())) >= 2  # several distinct steps
-    torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-4)
+    sel = assert_keep_one_is_plain_padded(world)
+    assert sel.k == sel.n_tokens == 36
 
 
 @pytest.mark.parametrize("i", [0, 1])
@@ -199,9 +185,4 @@ def test_cli_answers_with_the_api(world, tmp_path, monkeypatch):
 
 def test_cli_refuses_a_compressor_of_another_model(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    other = other_model_compressor(world, tmp_path / "other")
-    res = cli(world, "--compressor", str(other))
-    assert res.exit_code == 2, res.output
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    assert "trained for model 'other-0123456789ab'" in lines[0]
+    assert_cli_refuses_other_model(world, tmp_path, cli)

@@ -23,11 +23,11 @@ from evocomp.tokens import keep_count
 from tests.conftest import make_tiny_qwen_vl
 from tests.deploy_helpers import (
     NEW,
+    assert_cli_refuses_other_model,
     assert_keep_one_is_plain,
     compressed_generate,
     harness_kept,
     hf_generate,
-    other_model_compressor,
     project_generate,
     trained_world,
 )
@@ -196,10 +196,5 @@ def test_cli_answers_with_the_api(world, tmp_path, monkeypatch):
 
 def test_cli_refuses_a_compressor_of_another_model(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    other = other_model_compressor(world, tmp_path / "other")
-    res = cli(world, "--compressor", str(other))
-    assert res.exit_code == 2, res.output
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    assert "trained for model 'other-0123456789ab'" in lines[0]
+    assert_cli_refuses_other_model(world, tmp_path, cli)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # nothing written

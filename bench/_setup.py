@@ -1,13 +1,15 @@
-"""A benchmark workspace: a held-out shapes-vqa set, prepared, with the model's features cached.
+"""A benchmark workspace: a held-out built-in set, prepared, with the model's features cached.
 
 Not a benchmark itself. ``bench/label_quality.py``, ``bench/label_throughput.py`` and
 ``bench/ablation.py`` call :func:`build_workspace`, which synthesises ``n`` images with ``seed``
 (one question each), prepares them (train/val/test by image hash, as ``evocomp prepare``) and
-computes the features of every sample with the model. Everything is cached under
+computes the features of every sample with the model. ``--benchmark scenes`` makes it a
+scenes-vqa set on the model's grid (default model ``models/scenes/mllm``). Everything is
+cached under
 
-    <cache>/shapes-vqa-seed<seed>-n<n>/raw/                  the synthetic set (LLaVA format)
-    <cache>/shapes-vqa-seed<seed>-n<n>/prepared-v<val>-t<test>/samples.parquet
-    <cache>/shapes-vqa-seed<seed>-n<n>/features/<model id>/  safetensors shards
+    <cache>/<benchmark>-vqa[-g<grid>]-seed<seed>-n<n>/raw/                  the synthetic set
+    <cache>/<benchmark>-vqa[-g<grid>]-seed<seed>-n<n>/prepared-v<val>-t<test>/samples.parquet
+    <cache>/<benchmark>-vqa[-g<grid>]-seed<seed>-n<n>/features/<model id>/  safetensors shards
 
 so a cache entry is keyed by (seed, n, model id): a retrained checkpoint gets a new model id
 (a content hash) and new features. The default cache is ``.bench/`` at the repository root.
@@ -39,7 +41,7 @@ from evocomp.mllm.checkpoint import checkpoint_info
 from evocomp.mllm.loader import load_mllm
 
 DEFAULT_CACHE = REPO / ".bench"
-DEFAULT_MODEL = REPO / "models" / "mllm"
+DEFAULT_MODELS = {"shapes": REPO / "models" / "mllm", "scenes": REPO / "models" / "scenes" / "mllm"}
 
 
 @dataclass
@@ -59,14 +61,14 @@ class Workspace:
         return self.fstore.get(sample.id)
 
 
-def _synth(raw: Path, n: int, seed: int) -> None:
+def _synth(raw: Path, n: int, seed: int, benchmark: str, grid: int | None) -> None:
     """Write the set into a private folder, then rename it: a crashed or concurrent run never
     leaves a half-written one behind."""
     if (raw / "dataset.json").is_file():
         return
     tmp = raw.with_name(f"{raw.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_dataset(tmp, n=n, seed=seed, questions_per_image=1)
+    write_dataset(tmp, n=n, seed=seed, questions_per_image=1, benchmark=benchmark, grid=grid)
     try:
         os.replace(tmp, raw)
     except OSError:  # another run got there first (or a stale non-empty folder): keep theirs
@@ -86,9 +88,10 @@ def build_workspace(
     val_fraction: float = 0.1,
     test_fraction: float = 0.15,
     log: Callable[[str], None] = print,
+    benchmark: str = "shapes",
 ) -> Workspace:
-    """Synthesise, prepare and featurise a held-out shapes-vqa set (cached; see the module doc)."""
-    model = Path(model)
+    """Synthesise, prepare and featurise a held-out built-in set (cached; see the module doc)."""
+    model = Path(model or DEFAULT_MODELS[benchmark])
     if not (model / "config.json").is_file():
         raise SystemExit(
             f"--model {model}: no checkpoint there (no config.json); train the reference model "
@@ -96,17 +99,26 @@ def build_workspace(
         )
     if n < 1:
         raise SystemExit(f"--samples must be >= 1, got {n}")
-    root = Path(cache) / f"shapes-vqa-seed{seed}-n{n}"
+    info = checkpoint_info(model)
+    grid = None
+    name = "shapes-vqa"
+    if benchmark == "scenes":  # the model's own grid; a non-square one cannot be a scenes model
+        rows, cols = info["grid"] or (0, 0)
+        if rows != cols:
+            raise SystemExit(
+                f"--model {model}: its {rows} x {cols} token grid is no scenes-vqa grid"
+            )
+        grid, name = rows, f"scenes-vqa-g{rows}"
+    root = Path(cache) / f"{name}-seed{seed}-n{n}"
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    _synth(root / "raw", n, seed)
+    _synth(root / "raw", n, seed, benchmark, grid)
     prepared = root / f"prepared-v{val_fraction:g}-t{test_fraction:g}"
     if not (prepared / "samples.parquet").is_file():
         samples = read_dataset(root / "raw", val_fraction=val_fraction, test_fraction=test_fraction)
         write_prepared(samples, prepared, str(root / "raw"))
     samples = load_prepared(prepared)
     mllm = load_mllm(model, device=device)
-    info = checkpoint_info(model)
     fstore = ensure_features(mllm, samples, root / "features")
     log(
         f"workspace {root} ({len(samples)} samples, model {info['model_id']}, "
@@ -117,7 +129,17 @@ def build_workspace(
 
 def add_common_args(p, samples: int, seed: int = 2) -> None:
     """The flags every workspace benchmark takes."""
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="LLaVA checkpoint folder")
+    p.add_argument(
+        "--benchmark",
+        choices=("shapes", "scenes"),
+        default="shapes",
+        help="built-in set to synthesise (scenes: on the model's grid)",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="LLaVA checkpoint folder (default: models/mllm, models/scenes/mllm for scenes)",
+    )
     p.add_argument("--device", default=os.environ.get("EVOCOMP_DEVICE", "cpu"))
     p.add_argument(
         "--samples", type=int, default=samples, help="images synthesised (1 question each)"
@@ -128,6 +150,9 @@ def add_common_args(p, samples: int, seed: int = 2) -> None:
 
 
 def check_device(p, args) -> None:
+    """Check --device and --threads; fill in the benchmark's default --model."""
+    if getattr(args, "model", "") is None:
+        args.model = DEFAULT_MODELS[getattr(args, "benchmark", "shapes")]
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is visible to torch")
     if args.threads is not None and args.threads < 1:

@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.cache,
         args.val_fraction,
         args.test_fraction,
+        benchmark=args.benchmark,
     )
     labelled = ws.split("train") + ws.split("val")
     test = ws.split("test")

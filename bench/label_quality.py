@@ -37,6 +37,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from evocomp.mllm.reference_eval import object_patches  # noqa: E402
 from _common import (
     REPO,
     begin,
@@ -126,7 +127,7 @@ def _meaningful(sample, words: list[str]) -> float | None:
     objects = sample.meta.get("objects")
     if objects is None:
         return None
-    cells = {o["cell"]: o for o in objects}
+    cells = object_patches(objects)
     ok = [
         (w in (cells[i]["colour"], cells[i]["shape"])) if i in cells else w == "background"
         for i, w in enumerate(words)
@@ -277,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Label, print the table, write the JSON; returns what was written."""
     args = parse_args(argv)
     start, machine = begin(args)
-    ws = build_workspace(args.model, args.samples, args.seed, args.device, args.cache)
+    ws = build_workspace(
+        args.model, args.samples, args.seed, args.device, args.cache, benchmark=args.benchmark
+    )
     modes = {}
     for mode in args.modes:
         params = SearchParams(

@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time, print, write the JSON; returns what was written."""
     args = parse_args(argv)
     start, machine = begin(args)
-    ws = build_workspace(args.model, args.samples, args.seed, args.device, args.cache)
+    ws = build_workspace(
+        args.model, args.samples, args.seed, args.device, args.cache, benchmark=args.benchmark
+    )
     params = SearchParams(
         mode=args.mode,
         population=args.population,

@@ -8,6 +8,7 @@ hold a ``profiles:`` mapping of named overrides; ``profile: NAME`` picks one, so
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evocomp.errors import ParamsError
+
+
+PROFILE_ENV = "EVOCOMP_PROFILE"
 
 
 class _Strict(BaseModel):
@@ -63,6 +67,13 @@ class MLLMParams(_Strict):
     lm_heads: int = Field(8, ge=1)  # of the 128-wide LM; 4 heads learnt slower and less surely
     eval_images: int = Field(1000, ge=10)
     threads: int = Field(2, ge=1)
+    # Which built-in benchmark the reference model is for; the rest are scenes-vqa's only
+    # (shapes-vqa's model is always 96 px, 2 + 2 layers: evocomp/mllm/reference.py).
+    benchmark: Literal["shapes", "scenes"] = "shapes"
+    grid: int = Field(12, ge=6, le=64)  # scenes-vqa patches per side
+    lm_layers: int = Field(2, ge=1)
+    vision_layers: int = Field(2, ge=1)
+    vision_heads: int = Field(2, ge=1)
 
     @field_validator("prompt_template")
     @classmethod
@@ -214,7 +225,11 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     """Validate a params mapping, applying the selected profile's overrides."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level")
-    profile = raw.get("profile", "demo")
+    # EVOCOMP_PROFILE (``evocomp --profile NAME``) wins over the file's ``profile``: a second
+    # stage set in dvc.yaml runs another profile from the same params.yaml, and worker
+    # processes inherit it.
+    profile = os.environ.get(PROFILE_ENV) or raw.get("profile", "demo")
+    raw = {**raw, "profile": profile}
     profiles = raw.get("profiles") or {}
     if profile != "demo" or profile in profiles:
         if profile not in profiles:

@@ -31,7 +31,10 @@ EXEMPT = {
 
 def command_function(cmd: str):
     """The Python function behind ``evocomp <group> <command> ...``."""
-    words = [w for w in shlex.split(cmd)[1:] if not w.startswith("-")]
+    argv = shlex.split(cmd)[1:]
+    if argv[:1] == ["--profile"]:  # the root option's value is not a command
+        argv = argv[2:]
+    words = [w for w in argv if not w.startswith("-")]
     typer_app = app
     while True:
         name = words.pop(0)

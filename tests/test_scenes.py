@@ -182,7 +182,11 @@ def test_oracle_order():
     qa = scenes_qa.make_question(scene, random.Random(0), "spatial")
     objects = [scenes.object_meta(o) for o in scene.objects]
     order = scenes.oracle_order(qa.relevant, objects, 144)
-    assert sorted(order) == list(range(144)) and order[: len(qa.relevant)] == list(qa.relevant)
+    assert sorted(order) == list(range(144))
+    assert set(order[: len(qa.relevant)]) == set(qa.relevant)
+    # the two objects' anchors (first patches) lead
+    rel = [o for o in objects if set(o["patches"]) & set(qa.relevant)]
+    assert len(rel) == 2 and order[:2] == sorted(min(o["patches"]) for o in rel)
 
 
 def digest(path):

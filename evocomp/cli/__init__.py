@@ -12,13 +12,15 @@
     evocomp dashboard                       (evocomp/cli/dashboard.py)
     evocomp serve                           (evocomp/cli/serve.py)
 
-Every command reads ``params.yaml`` (``--params`` to use another file) and reports user
+Every command reads ``params.yaml`` (``--params`` to use another file; ``evocomp --profile
+scenes ...`` applies a profile) and reports user
 errors (bad params, missing files, unusable checkpoints) as one line naming the culprit,
 with exit status 2. This package is the only place that starts flows or the dashboard.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -35,12 +37,28 @@ from evocomp.cli import (
     store,
     train,
 )
+from evocomp.config import PROFILE_ENV
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="EvoComp: learned visual-token compression via evolutionary labeling.",
 )
+
+
+@app.callback()
+def _root(
+    profile: str = typer.Option(
+        None,
+        "--profile",
+        envvar="EVOCOMP_PROFILE",
+        help="params.yaml profile to apply (default: params.yaml's `profile`), e.g. scenes",
+    ),
+) -> None:
+    if profile:  # read by evocomp.config.parse_params, here and in worker processes
+        os.environ[PROFILE_ENV] = profile
+
+
 app.command()(data.synth)
 app.command()(data.prepare)
 app.add_typer(mllm.app, name="mllm")

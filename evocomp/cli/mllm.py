@@ -30,20 +30,22 @@ def train(
     seed: int = typer.Option(None, help="override mllm.seed"),
     params_path: Path = ParamsOpt,
 ) -> None:
-    """Train the reference tiny LLaVA on shapes-vqa scenes and save it in HF format."""
-    from evocomp.mllm.reference import train_reference
-
+    """Train the reference tiny LLaVA on its benchmark (mllm.benchmark) and save it in HF format."""
     p = params_or_exit(params_path).mllm
     writable_or_exit(out)
     if seed is not None:
         p = p.model_copy(update={"seed": seed})
+    if p.benchmark == "scenes":
+        from evocomp.mllm.scenes_reference import train_scenes_reference as train_reference
+    else:
+        from evocomp.mllm.reference import train_reference
     train_reference(out, p, log=lambda m: typer.echo(m, err=True))
 
 
 @app.command("eval")
 def evaluate(
     data: Path = typer.Option(
-        None, help="prepared shapes-vqa samples (default: a fresh held-out synth set)"
+        None, help="prepared built-in samples (default: a fresh held-out set of mllm.benchmark)"
     ),
     n: int = typer.Option(None, help="images of the fresh synth set (default: mllm.eval_images)"),
     synth_seed: int = typer.Option(
@@ -73,9 +75,18 @@ def evaluate(
         with tempfile.TemporaryDirectory() as tmp:
             if data is None:  # images the model never saw: a seed outside the training range
                 seed = 10000 + params.mllm.seed if synth_seed is None else synth_seed
-                samples = read_dataset(write_dataset(tmp, n or params.mllm.eval_images, seed))
+                bench, grid = params.mllm.benchmark, params.mllm.grid
+                samples = read_dataset(
+                    write_dataset(
+                        tmp,
+                        n or params.mllm.eval_images,
+                        seed,
+                        benchmark=bench,
+                        grid=grid if bench == "scenes" else None,
+                    )
+                )
                 samples = samples[:limit]
-                where = f"a fresh shapes-vqa set (seed {seed})"
+                where = f"a fresh {bench}-vqa set (seed {seed})"
             else:
                 samples = load_prepared(data, split, limit)
                 where = f"the {split} split of {data}"

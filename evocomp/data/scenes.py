@@ -193,12 +193,18 @@ def object_meta(o: Obj) -> dict:
 
 
 def oracle_order(relevant: tuple[int, ...] | list[int], objects: list[dict], n: int) -> list[int]:
-    """All patches, most useful first: relevant ones, then background, then other objects'.
+    """All patches, most useful first: the anchor (first patch) of each object the answer
+    needs, its other patches, then background, then other objects' patches.
 
-    The scenes-vqa twin of ``shapes.oracle_order`` (objects cover ``patches``, not a ``cell``).
+    Anchors first because one patch per object already says what the object is (the
+    reference model reads colour, shape, size and position off any of its patches, and
+    counts objects by their anchors), so at a small k the oracle keeps every object the
+    answer needs. The scenes-vqa twin of ``shapes.oracle_order``.
     """
     rel = list(relevant)
+    rel_set = set(rel)
+    first = sorted(min(o["patches"]) for o in objects if rel_set & set(o["patches"]))
     object_patches = {p for o in objects for p in o["patches"]}
-    empty = [i for i in range(n) if i not in object_patches and i not in rel]
-    others = [i for i in range(n) if i in object_patches and i not in rel]
-    return rel + empty + others
+    empty = [i for i in range(n) if i not in object_patches and i not in rel_set]
+    others = [i for i in range(n) if i in object_patches and i not in rel_set]
+    return first + [p for p in rel if p not in first] + empty + others

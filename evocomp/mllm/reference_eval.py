@@ -1,4 +1,4 @@
-"""How well the reference model separates good token selections from bad ones (shapes-vqa).
+"""How well a reference model separates good token selections from bad ones (built-in benchmarks).
 
 On the test split: full-token accuracy, and at each keep ratio the accuracy of
 random, oracle (the patches that hold the answer first, then background), objects
@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import torch
 
-from evocomp.data import shapes
+from evocomp.data import scenes, shapes
 from evocomp.data.samples import Sample
 from evocomp.evaluation.answers import is_correct
 from evocomp.features.grouping import nearest_vocab
@@ -26,18 +26,41 @@ RATIOS = (0.5, 1 / 3, 1 / 4.5, 1 / 9)
 SELECTIONS = ("random", "oracle", "objects", "anti")
 
 
-def oracle_sets(s: Sample, n: int, k: int) -> dict[str, torch.Tensor]:
-    """Kept sets of k tokens for a shapes-vqa sample, by what they put first.
+def object_patches(objects: list[dict]) -> dict[int, dict]:
+    """Patch index -> the object on it: shapes-vqa objects sit on one ``cell``, scenes-vqa
+    objects cover ``patches``."""
+    return {p: o for o in objects for p in o.get("patches", [o.get("cell")])}
 
-    ``oracle``: the answer's patches, then background, then the other objects;
-    ``objects``: the answer's patches, then the other objects (what an object-seeking
-    selector keeps: no background at small k); ``anti``: the answer's patches last.
+
+def check_grid(s: Sample, n: int) -> None:
+    """ValueError naming both when the sample's patch grid is not the checkpoint's N tokens
+    (a 24 x 24 scenes-vqa set on a 12 x 12 model would be resized and mislabelled)."""
+    grid = s.meta.get("grid")
+    if grid and grid[0] * grid[1] != n:
+        raise ValueError(
+            f"sample {s.id} is a {grid[0]} x {grid[1]} = {grid[0] * grid[1]}-patch image but the "
+            f"checkpoint makes {n} visual tokens: evaluate it with a model for its grid"
+        )
+
+
+def oracle_sets(s: Sample, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Kept sets of k tokens for a built-in benchmark's sample, by what they put first.
+
+    ``oracle``: the answer's patches (scenes-vqa: each needed object's anchor first), then
+    background, then the other objects; ``objects``: the answer's patches, then the other
+    objects (what an object-seeking selector keeps: no background at small k); ``anti``: the
+    answer's patches last.
     """
     if "relevant" not in s.meta or "objects" not in s.meta:
-        raise ValueError(f"sample {s.id} has no ground-truth patch metadata (not shapes-vqa?)")
-    rel = list(s.meta["relevant"])
-    order = shapes.oracle_order(rel, s.meta["objects"], n)
-    cells = {o["cell"] for o in s.meta["objects"]}
+        raise ValueError(
+            f"sample {s.id} has no ground-truth patch metadata (not shapes-vqa or scenes-vqa?)"
+        )
+    check_grid(s, n)
+    objects = s.meta["objects"]
+    shapes_like = bool(objects) and "cell" in objects[0]  # else scenes-vqa
+    order = (shapes if shapes_like else scenes).oracle_order(s.meta["relevant"], objects, n)
+    rel = order[: len(s.meta["relevant"])]
+    cells = set(object_patches(objects))
     objects = (
         rel
         + [i for i in order if i in cells and i not in rel]
@@ -82,7 +105,7 @@ def evaluate_reference(
         for s, v in zip(chunk, vis, strict=True):
             near = words(nearest_vocab(v, vocab).tolist())
             distinct.append(len(set(near)))
-            cells = {o["cell"]: o for o in s.meta.get("objects", [])}
+            cells = object_patches(s.meta.get("objects", []))
             ok = [
                 (w in (cells[i]["colour"], cells[i]["shape"])) if i in cells else w == "background"
                 for i, w in enumerate(near)

@@ -37,7 +37,6 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from evocomp.mllm.reference_eval import object_patches  # noqa: E402
 from _common import (
     REPO,
     begin,
@@ -50,6 +49,7 @@ from _setup import Workspace, add_common_args, build_workspace, check_device, me
 from evocomp.config import SearchParams  # noqa: E402
 from evocomp.features.grouping import group_ids  # noqa: E402
 from evocomp.labeling.sample import Labelled, label_sample  # noqa: E402
+from evocomp.mllm.reference_eval import object_patches  # noqa: E402
 
 MODES = ("paper", "budget")
 # Grouping is called degenerate when most images' tokens fall into one or two words, or when

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evocomp.errors import ParamsError
 
-
 PROFILE_ENV = "EVOCOMP_PROFILE"
 
 

@@ -16,8 +16,8 @@ from evocomp.mllm.checkpoint import checkpoint_id, checkpoint_info
 from evocomp.mllm.loader import load_mllm
 from evocomp.mllm.prompts import render_chat_template
 from evocomp.mllm.reference import build_tokenizer
-from evocomp.mllm.tiny_llava import CHAT_TEMPLATE
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE
+from evocomp.mllm.tiny_llava import CHAT_TEMPLATE
 from tests.conftest import make_tiny_llava, make_tiny_qwen_vl
 
 QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]

@@ -24,13 +24,18 @@ def synth(
         None, help="questions per image (default: prepare.questions_per_image)"
     ),
     benchmark: str = typer.Option("shapes", help="shapes (shapes-vqa) or scenes (scenes-vqa)"),
-    grid: int = typer.Option(None, help="scenes-vqa patches per side (default 12; 24: 576 tokens)"),
+    grid: int = typer.Option(
+        None, help="scenes-vqa patches per side (default: mllm.grid, 12; 24: 576 tokens)"
+    ),
     params_path: Path = ParamsOpt,
 ) -> None:
     """Write a built-in benchmark (images + dataset.json), deterministic by seed."""
     from evocomp.data.synth import check_benchmark, write_dataset
 
-    p = params_or_exit(params_path).prepare
+    params = params_or_exit(params_path)
+    p = params.prepare
+    if grid is None and benchmark == "scenes":  # the grid its reference model is built for
+        grid = params.mllm.grid
     try:
         grid = check_benchmark(benchmark, grid)
     except ValueError as err:  # an unknown benchmark or a bad grid, before anything is written

@@ -66,8 +66,9 @@ def evaluate(
     from evocomp.data.readers import read_dataset
     from evocomp.data.synth import write_dataset
     from evocomp.files import write_json_atomic
+    from evocomp.mllm.checkpoint import checkpoint_info
     from evocomp.mllm.loader import load_mllm
-    from evocomp.mllm.reference_eval import evaluate_reference
+    from evocomp.mllm.reference_eval import check_grid, evaluate_reference
 
     params = params_or_exit(params_path)
     writable_or_exit(out)
@@ -90,10 +91,11 @@ def evaluate(
             else:
                 samples = load_prepared(data, split, limit)
                 where = f"the {split} split of {data}"
-            mllm = load_mllm(
-                *model_options(params, model, device, dtype),
-                prompt_template=params.mllm.prompt_template,
-            )
+            path, device, dtype = model_options(params, model, device, dtype)
+            n_tokens = checkpoint_info(path)["n_tokens"]
+            for s in samples if n_tokens else []:  # before the model loads: fail at once
+                check_grid(s, n_tokens)
+            mllm = load_mllm(path, device, dtype, prompt_template=params.mllm.prompt_template)
             metrics = evaluate_reference(mllm, samples)
     except USER_ERRORS as err:
         fail(str(err))

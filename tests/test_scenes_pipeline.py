@@ -1,0 +1,186 @@
+"""scenes-vqa end to end: its reference model, its profile's DVC stage set, grid mismatches.
+
+The stage set runs for real (`dvc repro scenes_evaluate` in a temp git copy of the repo)
+on a tiny setting: a 6 x 6 scenes grid, a reference model trained for a few steps, a short
+search and a 3-epoch compressor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from evocomp.cli import app
+from evocomp.config import MLLMParams
+from evocomp.data import scenes, scenes_qa
+from evocomp.data.synth import write_dataset
+from evocomp.mllm import scenes_recipe
+from evocomp.mllm.hf_llava import HFLlava
+from evocomp.mllm.scenes_reference import train_scenes_reference
+
+BIN = Path(sys.executable).parent
+TINY = dict(
+    benchmark="scenes", grid=6, n_images=64, val_images=16, align_steps=3, lm_steps=4,
+    eval_every=2, batch_size=8, align_batch_size=16, curriculum_steps=2, threads=1, seed=3,
+    vision_layers=1, lm_layers=1, eval_images=12,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scenes_model(tmp_path_factory) -> Path:
+    return train_scenes_reference(
+        tmp_path_factory.mktemp("scenes") / "ref", MLLMParams(**TINY), log=lambda _: None
+    )
+
+
+def test_scenes_reference_writes_a_checkpoint_that_loads(scenes_model):
+    m = HFLlava(scenes_model)
+    assert m.n_tokens == 36 and m.grid == (6, 6)
+    ev = m.model.config.evocomp
+    assert ev["recipe"]["benchmark"] == "scenes" and ev["lm_steps_run"] == 4
+    assert set(ev["held_out_accuracy"]) <= set(scenes_qa.QTYPES)
+    scene = scenes.make_scene(random.Random(1), 6)
+    img = scenes.render(scene)
+    answer = m.generate(["how many red objects are there ?"], m.visual_tokens([img]), [None])
+    assert isinstance(answer[0], str)
+    # every question word is in the vocabulary (no <unk>)
+    ids = m.tokenizer("what shape is in the top left ?")["input_ids"]
+    assert m.tokenizer.unk_token_id not in ids
+
+
+def test_patch_truth_marks_each_objects_first_patch():
+    scene = scenes.make_scene(random.Random(4))
+    words = ["background", *scenes.COLOURS, *scenes.SHAPES]
+    ids = {w: i for i, w in enumerate(words)}
+    targets, is_object, size, anchor = scenes_recipe.patch_truth(scene, ids, len(words))
+    assert anchor.sum() == len(scene.objects)
+    for o in scene.objects:
+        first = min(o.patches)
+        assert anchor[first] == 1 and all(anchor[p] == 0 for p in o.patches if p != first)
+        assert targets[first, ids[o.colour]] == 0.5 and targets[first, ids[o.shape]] == 0.5
+        assert size[first] == scenes.SIZES.index(o.size)
+    empty = is_object == 0
+    assert torch.all(targets[empty, ids["background"]] == 1) and torch.all(size[empty] == -1)
+
+
+def test_subset_rows_keep_the_anchors_the_answer_needs():
+    rng = random.Random(0)
+    for _ in range(50):
+        scene = scenes.make_scene(rng)
+        qa = scenes_qa.make_question(scene, rng)
+        kept = set(scenes_recipe._kept(scene, qa, rng, 144, full=False).tolist())
+        needed = [o for o in scene.objects if set(o.patches) & set(qa.relevant)]
+        assert all(min(o.patches) in kept for o in needed)
+    assert scenes_recipe._kept(scene, qa, rng, 144, full=True).tolist() == list(range(144))
+
+
+def test_lm_rows_keep_original_positions():
+    emb = torch.nn.Embedding(50, 4)
+    feats = torch.randn(2, 9, 4)
+    rows = [(0, torch.tensor([1, 5]), ([10, 11], [12])), (1, torch.arange(9), ([10], [13]))]
+    x, mask, labels, pos = scenes_recipe.lm_batch(rows, [2, 3], feats, emb)
+    assert pos[0, :7].tolist() == [
+        0,
+        1,
+        3,
+        7,
+        11,
+        12,
+        13,
+    ]  # text after the image: as if 9 were there
+    assert mask[0].sum() == 7 and mask[1].sum() == 2 + 9 + 2
+    assert torch.equal(x[0, 2], feats[0, 1]) and torch.equal(x[0, 3], feats[0, 5])
+    assert labels[0, 5] == 12 and labels[1, 11] == 13  # the answer is predicted one early
+
+
+def test_grid_mismatch_is_one_line(scenes_model, tmp_path):
+    """A 8 x 8 scenes set evaluated with a 6 x 6 model: exit 2, one line naming both."""
+    write_dataset(tmp_path / "raw", 6, 5, benchmark="scenes", grid=8)
+    runner = CliRunner()
+    prep = runner.invoke(
+        app, ["prepare", "--source", str(tmp_path / "raw"), "--out", str(tmp_path / "prep")]
+    )
+    assert prep.exit_code == 0, prep.output
+    out = tmp_path / "mllm.json"
+    res = runner.invoke(
+        app,
+        ["mllm", "eval", "--data", str(tmp_path / "prep"), "--split", "train",
+         "--model", str(scenes_model), "--out", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "8 x 8 = 64-patch" in lines[0] and "36 visual tokens" in lines[0]
+    assert not out.exists()
+
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> str:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
+    """`dvc repro scenes_evaluate` on a tiny scenes profile: every stage of the set runs, its
+    metrics land under metrics/scenes/, and `dvc metrics show` lists them."""
+    ws = tmp_path / "ws"
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True
+    )
+    for rel in files.stdout.split():
+        if rel.startswith(("models/", "metrics/scenes/")) or not (repo_root / rel).exists():
+            continue
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo_root / rel, ws / rel)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    tiny = {k: v for k, v in TINY.items() if k != "threads"}
+    params["profiles"]["scenes"] = {
+        "prepare": {"source": "data/raw/scenes-vqa", "n_images": 24},
+        "mllm": {"checkpoint": "models/scenes/mllm", **tiny},
+        "label": {"keep_ratio": 0.111, "population": 12, "parents": 4, "generations": 2},
+        "train": {"epochs": 3, "patience": 2},
+        "evaluate": {"ratios": [0.333, 0.222, 0.111]},
+    }
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        HF_HUB_OFFLINE="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+        PREFECT_HOME=str(ws / ".prefect"),
+    )
+    env.pop("EVOCOMP_DB_URL", None)
+    env.pop("EVOCOMP_PROFILE", None)
+    sh(["git", "init", "-q"], ws, env)
+    sh(["git", "add", "-A"], ws, env)
+    sh(["git", "commit", "-qm", "init"], ws, env)
+    sh([str(BIN / "dvc"), "repro", "scenes_evaluate", "scenes_mllm_eval"], ws, env)
+
+    mllm = json.loads((ws / "metrics/scenes/mllm.json").read_text())
+    assert "scenes-vqa" in mllm["evaluated_on"] and set(mllm["ratios"]) >= {"0.111"}
+    labels = json.loads((ws / "metrics/scenes/labels.json").read_text())
+    assert "never_worse_than_best_heuristic" in labels
+    ev = json.loads((ws / "metrics/scenes/eval.json").read_text())
+    assert set(ev["ratios"]) == {"0.333", "0.222", "0.111"}
+    assert {"evocomp", "divprune", "fastv"} <= set(ev["ratios"]["0.111"])
+    data = json.loads((ws / "data/raw/scenes-vqa/dataset.json").read_text())
+    assert len(data) == 24 and data[0]["metadata"]["grid"] == [6, 6]
+    shown = json.loads(sh([str(BIN / "dvc"), "metrics", "show", "--json"], ws, env))
+    files = {f for rev in shown.values() for f in rev.get("data", {})}
+    assert "metrics/scenes/eval.json" in files and "metrics/scenes/labels.json" in files
+    assert not (ws / "models/mllm").exists()  # the shapes stage set did not run

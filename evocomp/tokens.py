@@ -34,3 +34,20 @@ def grid_positions(n: int, grid: tuple[int, int]) -> torch.Tensor:
     """(row, col) of each of n tokens in a row-major grid: ``(n, 2)`` long."""
     idx = torch.arange(n)
     return torch.stack([idx // grid[1], idx % grid[1]], dim=1)
+
+
+def check_sample_grid(sample_id: str, meta: dict, n_tokens: int | None) -> None:
+    """ValueError naming both when a built-in benchmark's sample (its metadata records its
+    ``grid`` of patches) does not match the checkpoint's ``n_tokens`` visual tokens: the
+    processor would resize the image and every ground-truth patch index (oracle selections,
+    the nearest-word check) would be wrong. Samples without a recorded grid (user data) pass.
+    Only what reads ground-truth patches checks this; labeling a built-in set with another
+    model (e.g. a real LLaVA-1.5 on scenes-vqa) is fine."""
+    grid = meta.get("grid")
+    if grid and n_tokens and grid[0] * grid[1] != n_tokens:
+        raise ValueError(
+            f"sample {sample_id} is a {grid[0]} x {grid[1]} = {grid[0] * grid[1]}-patch image "
+            f"but the checkpoint makes {n_tokens} visual tokens: use a model for its grid "
+            "(scenes-vqa: `evocomp --profile scenes mllm ...`)"
+        )
+

@@ -68,7 +68,8 @@ def evaluate(
     from evocomp.files import write_json_atomic
     from evocomp.mllm.checkpoint import checkpoint_info
     from evocomp.mllm.loader import load_mllm
-    from evocomp.mllm.reference_eval import check_grid, evaluate_reference
+    from evocomp.mllm.reference_eval import evaluate_reference
+    from evocomp.tokens import check_sample_grid
 
     params = params_or_exit(params_path)
     writable_or_exit(out)
@@ -93,8 +94,8 @@ def evaluate(
                 where = f"the {split} split of {data}"
             path, device, dtype = model_options(params, model, device, dtype)
             n_tokens = checkpoint_info(path)["n_tokens"]
-            for s in samples if n_tokens else []:  # before the model loads: fail at once
-                check_grid(s, n_tokens)
+            for s in samples:  # before the model loads: a wrong grid fails at once
+                check_sample_grid(s.id, s.meta, n_tokens)
             mllm = load_mllm(path, device, dtype, prompt_template=params.mllm.prompt_template)
             metrics = evaluate_reference(mllm, samples)
     except USER_ERRORS as err:

@@ -20,7 +20,7 @@ from evocomp.data import scenes, shapes
 from evocomp.data.samples import Sample
 from evocomp.evaluation.answers import is_correct
 from evocomp.features.grouping import nearest_vocab
-from evocomp.tokens import keep_count, ratio_key
+from evocomp.tokens import check_sample_grid, keep_count, ratio_key
 
 RATIOS = (0.5, 1 / 3, 1 / 4.5, 1 / 9)
 SELECTIONS = ("random", "oracle", "objects", "anti")
@@ -30,17 +30,6 @@ def object_patches(objects: list[dict]) -> dict[int, dict]:
     """Patch index -> the object on it: shapes-vqa objects sit on one ``cell``, scenes-vqa
     objects cover ``patches``."""
     return {p: o for o in objects for p in o.get("patches", [o.get("cell")])}
-
-
-def check_grid(s: Sample, n: int) -> None:
-    """ValueError naming both when the sample's patch grid is not the checkpoint's N tokens
-    (a 24 x 24 scenes-vqa set on a 12 x 12 model would be resized and mislabelled)."""
-    grid = s.meta.get("grid")
-    if grid and grid[0] * grid[1] != n:
-        raise ValueError(
-            f"sample {s.id} is a {grid[0]} x {grid[1]} = {grid[0] * grid[1]}-patch image but the "
-            f"checkpoint makes {n} visual tokens: evaluate it with a model for its grid"
-        )
 
 
 def oracle_sets(s: Sample, n: int, k: int) -> dict[str, torch.Tensor]:
@@ -55,7 +44,7 @@ def oracle_sets(s: Sample, n: int, k: int) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"sample {s.id} has no ground-truth patch metadata (not shapes-vqa or scenes-vqa?)"
         )
-    check_grid(s, n)
+    check_sample_grid(s.id, s.meta, n)
     objects = s.meta["objects"]
     shapes_like = bool(objects) and "cell" in objects[0]  # else scenes-vqa
     order = (shapes if shapes_like else scenes).oracle_order(s.meta["relevant"], objects, n)

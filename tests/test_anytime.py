@@ -1,7 +1,9 @@
-"""The search's anytime trace and the search-space size in the label metrics."""
+"""The search's anytime trace, the search-space size in the label metrics, and a smoke run of
+``bench/anytime.py`` on a tiny random LLaVA."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -10,6 +12,7 @@ from itertools import pairwise
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO
 from test_search import BUDGET, PAPER, Recorder, _groups, _hash_loss, _tokens
 
 from evocomp.config import SearchParams
@@ -151,3 +154,69 @@ def test_label_metrics_report_the_search_space(tmp_path):
         {"mean": sum(expect) / 3, "median": sorted(expect)[1], "min": min(expect),
          "max": max(expect)}
     )  # fmt: skip
+
+
+# ---- bench/anytime.py ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def anytime(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import anytime
+
+    return anytime
+
+
+def test_bench_anytime_smoke(anytime, tiny_llava, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "label: {mode: budget, keep_ratio: 0.111, population: 8, parents: 2, generations: 2}\n"
+    )
+    out, plot = tmp_path / "a.json", tmp_path / "plots" / "anytime.csv"
+    argv = ["--model", str(tiny_llava), "--samples", "2", "--cache", str(tmp_path / "cache"),
+            "--params", str(params), "--threads", "1", "--out", str(out), "--plot", str(plot)]  # fmt: skip
+    report = anytime.main(argv)
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["command"].split()[1].startswith("bench/") and data["samples"] == 2
+    settings = data["settings"]
+    assert set(settings) == set(anytime.SETTINGS)
+    label, ref = settings["label"], settings["reference"]
+    assert label["params"]["generations"] == 2 and ref["params"]["generations"] == 14
+    assert settings["half_population"]["params"]["population"] == 4
+    assert settings["no_seeding"]["params"]["seed_with_heuristics"] is False
+    assert settings["early_stop"]["params"]["early_stop_patience"] == 3
+    # the reference repeats the label run first, so it never ends worse
+    gap = data["label_vs_reference"]
+    assert gap["reference_extends_label"] == 1.0 and gap["mean_gap_scales"] >= 0
+    assert label["reached_label_quality"] == 1.0 and ref["reached_label_quality"] == 1.0
+    assert ref["median_forwards"] > 3 * label["median_forwards"]
+    assert label["mean_final_excess"] == pytest.approx(gap["mean_gap_scales"])
+    assert ref["mean_final_excess"] == 0.0
+    sp = data["search_space_log10"]
+    assert 0 < sp["min"] <= sp["median"] <= sp["max"]
+    for row in data["per_sample"]:
+        k, n = row["k"], 36
+        assert row["space_log10"] <= math.log10(math.comb(n, k)) + 1e-9
+        assert row["settings"]["label"]["forwards_to_label"] <= row["settings"]["label"]["forwards"]
+    with plot.open() as f:
+        curve = list(csv.DictReader(f))
+    assert set(curve[0]) == {"setting", "forwards", "excess"}
+    for name in settings:
+        pts = [(int(r["forwards"]), float(r["excess"])) for r in curve if r["setting"] == name]
+        assert pts, name
+        assert all(b[1] <= a[1] + 1e-12 and b[0] > a[0] for a, b in pairwise(pts)), name
+    ref_pts = [float(r["excess"]) for r in curve if r["setting"] == "reference"]
+    assert ref_pts[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bench_anytime_defaults_and_bad_flags(anytime):
+    args = anytime.parse_args(["--benchmark", "scenes", "--settings", "label"])
+    assert args.profile == "scenes" and args.settings == ["label", "reference"]
+    assert args.out == REPO / "metrics" / "scenes" / "bench_anytime.json"
+    assert args.plot == REPO / "plots" / "scenes" / "anytime.csv"
+    assert anytime.parse_args([]).out == REPO / "metrics" / "bench_anytime.json"
+    for argv in (["--settings", "label,nope"], ["--reference-factor", "1"], ["--step", "0"],
+                 ["--tolerance", "-1"], ["--params", "/nonexistent.yaml"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            anytime.parse_args(argv)

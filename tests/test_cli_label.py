@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pandas as pd
@@ -107,7 +108,10 @@ def test_in_process_then_deeper_re_search_of_some_ids(workspace, tiny_llava):
     assert "4/4 samples labelled (4 searched, 0 already labelled)" in first.output
     export = pd.read_parquet(workspace / "data/labels/labels.parquet").set_index("sample_id")
     assert len(export) == 4 and export["run_id"].nunique() == 1
-    assert json.loads((workspace / "metrics/labels.json").read_text())["samples"] == 4
+    metrics = json.loads((workspace / "metrics/labels.json").read_text())
+    assert metrics["samples"] == 4
+    space = metrics["search_space_log10"]  # from each label's groups and k
+    assert 0 < space["min"] <= space["median"] <= space["max"] <= math.log10(math.comb(36, 18))
     curve = pd.read_csv(workspace / "plots/fitness.csv")
     assert list(curve.columns) == ["gen", "min", "avg", "max", "samples"]
     assert curve["gen"].tolist() == [0, 1, 2] and (curve["samples"] == 4).all()

@@ -15,6 +15,7 @@ import pandas as pd
 
 from evocomp import store as db
 from evocomp.labelset import label_set_hash
+from evocomp.search import SearchSpace
 
 
 def _mean(xs) -> float | None:
@@ -28,6 +29,11 @@ def label_metrics(labels: str | Path, failed: int) -> dict:
     heur = [json.loads(h) for h in df["heuristic_losses"]]
     best = [min((v for v in h.values() if v is not None), default=None) for h in heur]
     groups = [int(g) for g in df["n_groups"].dropna()]
+    space = [  # log10 of the candidates each label was searched among
+        SearchSpace.of_label(g, int(k)).log10_size
+        for g, k in zip(df["groups"], df["k"], strict=True)
+        if g is not None
+    ]
     return {
         "label_set_hash": label_set_hash(df),  # what the labels decide (evocomp/labelset.py)
         "samples": len(df),
@@ -44,6 +50,14 @@ def label_metrics(labels: str | Path, failed: int) -> dict:
         ),
         "mean_kept_fraction": _mean(df["k"] / df["n_tokens"].where(df["n_tokens"] > 0)),
         "median_groups": float(statistics.median(groups)) if groups else None,
+        "search_space_log10": {
+            "mean": _mean(space),
+            "median": float(statistics.median(space)),
+            "min": min(space),
+            "max": max(space),
+        }
+        if space
+        else None,
     }
 
 

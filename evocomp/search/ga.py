@@ -91,6 +91,11 @@ class SearchResult:
     n_forwards: int  # fitness_fn calls
     n_evals: int  # candidates scored
     converged_gen: int  # generation where the best was last improved
+    space_log10: float  # log10 of the number of candidates (SearchSpace.log10_size)
+    # anytime trace, one point per generation of every run (runs in order): run, gen, the
+    # n_evals and n_forwards spent so far, best = the lowest loss seen so far (the label's
+    # loss at the last point)
+    trace: list[dict]
     heuristic_losses: dict[str, float] = field(default_factory=dict)
 
 
@@ -330,6 +335,11 @@ def search(
         heuristic_sets: ``{name: (k,) indices}`` (G indices in paper mode), scored in the
             first call; they seed the population when ``params.seed_with_heuristics``.
         progress: called as ``progress(gen, best_loss)`` after every generation of every run.
+
+    The result's ``trace`` is the anytime curve of the search: after every generation, the
+    candidates scored and fitness_fn calls spent so far, and the best loss seen so far: how
+    close a smaller budget would have come (``bench/anytime.py``). Recording it changes no
+    random choice, so no label.
     """
     n = len(space.group_of)
     sets: dict[str, Key] = {}
@@ -344,7 +354,22 @@ def search(
 
     scorer = Scorer(fitness_fn, space.k, salt=seed)
     run_seeds = [seed] + [sample_seed(seed, f"run-{i}") for i in range(1, params.seeds)]
-    runs = [_run(space, scorer, params, s, sets, progress) for s in run_seeds]
+    trace: list[dict] = []
+
+    def traced(run: int, gen: int, best: float) -> None:
+        # called after a generation is scored, before any stop: the counts are final
+        so_far = min(best, trace[-1]["best"]) if trace else best
+        trace.append(
+            {"run": run, "gen": gen, "n_evals": scorer.n_evals,
+             "n_forwards": scorer.n_forwards, "best": so_far}
+        )  # fmt: skip
+        if progress is not None:
+            progress(gen, best)
+
+    runs = [
+        _run(space, scorer, params, s, sets, functools.partial(traced, i))
+        for i, s in enumerate(run_seeds)
+    ]
     top = min(runs, key=lambda r: r.rank)
 
     elite: list[tuple[list[int], float]] = []
@@ -376,5 +401,7 @@ def search(
         n_forwards=scorer.n_forwards,
         n_evals=scorer.n_evals,
         converged_gen=top.converged_gen,
+        space_log10=space.log10_size,
+        trace=trace,
         heuristic_losses={name: scorer.cache[key] for name, key in sets.items()},
     )

@@ -44,8 +44,9 @@ def group_quotas(sizes: Sequence[int], k: int) -> list[int]:
 class SearchSpace:
     """The candidates of one sample: groups, the label size k, per-group bounds.
 
-    Build one with :meth:`build`; ``size``, ``contains`` and ``enumerate`` describe it,
-    the operators (:mod:`evocomp.search.operators`) move within it.
+    Build one with :meth:`build` (or :meth:`of_label`); ``size``, ``log10_size``, ``contains``
+    and ``enumerate`` describe it, the operators (:mod:`evocomp.search.operators`) move
+    within it.
     """
 
     members: list[list[int]]  # per group, ascending token indices
@@ -92,6 +93,15 @@ class SearchSpace:
                 floor, cap = [0] * n_groups, [1] * n_groups
         return cls(members, gids.tolist(), k, floor, cap)
 
+    @classmethod
+    def of_label(cls, groups: Sequence[int], k: int) -> SearchSpace:
+        """The space a label of k tokens over these groups was searched in, in either mode.
+
+        A paper-mode label keeps k = G tokens, and budget mode at k = G has quotas of one
+        per group: the same space. So (groups, k), both in every label record, fix it.
+        """
+        return cls.build(torch.tensor([int(g) for g in groups]), k, SearchParams(mode="budget"))
+
     @property
     def n_tokens(self) -> int:
         return len(self.group_of)
@@ -113,6 +123,11 @@ class SearchSpace:
                         nxt[kept + c] = nxt.get(kept + c, 0) + w * math.comb(len(members), c)
             ways = nxt
         return ways.get(self.k, 0)
+
+    @property
+    def log10_size(self) -> float:
+        """log10 of ``size``: how far beyond enumeration the space lies (exact: a big int's log)."""
+        return math.log10(self.size)
 
     def contains(self, key: Sequence[int]) -> bool:
         """Whether a sorted index set is a candidate of this space (size k, counts in bounds)."""

@@ -143,8 +143,9 @@ class TrainParams(_Strict):
     use_text: bool = True
     ghm_bins: int = Field(10, ge=1)
     ghm_momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    loss: Literal["ghm", "bce"] = "ghm"
+    loss: Literal["ghm", "bce", "focal"] = "ghm"
     cos_alpha: float = Field(0.1, ge=0.0)
+    focal_gamma: float = Field(2.0, ge=0.0)  # loss=focal: Lin et al. 2017's focusing exponent
     soft_labels: bool = False
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(32, ge=1)

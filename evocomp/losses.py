@@ -3,7 +3,8 @@
 The keep labels are imbalanced (a third or fewer of the tokens are kept) and most tokens are
 easy (background); GHM-C re-weights every token by the inverse density of its gradient norm so
 that neither the easy majority nor a few outliers dominate. The cosine term pushes the mean
-feature of the kept tokens away from that of the dropped ones (EvoComp paper, Sec. 4).
+feature of the kept tokens away from that of the dropped ones (EvoComp paper, Sec. 4). Plain
+BCE and the focal loss are the ablation's alternatives to GHM-C.
 """
 
 from __future__ import annotations
@@ -84,6 +85,54 @@ class GHMC(nn.Module):
         return loss / tot.clamp(min=1)  # an empty batch gives 0.0 that still backprops
 
 
+class SigmoidFocalLoss(nn.Module):
+    """Focal loss for binary (sigmoid) classification: BCE scaled by ``|y - sigmoid(x)| ** gamma``.
+
+    From "Focal Loss for Dense Object Detection" (Lin, Goyal, Girshick, He, Dollar, ICCV 2017,
+    https://arxiv.org/abs/1708.02002): ``FL = (1 - p_t) ** gamma x BCE``, ``p_t`` the predicted
+    probability of the true class, so well-classified (easy) elements weigh little. For a hard
+    label ``1 - p_t == |y - p|``; the factor is written ``|y - p|`` so that on soft labels
+    (``train.soft_labels``) the loss is still smallest at ``p = y``, as in Quality Focal Loss
+    (Li et al., "Generalized Focal Loss", NeurIPS 2020, https://arxiv.org/abs/2006.04388);
+    torchvision's ``1 - p_t`` with ``p_t = p y + (1 - p)(1 - y)`` pulls a soft 0.3 to p = 0.12.
+    Written out here also because torchvision is not a dependency. No alpha class weight: the
+    BCE path has no positive weight either, so the ablation changes the focusing term alone.
+    ``gamma = 0`` is plain BCE.
+
+    Args:
+        gamma: focusing exponent (the paper's 2); 0 gives BCE.
+    """
+
+    def __init__(self, gamma: float = 2.0) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"SigmoidFocalLoss needs gamma >= 0, got {gamma}")
+        self.gamma = gamma
+
+    def forward(self, logits: Tensor, targets: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Return the scalar focal loss (sum over valid elements / number of valid elements).
+
+        Args:
+            logits: (*) raw scores, any shape.
+            targets: (*) same shape, in ``[0, 1]``; hard 0/1 or soft labels.
+            weight: (*) same shape or None; a mask like GHMC's: elements with ``weight > 0``
+                count, the others are ignored.
+        """
+        if targets.shape != logits.shape:
+            raise ValueError(
+                f"SigmoidFocalLoss: targets {tuple(targets.shape)} != logits {tuple(logits.shape)}"
+            )
+        targets = targets.to(logits.dtype)
+        if targets.numel() and (targets.min() < 0 or targets.max() > 1):
+            raise ValueError("SigmoidFocalLoss: targets must lie in [0, 1]")
+        valid = torch.ones_like(logits) if weight is None else (weight > 0).to(logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # (*)
+        # the floor keeps the gradient finite where a saturated sigmoid makes p == y exactly
+        # (gamma < 1 would give 0 x inf); it is below any difference that changes the loss
+        modulator = (targets - logits.sigmoid()).abs().clamp(min=1e-12) ** self.gamma  # (*)
+        return (modulator * bce * valid).sum() / valid.sum().clamp(min=1)
+
+
 def cosine_separation(hidden: Tensor, keep: Tensor, valid: Tensor | None = None) -> Tensor:
     """Mean cosine similarity between the mean kept and the mean dropped hidden state.
 
@@ -115,10 +164,10 @@ def compressor_loss(
     targets: Tensor,
     hidden: Tensor,
     valid: Tensor,
-    ghm: GHMC | None,
+    criterion: nn.Module | None,
     alpha: float,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Keep/drop classification loss (GHM-C, or plain BCE when ``ghm`` is None) + alpha x cosine.
+    """Keep/drop classification loss (GHM-C, focal, or plain BCE) + alpha x cosine separation.
 
     The cosine term uses the predicted keep probabilities ``sigmoid(logits)``, not the labels:
     with the labels it would only shape the features, and the classifier would never learn from
@@ -131,15 +180,16 @@ def compressor_loss(
         targets: (B, N) labels in ``[0, 1]`` (hard or soft).
         hidden: (B, N, H) the features the classifier reads.
         valid: (B, N) bool, False for padding.
-        ghm: the GHM-C module, or None for BCE (the "CE-only" ablation).
+        criterion: the classification loss called as ``criterion(logits, targets, mask)``
+            (:class:`GHMC` or :class:`SigmoidFocalLoss`), or None for plain BCE.
         alpha: weight of the cosine term.
 
     Returns:
         ``(total, parts)`` with parts ``{"cls", "cos", "total"}`` as floats for logging.
     """
     valid_f = valid.to(logits.dtype)
-    if ghm is not None:
-        cls = ghm(logits, targets, valid_f)
+    if criterion is not None:
+        cls = criterion(logits, targets, valid_f)
     else:
         bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
         cls = (bce * valid_f).sum() / valid_f.sum().clamp(min=1)

@@ -100,13 +100,22 @@ def test_label_throughput(bench, tiny_llava, cache, tmp_path):
     assert set(data["targets"]) == {"ratio_to_floor", "batched_speedup"}
 
 
+ABLATION = ["--samples", "16", "--epochs", "1"]
+
+
 def test_ablation(bench, tiny_llava, cache, tmp_path):
-    argv = ["--model", str(tiny_llava), "--samples", "16", "--epochs", "1", "--cache", str(cache)]
+    argv = ["--model", str(tiny_llava), *ABLATION, "--train-seeds", "1", "--cache", str(cache)]
     data = _run(bench.ablation.main, tmp_path / "a.json", [*argv, *SEARCH])
     assert set(data["accuracy"]) == set(bench.ablation.VARIANTS)
+    n_test = data["splits"]["test"]
+    assert data["accuracy_stderr_kind"] == "binomial" and data["train_seeds"] == [0]
     for name, acc in data["accuracy"].items():
         assert set(acc) == {"0.222", "0.111"}, name
         assert all(0.0 <= a <= 1.0 for a in acc.values()), name
+        assert data["accuracy_per_seed"][name] == {k: [a] for k, a in acc.items()}
+        for k, a in acc.items():  # one seed: the binomial standard error of the test accuracy
+            se = data["accuracy_stderr"][name][k]
+            assert se == pytest.approx(math.sqrt(a * (1 - a) / n_test)), (name, k)
     assert set(data["label_sets"]) == {"vocab", "random_in_group", "kmeans", "vocab_paper"}
     assert all(_finite(s["mean_loss"]) for s in data["label_sets"].values())
     assert data["splits"]["train"] >= 1 and data["splits"]["test"] >= 1
@@ -116,7 +125,33 @@ def test_ablation(bench, tiny_llava, cache, tmp_path):
     train = {n: v["train"]["params"] for n, v in data["variants"].items()}
     assert train["full"]["loss"] == "ghm" and train["full"]["cos_alpha"] > 0
     assert train["ce_only"]["loss"] == "bce" and train["ce_only"]["cos_alpha"] == 0
+    assert train["ce_cos"]["loss"] == "bce" and train["ce_cos"]["cos_alpha"] > 0
+    assert train["focal_cos"]["loss"] == "focal" and train["focal_cos"]["cos_alpha"] > 0
     assert train["ghm_no_cos"]["cos_alpha"] == 0 and train["no_text"]["use_text"] is False
+
+
+def test_ablation_over_training_seeds(bench, tiny_llava, cache, tmp_path, capsys):
+    """Two seeds per variant on the same (cached) labels, at the ratios asked for."""
+    argv = ["--model", str(tiny_llava), *ABLATION, "--cache", str(cache), *SEARCH]
+    argv += ["--train-seeds", "2", "--ratios", "0.333,0.111", "--variants", "full,focal_cos"]
+    data = _run(bench.ablation.main, tmp_path / "s.json", argv)
+    assert data["ratios"] == ["0.333", "0.111"] and data["train_seeds"] == [0, 1]
+    assert data["accuracy_stderr_kind"] == "seeds"
+    assert set(data["accuracy"]) == {"full", "focal_cos"} and set(data["label_sets"]) == {"vocab"}
+    for name, acc in data["accuracy"].items():
+        v = data["variants"][name]
+        assert [r["seed"] for r in v["train"]["runs"]] == v["train"]["seeds"] == [0, 1]
+        # the seeds train different compressors (a different init and batch order)
+        assert v["train"]["runs"][0]["val_loss"] != v["train"]["runs"][1]["val_loss"], name
+        for k in ("0.333", "0.111"):
+            per_seed = data["accuracy_per_seed"][name][k]
+            assert len(per_seed) == 2 and acc[k] == pytest.approx(sum(per_seed) / 2)
+            # sample std of two values / sqrt(2) = |a - b| / 2
+            se = abs(per_seed[0] - per_seed[1]) / 2
+            assert data["accuracy_stderr"][name][k] == pytest.approx(se), (name, k)
+    assert data["variants"]["focal_cos"]["train"]["params"]["loss"] == "focal"
+    out = capsys.readouterr().out
+    assert "mean ± standard error over 2 training seeds" in out and "keep 0.333" in out
 
 
 def test_workspace_is_cached_and_keyed_by_model(bench, tiny_llava, tmp_path):

@@ -287,7 +287,7 @@ def test_the_two_monitors_can_pick_different_epochs():
     assert best_epoch(no_val, "loss")["epoch"] == best_epoch(no_val, "precision")["epoch"] == 3
 
 
-@pytest.mark.parametrize("loss", ["ghm", "bce"])
+@pytest.mark.parametrize("loss", ["ghm", "bce", "focal"])
 def test_fit_options_run(loss):
     torch.set_num_threads(1)
     train = make_items(16, 0)

@@ -1,4 +1,4 @@
-"""GHM-C against hand-computed values, the cosine separation term, and the combined loss."""
+"""GHM-C and the focal loss against hand-computed values, the cosine term, the combined loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from evocomp.losses import GHMC, compressor_loss, cosine_separation
+from evocomp.compress.fit import classification_loss
+from evocomp.config import TrainParams
+from evocomp.losses import GHMC, SigmoidFocalLoss, compressor_loss, cosine_separation
 
 
 def _logit(p: float) -> float:
@@ -171,6 +173,127 @@ def test_ghmc_rejects_bad_inputs():
         GHMC(momentum=1.0)
 
 
+# --- focal loss ----------------------------------------------------------------------------
+
+
+def _reference_focal(ps: list[float], ys: list[float], gamma: float) -> float:
+    """Lin et al.'s (1 - p_t) ** gamma x BCE, p_t as torchvision writes it, averaged."""
+    terms = []
+    for p, y in zip(ps, ys, strict=True):
+        p_t = p * y + (1 - p) * (1 - y)
+        terms.append((1 - p_t) ** gamma * _bce(p, y))
+    return sum(terms) / max(len(terms), 1)
+
+
+def test_focal_gamma_zero_is_plain_bce():
+    # by hand: (-ln 0.9 - ln 0.2 - ln 0.7) / 3 = (0.10536 + 1.60944 + 0.35667) / 3 = 0.69049
+    ps, ys = [0.9, 0.2, 0.3], [1.0, 1.0, 0.0]
+    logits = torch.tensor([_logit(p) for p in ps])
+    assert SigmoidFocalLoss(gamma=0.0)(logits, torch.tensor(ys)).item() == pytest.approx(
+        0.69049, abs=1e-5
+    )
+    gen = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(5, 7, generator=gen), torch.rand(5, 7, generator=gen)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert SigmoidFocalLoss(gamma=0.0)(logits, targets).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
+
+
+def test_focal_gamma_two_down_weights_easy_elements():
+    # by hand, gamma 2: an easy positive (p 0.9) is scaled by 0.1^2 = 0.01, a hard positive
+    # (p 0.2) by 0.8^2 = 0.64, a negative at p 0.3 by 0.3^2 = 0.09:
+    # (0.01 x 0.10536 + 0.64 x 1.60944 + 0.09 x 0.35667) / 3 = (0.0010536 + 1.03004 + 0.0321007) / 3
+    ps, ys = [0.9, 0.2, 0.3], [1.0, 1.0, 0.0]
+    logits = torch.tensor([_logit(p) for p in ps])
+    focal = SigmoidFocalLoss(gamma=2.0)
+    assert focal(logits, torch.tensor(ys)).item() == pytest.approx(0.354398, abs=1e-5)
+    # the easy element's loss next to the hard one's: 0.065 with BCE, 0.001 at gamma 2
+    easy, hard = (focal(logits[[i]], torch.tensor([ys[i]])).item() for i in (0, 1))
+    assert easy == pytest.approx(0.0010536, abs=1e-6) and hard == pytest.approx(1.03004, abs=1e-4)
+    assert easy / hard < 0.002 < 0.06 < _bce(0.9, 1.0) / _bce(0.2, 1.0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 5.0])
+def test_focal_matches_lin_et_al_on_hard_labels(gamma):
+    gen = torch.Generator().manual_seed(int(gamma * 10))
+    ps = (torch.rand(40, generator=gen) * 0.96 + 0.02).tolist()
+    ys = torch.randint(0, 2, (40,), generator=gen).float().tolist()
+    logits = torch.tensor([_logit(p) for p in ps], dtype=torch.float64, requires_grad=True)
+    loss = SigmoidFocalLoss(gamma)(logits, torch.tensor(ys, dtype=torch.float64))
+    assert loss.item() == pytest.approx(_reference_focal(ps, ys, gamma), rel=1e-9)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("y", [0.1, 0.3, 0.5, 0.8])
+def test_focal_on_soft_labels_is_smallest_at_p_equal_y(y):
+    """|y - p| ** gamma, not torchvision's 1 - p_t: that form pulls a soft 0.3 to p = 0.12."""
+    ps = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    focal = SigmoidFocalLoss(gamma=2.0)
+    losses = torch.stack(
+        [focal(torch.logit(p)[None], torch.tensor([y], dtype=ps.dtype)) for p in ps]
+    )
+    assert ps[losses.argmin()].item() == pytest.approx(y, abs=0.006)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0)])
+def test_focal_empty_batch_is_zero_and_backprops(gamma, shape):
+    logits = torch.zeros(shape, requires_grad=True)
+    loss = SigmoidFocalLoss(gamma)(logits, torch.zeros(shape))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert logits.grad is not None and logits.grad.shape == shape
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_weight_masks_elements(gamma):
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 6, generator=gen, requires_grad=True)
+    targets = torch.rand(4, 6, generator=gen).round()
+    mask = (torch.arange(24).reshape(4, 6) % 3 != 0).float()
+    loss = SigmoidFocalLoss(gamma)(logits, targets, mask)
+    valid = mask.bool()
+    alone = SigmoidFocalLoss(gamma)(logits.detach()[valid], targets[valid])
+    assert loss.item() == pytest.approx(alone.item(), rel=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[~valid] == 0)
+    assert SigmoidFocalLoss(gamma)(logits, targets, torch.zeros(4, 6)).item() == 0.0
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_focal_saturated_sigmoid_has_a_finite_gradient(gamma):
+    # float32 sigmoid(40) == 1.0 exactly: p == y, where d/dp |y - p| ** 0.5 is infinite
+    logits = torch.tensor([40.0, -40.0, 0.0], requires_grad=True)
+    loss = SigmoidFocalLoss(gamma)(logits, torch.tensor([1.0, 0.0, 1.0]))
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logits.grad).all()
+    assert logits.grad[2] < 0  # the hard element still pulls its logit up
+
+
+def test_focal_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="targets must lie in"):
+        SigmoidFocalLoss()(torch.zeros(3), torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="!="):
+        SigmoidFocalLoss()(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="gamma"):
+        SigmoidFocalLoss(gamma=-1.0)
+
+
+@pytest.mark.parametrize(
+    "loss, kind", [("ghm", GHMC), ("focal", SigmoidFocalLoss), ("bce", type(None))]
+)
+def test_train_loss_picks_the_classification_loss(loss, kind):
+    params = TrainParams(loss=loss, ghm_bins=7, focal_gamma=3.0)
+    criterion = classification_loss(params)
+    assert type(criterion) is kind
+    if loss == "ghm":
+        assert criterion.bins == 7
+    if loss == "focal":
+        assert criterion.gamma == 3.0
+
+
 # --- cosine separation ---------------------------------------------------------------------
 
 
@@ -277,3 +400,15 @@ def test_compressor_loss_cosine_term_trains_the_scorer():
         total.backward()
         grads.append(logits.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_compressor_loss_with_focal_is_masked_focal_plus_cosine():
+    logits, targets, hidden, valid = _loss_inputs(1)
+    focal = SigmoidFocalLoss(2.0)
+    total, parts = compressor_loss(logits, targets, hidden, valid, focal, alpha=0.5)
+    expected_cls = focal(logits.detach()[valid], targets[valid]).item()
+    expected_cos = cosine_separation(hidden, torch.sigmoid(logits).detach(), valid).item()
+    assert parts["cls"] == pytest.approx(expected_cls, rel=1e-5)
+    assert total.item() == pytest.approx(expected_cls + 0.5 * expected_cos, rel=1e-5)
+    bce_total, _ = compressor_loss(logits, targets, hidden, valid, None, alpha=0.5)
+    assert total.item() < bce_total.item()  # every element scaled by |y - p| ** 2 < 1

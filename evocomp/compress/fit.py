@@ -1,9 +1,10 @@
 """Training the compressor: batches of labelled samples, GHM-C + cosine loss, early stopping.
 
-Loss: GHM-C (``evocomp.losses``; plain BCE as the ablation) + alpha x cosine separation of
-the kept and dropped hidden states, on hard labels or the elite's soft labels. Early stopping
-watches ``train.monitor`` (validation top-k precision or validation BCE); :func:`epoch_score`
-is the one rule for which epoch is best, used by the loop and by every report of it.
+Loss: GHM-C (``evocomp.losses``; plain BCE or the focal loss as ablations) + alpha x cosine
+separation of the kept and dropped hidden states, on hard labels or the elite's soft labels.
+Early stopping watches ``train.monitor`` (validation top-k precision or validation BCE);
+:func:`epoch_score` is the one rule for which epoch is best, used by the loop and by every
+report of it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from evocomp.compress.model import CompressorConfig, TokenCompressor, select_topk
 from evocomp.config import TrainParams
-from evocomp.losses import GHMC, compressor_loss
+from evocomp.losses import GHMC, SigmoidFocalLoss, compressor_loss
 
 
 @dataclass
@@ -149,6 +150,15 @@ def best_epoch(history: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
     return min(history, key=lambda row: (epoch_score(row, monitor), row["epoch"]))
 
 
+def classification_loss(params: TrainParams) -> nn.Module | None:
+    """The keep/drop loss of ``params.loss``: a GHM-C or focal module, None for plain BCE."""
+    if params.loss == "ghm":
+        return GHMC(params.ghm_bins, params.ghm_momentum)
+    if params.loss == "focal":
+        return SigmoidFocalLoss(params.focal_gamma)
+    return None
+
+
 def fit_compressor(
     train: Sequence[Item],
     val: Sequence[Item],
@@ -161,7 +171,7 @@ def fit_compressor(
 ) -> tuple[TokenCompressor, list[dict[str, Any]]]:
     """Train a compressor on labelled items, early-stopped on ``params.monitor``.
 
-    Loss: GHM-C(params.ghm_bins, params.ghm_momentum) (BCE when ``params.loss == "bce"``) +
+    Loss: :func:`classification_loss` of ``params.loss`` (GHM-C, BCE or focal) +
     ``params.cos_alpha`` x cosine separation, fitting soft labels when ``params.soft_labels``.
     The best epoch's weights (:func:`best_epoch`) are restored. Seeded by ``params.seed``; the caller's global CPU RNG
     state is left untouched. With an empty ``val``, the training loss is monitored instead.
@@ -202,9 +212,9 @@ def fit_compressor(
         gen = torch.Generator().manual_seed(params.seed)
         model = TokenCompressor(cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-        ghm = (
-            GHMC(params.ghm_bins, params.ghm_momentum).to(device) if params.loss == "ghm" else None
-        )
+        criterion = classification_loss(params)
+        if criterion is not None:
+            criterion = criterion.to(device)
         best, best_state, stale = math.inf, copy.deepcopy(model.state_dict()), 0
         for epoch in range(1, params.epochs + 1):
             model.train()
@@ -215,7 +225,7 @@ def fit_compressor(
                 b = collate(chunk, params.soft_labels, device)
                 out = model(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask)
                 loss, parts = compressor_loss(
-                    out.logits, b.target, out.hidden, b.visual_mask, ghm, params.cos_alpha
+                    out.logits, b.target, out.hidden, b.visual_mask, criterion, params.cos_alpha
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

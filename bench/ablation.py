@@ -73,7 +73,7 @@ from _setup import Workspace, add_common_args, build_workspace, check_device, me
 from evocomp.baselines import HEURISTICS  # noqa: E402
 from evocomp.compress.fit import best_epoch, fit_compressor  # noqa: E402
 from evocomp.compress.training import items_from_labels  # noqa: E402
-from evocomp.config import SearchParams, TrainParams, load_params  # noqa: E402
+from evocomp.config import PROFILE_ENV, SearchParams, TrainParams, load_params  # noqa: E402
 from evocomp.data.samples import sample_seed  # noqa: E402
 from evocomp.evaluation.harness import evaluate_methods  # noqa: E402
 from evocomp.features.grouping import group_ids  # noqa: E402
@@ -351,7 +351,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=3,
         help="compressors trained per variant, with seeds train.seed + 0 .. N-1",
     )
-    p.add_argument("--out", type=Path, default=REPO / "metrics" / "bench_ablation.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="default: metrics/bench_ablation.json, metrics/scenes/ablation.json for scenes",
+    )
     args = p.parse_args(argv)
     args.ratios = list(RATIOS) if args.ratios is None else keep_ratios(p, args.ratios)
     if len({ratio_key(r) for r in args.ratios}) < len(args.ratios):
@@ -364,6 +368,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be >= 1")
     check_device(p, args)
+    if args.out is None:
+        scenes = args.benchmark == "scenes"
+        args.out = REPO / "metrics" / ("scenes/ablation.json" if scenes else "bench_ablation.json")
     return args
 
 
@@ -371,6 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Label, train, evaluate, print the table, write the JSON; returns what was written."""
     args = parse_args(argv)
     start, machine = begin(args)
+    if args.benchmark == "scenes":  # params.yaml's scenes profile, unless one is set already
+        os.environ.setdefault(PROFILE_ENV, "scenes")
     base = load_params(args.params).train.model_copy(update={"loss": "ghm", "use_text": True})
     if base.cos_alpha == 0:
         base = base.model_copy(update={"cos_alpha": TrainParams().cos_alpha})

@@ -78,10 +78,12 @@ def test_subset_rows_keep_the_anchors_the_answer_needs():
     for _ in range(50):
         scene = scenes.make_scene(rng)
         qa = scenes_qa.make_question(scene, rng)
-        kept = set(scenes_recipe._kept(scene, qa, rng, 144, full=False).tolist())
+        kept = set(scenes_recipe._kept(scene, qa, rng, 144, "subset").tolist())
+        easy = set(scenes_recipe._kept(scene, qa, rng, 144, "curriculum").tolist())
+        assert set(qa.relevant) <= easy
         needed = [o for o in scene.objects if set(o.patches) & set(qa.relevant)]
         assert all(min(o.patches) in kept for o in needed)
-    assert scenes_recipe._kept(scene, qa, rng, 144, full=True).tolist() == list(range(144))
+    assert scenes_recipe._kept(scene, qa, rng, 144, "full").tolist() == list(range(144))
 
 
 def test_lm_rows_keep_original_positions():

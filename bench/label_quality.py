@@ -110,6 +110,15 @@ def mode_summary(labelled: list[tuple], failed: list[dict]) -> dict[str, Any]:
         else None,
         "margin_vs_per_sample_best": mean(best) - mean(label),
         "worse_than_best_heuristic": sum(worse) / len(labs),
+        # strictly lower loss than every heuristic at the same k (ties are not wins)
+        "beats_best_heuristic": mean(
+            lab.result.loss < b for lab, b in zip(labs, best, strict=True)
+        ),
+        "search_space_log10": {
+            "mean": mean(lab.result.space_log10 for lab in labs),
+            "median": statistics.median(lab.result.space_log10 for lab in labs),
+            "min": min(lab.result.space_log10 for lab in labs),
+        },
         "worse_samples": sum(worse),
         "better_than_full": mean(lab.result.loss < lab.full_loss for lab in labs),
         "mean_k": mean(lab.result.k for lab in labs),
@@ -181,7 +190,7 @@ def print_report(rep: dict[str, Any]) -> None:
     print(f"\nEvoComp label quality: {rep['model']['path']} ({rep['model']['model_id']})")
     print(f"machine: {describe_machine(rep['machine'])}")
     print(
-        f"{rep['samples']} held-out shapes-vqa samples (seed {rep['seed']}); "
+        f"{rep['samples']} held-out {rep.get('benchmark', 'shapes')}-vqa samples (seed {rep['seed']}); "
         "answer loss (mean cross-entropy), lower is better\n"
     )
     modes = [m for m in MODES if m in rep["modes"] and rep["modes"][m]["samples"]]
@@ -203,6 +212,8 @@ def print_report(rep: dict[str, Any]) -> None:
     row("margin vs best method", ".4g", lambda r: r["margin_vs_best_method"])
     row("  relative", ".1%", lambda r: r["relative_margin_vs_best_method"])
     row("worse than best heuristic", ".1%", lambda r: r["worse_than_best_heuristic"])
+    row("beats best heuristic", ".1%", lambda r: r["beats_best_heuristic"])
+    row("log10 space size (median)", ".1f", lambda r: r["search_space_log10"]["median"])
     row("label below full loss", ".1%", lambda r: r["better_than_full"])
     row("mean k", ".2f", lambda r: r["mean_k"])
     row("kept fraction k/N", ".3f", lambda r: r["mean_kept_fraction"])
@@ -299,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "grouping": grouping_health(ws),
         "samples": len(ws.samples),
         "seed": args.seed,
+        "benchmark": args.benchmark,
         "model": {
             "path": str(args.model),
             "model_id": ws.info["model_id"],

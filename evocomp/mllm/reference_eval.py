@@ -101,6 +101,7 @@ def evaluate_reference(
             ]
             meaningful.append(sum(ok) / len(ok))
     return summarise(hits, ratios) | {
+        "visual_tokens": n,
         "median_distinct_words": statistics.median(distinct),
         "meaningful_nearest_word": statistics.fmean(meaningful),
     }

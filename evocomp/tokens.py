@@ -50,4 +50,3 @@ def check_sample_grid(sample_id: str, meta: dict, n_tokens: int | None) -> None:
             f"but the checkpoint makes {n_tokens} visual tokens: use a model for its grid "
             "(scenes-vqa: `evocomp --profile scenes mllm ...`)"
         )
-

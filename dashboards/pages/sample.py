@@ -83,9 +83,11 @@ left, right = st.columns([3, 2])
 with left:
     kept, groups = list(lab["kept"]), lab["groups"]
     cells = data.token_cells(s.features, str(lab["model_id"]), sid)
+    n_tok = int(lab["n_tokens"])
     st.image(
-        ui.overlay(img, int(lab["n_tokens"]), kept, groups, cells=cells),
-        width=420,
+        # >= 32 px per cell: a 24 x 24 scenes-vqa grid is drawn at 768 px
+        ui.overlay(img, n_tok, kept, groups, size=max(384, 32 * round(n_tok**0.5)), cells=cells),
+        width=420 if n_tok <= 256 else 720,  # a 24 x 24 grid gets more room
         caption=f"{len(kept)} of {lab['n_tokens']} tokens kept (outlined); colour = "
         "vocabulary group; dropped tokens darkened",
     )

@@ -8,10 +8,7 @@ only they are searched, and the compressor and metrics are regenerated; and that
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,17 +17,9 @@ from sqlalchemy import text
 
 from evocomp.data.synth import write_dataset
 from tests.conftest import make_tiny_llava
+from tests.dvc_helpers import BIN, copy_repo, git_workspace, sh
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def sh(cmd: list[str], cwd: Path, env: dict) -> str:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, (
-        f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    )
-    return res.stdout
 
 
 def append_samples(dataset: Path, n: int, seed: int) -> int:
@@ -48,14 +37,7 @@ def append_samples(dataset: Path, n: int, seed: int) -> int:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, repo_root):
     ws = tmp_path_factory.mktemp("ws")
-    files = subprocess.run(
-        ["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True
-    )
-    for rel in files.stdout.split():
-        if rel.startswith("models/mllm/") or not (repo_root / rel).exists():
-            continue
-        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(repo_root / rel, ws / rel)
+    copy_repo(repo_root, ws, skip=("models/mllm/",))
     make_tiny_llava(ws / "models" / "tiny")
     write_dataset(ws / "userdata", 40, 5)
     params = yaml.safe_load((ws / "params.yaml").read_text())
@@ -63,20 +45,7 @@ def workspace(tmp_path_factory, repo_root):
     params["prepare"]["source"] = "userdata"
     params["mllm"]["checkpoint"] = "models/tiny"
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(
-        os.environ,
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        HF_HUB_OFFLINE="1",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-        PREFECT_HOME=str(ws / ".prefect"),
-    )
-    env.pop("EVOCOMP_DB_URL", None)
-    sh(["git", "init", "-q"], ws, env)
-    sh(["git", "add", "-A"], ws, env)
-    sh(["git", "commit", "-qm", "init"], ws, env)
+    env = git_workspace(ws)
     return ws, env
 
 

@@ -8,11 +8,7 @@ search and a 3-epoch compressor.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,8 +23,8 @@ from evocomp.data.synth import write_dataset
 from evocomp.mllm import scenes_recipe
 from evocomp.mllm.hf_llava import HFLlava
 from evocomp.mllm.scenes_reference import train_scenes_reference
+from tests.dvc_helpers import BIN, copy_repo, git_workspace, sh
 
-BIN = Path(sys.executable).parent
 TINY = dict(
     benchmark="scenes", grid=6, n_images=64, val_images=16, align_steps=3, lm_steps=4,
     eval_every=2, batch_size=8, align_batch_size=16, curriculum_steps=2, threads=1, seed=3,
@@ -125,27 +121,12 @@ def test_grid_mismatch_is_one_line(scenes_model, tmp_path):
     assert not out.exists()
 
 
-def sh(cmd: list[str], cwd: Path, env: dict) -> str:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, (
-        f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    )
-    return res.stdout
-
-
 @pytest.mark.slow
 def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
     """`dvc repro scenes_evaluate` on a tiny scenes profile: every stage of the set runs, its
     metrics land under metrics/scenes/, and `dvc metrics show` lists them."""
     ws = tmp_path / "ws"
-    files = subprocess.run(
-        ["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True
-    )
-    for rel in files.stdout.split():
-        if rel.startswith(("models/", "metrics/scenes/")) or not (repo_root / rel).exists():
-            continue
-        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(repo_root / rel, ws / rel)
+    copy_repo(repo_root, ws, skip=("models/", "metrics/scenes/"))
     params = yaml.safe_load((ws / "params.yaml").read_text())
     tiny = {k: v for k, v in TINY.items() if k != "threads"}
     params["profiles"]["scenes"] = {
@@ -156,21 +137,7 @@ def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
         "evaluate": {"ratios": [0.333, 0.222, 0.111]},
     }
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(
-        os.environ,
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        HF_HUB_OFFLINE="1",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-        PREFECT_HOME=str(ws / ".prefect"),
-    )
-    env.pop("EVOCOMP_DB_URL", None)
-    env.pop("EVOCOMP_PROFILE", None)
-    sh(["git", "init", "-q"], ws, env)
-    sh(["git", "add", "-A"], ws, env)
-    sh(["git", "commit", "-qm", "init"], ws, env)
+    env = git_workspace(ws)
     sh([str(BIN / "dvc"), "repro", "scenes_evaluate", "scenes_mllm_eval"], ws, env)
 
     mllm = json.loads((ws / "metrics/scenes/mllm.json").read_text())

@@ -110,6 +110,28 @@ def align(model, tokenizer, scenes, params: MLLMParams, log: Callable[[str], Non
 # ---- stage 2: the LM on cached tokens -------------------------------------------------------
 
 
+def lm_trainable(model, qk_tied_init: bool) -> list[torch.nn.Parameter]:
+    """Freeze everything but the LM's layers and head (its input embeddings stay frozen too)
+    and return those; with ``qk_tied_init`` every head starts with W_k = W_q, so
+    q.k ~ e_q^T W^T W e_k ~ <e_q, e_k>: attention already favours visual tokens that share the
+    question word's embedding."""
+    lm, head = model.model.language_model, model.lm_head
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for n, p in lm.named_parameters() if "embed_tokens" not in n] + list(
+        head.parameters()
+    )
+    for p in trainable:
+        p.requires_grad_(True)
+    if qk_tied_init:
+        with torch.no_grad():
+            for layer in lm.layers:
+                att = layer.self_attn
+                if att.k_proj.weight.shape == att.q_proj.weight.shape:
+                    att.k_proj.weight.copy_(att.q_proj.weight)
+    return trainable
+
+
 class Questions:
     """(suffix ids, answer ids + EOS) per (question, answer), cached; the prefix is shared."""
 
@@ -222,21 +244,7 @@ def train_lm(
     """
     lm, head = model.model.language_model, model.lm_head
     embed = model.get_input_embeddings()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable = [p for n, p in lm.named_parameters() if "embed_tokens" not in n] + list(
-        head.parameters()
-    )
-    for p in trainable:
-        p.requires_grad_(True)
-    if params.qk_tied_init:
-        # Start every head with W_k = W_q, so q.k ~ e_q^T W^T W e_k ~ <e_q, e_k>: attention
-        # already favours visual tokens that share the question word's embedding.
-        with torch.no_grad():
-            for layer in lm.layers:
-                att = layer.self_attn
-                if att.k_proj.weight.shape == att.q_proj.weight.shape:
-                    att.k_proj.weight.copy_(att.q_proj.weight)
+    trainable = lm_trainable(model, params.qk_tied_init)
     opt = torch.optim.AdamW(trainable, lr=params.lm_lr, weight_decay=0.01)
     rng, vrng = random.Random(params.seed), random.Random(params.seed + 1)
     questions = Questions(tokenizer)

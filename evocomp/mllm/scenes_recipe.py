@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from evocomp.config import MLLMParams
 from evocomp.data import scenes, scenes_qa
-from evocomp.mllm.recipe import Questions, lr_factor, pixels, visual
+from evocomp.mllm.recipe import Questions, lm_trainable, lr_factor, pixels, visual
 
 PROBES = {"row": 1, "col": 1, "size": len(scenes.SIZES), "anchor": 1}
 
@@ -233,19 +233,7 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
     """Stage 2: the LM (its embeddings frozen) on cached tokens; see the module docstring."""
     lm, head = model.model.language_model, model.lm_head
     embed = model.get_input_embeddings()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable = [p for n, p in lm.named_parameters() if "embed_tokens" not in n] + list(
-        head.parameters()
-    )
-    for p in trainable:
-        p.requires_grad_(True)
-    if params.qk_tied_init:
-        with torch.no_grad():
-            for layer in lm.layers:
-                att = layer.self_attn
-                if att.k_proj.weight.shape == att.q_proj.weight.shape:
-                    att.k_proj.weight.copy_(att.q_proj.weight)
+    trainable = lm_trainable(model, params.qk_tied_init)
     opt = torch.optim.AdamW(trainable, lr=params.lm_lr, weight_decay=0.01)
     rng, vrng = random.Random(params.seed), random.Random(params.seed + 1)
     questions = Questions(tokenizer)

@@ -162,3 +162,19 @@ def check_device(p, args) -> None:
 def mean(xs) -> float:
     xs = list(xs)
     return statistics.fmean(xs) if xs else float("nan")
+
+
+def workspace_report(ws: Workspace, args, machine: dict, command: str) -> dict:
+    """The keys every workspace benchmark's JSON shares: which set, which model, where, how."""
+    return {
+        "benchmark": args.benchmark,
+        "seed": args.seed,
+        "model": {
+            "path": str(args.model),
+            "model_id": ws.info["model_id"],
+            "n_tokens": ws.info["n_tokens"],
+        },
+        "workspace": str(ws.root),
+        "machine": machine,
+        "command": command,
+    }

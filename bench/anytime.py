@@ -60,7 +60,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
 from _common import REPO, begin, command_line, describe_machine, finish  # noqa: E402
-from _setup import Workspace, add_common_args, build_workspace, check_device, mean  # noqa: E402
+from _setup import (  # noqa: E402
+    Workspace,
+    add_common_args,
+    build_workspace,
+    check_device,
+    mean,
+    workspace_report,
+)
 
 from evocomp.config import SearchParams, parse_params  # noqa: E402
 from evocomp.files import check_writable, write_text_atomic  # noqa: E402
@@ -338,23 +345,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report |= {
         "samples": len(rows),
         "failed": failed,
-        "benchmark": args.benchmark,
-        "seed": args.seed,
         "params_file": _shown(args.params),
         "profile": profile,
         "loss_floor": floor,
         "tolerance_scales": tol,
         "per_sample": rows,
         "plot": _shown(args.plot),
-        "model": {
-            "path": str(args.model),
-            "model_id": ws.info["model_id"],
-            "n_tokens": ws.info["n_tokens"],
-        },
-        "workspace": str(ws.root),
-        "machine": machine,
-        "command": command_line(argv, __file__),
-    }
+    } | workspace_report(ws, args, machine, command_line(argv, __file__))
     return finish(report, args.out, start, print_report)
 
 

@@ -44,7 +44,14 @@ from _common import (
     describe_machine,
     finish,  # noqa: E402
 )
-from _setup import Workspace, add_common_args, build_workspace, check_device, mean  # noqa: E402
+from _setup import (  # noqa: E402
+    Workspace,
+    add_common_args,
+    build_workspace,
+    check_device,
+    mean,
+    workspace_report,
+)
 
 from evocomp.config import SearchParams  # noqa: E402
 from evocomp.features.grouping import group_ids  # noqa: E402
@@ -309,17 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "modes": modes,
         "grouping": grouping_health(ws),
         "samples": len(ws.samples),
-        "seed": args.seed,
-        "benchmark": args.benchmark,
-        "model": {
-            "path": str(args.model),
-            "model_id": ws.info["model_id"],
-            "n_tokens": ws.info["n_tokens"],
-        },
-        "workspace": str(ws.root),
-        "machine": machine,
-        "command": command_line(argv, __file__),
-    }
+    } | workspace_report(ws, args, machine, command_line(argv, __file__))
     if "budget" in modes:
         report["budget_never_worse"] = modes["budget"].get("worse_samples", 0) == 0
     finish(report, args.out, start, print_report)

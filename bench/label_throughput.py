@@ -208,16 +208,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p, samples=30)
     p.add_argument("--mode", choices=("paper", "budget"), default="paper")
+    p.add_argument("--keep-ratio", type=float, default=1 / 3, help="budget mode: k = ratio * N")
     p.add_argument("--population", type=int, default=48)
     p.add_argument("--parents", type=int, default=12)
     p.add_argument("--generations", type=int, default=10)
     p.add_argument(
         "--repeats", type=int, default=3, help="timed passes per sample (after 1 warmup)"
     )
-    p.add_argument("--out", type=Path, default=REPO / "metrics" / "bench_label_throughput.json")
+    p.add_argument("--out", type=Path, help="default: metrics/[scenes/]bench_label_throughput.json")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if not 0.0 < args.keep_ratio <= 1.0:
+        p.error(f"--keep-ratio must lie in (0, 1], got {args.keep_ratio}")
+    sub = "scenes" if args.benchmark == "scenes" else ""
+    args.out = args.out or REPO / "metrics" / sub / "bench_label_throughput.json"
     check_device(p, args)
     return args
 
@@ -234,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         population=args.population,
         parents=args.parents,
         generations=args.generations,
+        keep_ratio=args.keep_ratio,
     )
     per_sample = []
     for i, s in enumerate(ws.samples):

@@ -100,6 +100,16 @@ def test_label_throughput(bench, tiny_llava, cache, tmp_path):
     assert set(data["targets"]) == {"ratio_to_floor", "batched_speedup"}
 
 
+def test_label_throughput_budget_mode_flags(bench, tiny_llava):
+    args = bench.throughput.parse_args(["--benchmark", "scenes", "--keep-ratio", "0.111"])
+    assert args.keep_ratio == 0.111
+    assert args.out == REPO / "metrics" / "scenes" / "bench_label_throughput.json"
+    assert bench.throughput.parse_args([]).out == REPO / "metrics" / "bench_label_throughput.json"
+    with pytest.raises(SystemExit) as e:
+        bench.throughput.parse_args(["--keep-ratio", "0"])
+    assert e.value.code == 2
+
+
 ABLATION = ["--samples", "16", "--epochs", "1"]
 
 

@@ -153,3 +153,31 @@ def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
     files = {f for rev in shown.values() for f in rev.get("data", {})}
     assert "metrics/scenes/eval.json" in files and "metrics/scenes/labels.json" in files
     assert not (ws / "models/mllm").exists()  # the shapes stage set did not run
+
+
+def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, monkeypatch):
+    """bench/scenes_lm_trials.py: every trial knob at once, on the tiny scenes model."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_lm_trials
+
+    out, cache = tmp_path / "trial.json", tmp_path / "tokens.pt"
+    flags = ["--model", str(scenes_model), "--layers", "2", "--heads", "2", "--steps", "4"]
+    flags += ["--batch", "4", "--eval-every", "2", "--curriculum", "1", "--ramp", "2"]
+    flags += ["--qk-gain", "2", "--rope-factor", "4", "--attention-supervision", "0.5"]
+    rep = scenes_lm_trials.main([*flags, "--cache", str(cache), "--out", str(out)])
+    assert [c["step"] for c in rep["curve"]] == [2, 4]
+    written = json.loads(out.read_text())
+    assert written["final_mean"] == rep["final_mean"] and 0.0 <= rep["final_mean"] <= 1.0
+    assert set(written["curve"][-1]["by_type"]) <= set(scenes_qa.QTYPES)
+    feats, val_feats = torch.load(cache)  # the model's own 64 + 16 images, 36 tokens each
+    assert feats.shape[:2] == (64, 36) and val_feats.shape[:2] == (16, 36)
+
+
+def test_lm_trials_bench_refuses_a_model_that_is_not_a_scenes_reference(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_lm_trials
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(SystemExit) as e:
+        scenes_lm_trials.parse_args(["--model", str(tmp_path)])
+    assert e.value.code == 2

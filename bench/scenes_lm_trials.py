@@ -1,0 +1,253 @@
+"""Trials of the scenes-vqa reference model's LM stage on the committed model's visual tokens.
+
+    .venv/bin/python bench/scenes_lm_trials.py --curriculum 300 --ramp 1200 --steps 1800
+    .venv/bin/python bench/scenes_lm_trials.py --layers 3 --heads 4 --batch 32 --steps 500 \\
+        --qk-gain 4 --rope-factor 64
+
+What the recipe (``evocomp/mllm/scenes_recipe.py``) would gain from an LM-stage change, without
+retraining the vision tower: the model's aligned tokens of its own training and held-out images
+(rebuilt from the recipe its config.json records: seed, images, grid) are cached once, and a fresh LM of
+``--layers`` x ``--heads`` is trained on them with the recipe's rows (``scenes_recipe._kept``,
+``lm_batch``) and scored on the held-out images with every token fed
+(``scenes_recipe.val_accuracy``, one question per image, the types in turn). The trial knobs:
+
+- ``--curriculum N``: the recipe's first N steps (every patch the answer needs, each other
+  token kept with probability U(0, 0.2)); ``--ramp M``: then M steps raising that upper bound
+  linearly to 1, before the recipe's alternating all-token / subset steps;
+- ``--qk-gain G``: the tied query/key projections start G times larger (sharper word-matching
+  attention from step 0);
+- ``--rope-factor F``: the LM's RoPE with ``transformers``' linear scaling by F (positions / F,
+  so the 150-position spread of the visual tokens no longer scrambles content matching);
+- ``--attention-supervision W``: adds W x the mean over the last layers' first half of the
+  heads of -log(attention mass, at the answer's position, on the patches the answer needs).
+
+Writes the held-out accuracy curve to ``metrics/scenes/lm_trials/<name>.json``. A trial is not
+a reference model: nothing is saved but the curve (BENCHMARKS.md, scenes-vqa reference model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _common import REPO, begin, command_line, finish  # noqa: E402
+
+from evocomp.data import scenes, scenes_qa  # noqa: E402
+from evocomp.mllm import scenes_recipe, tiny_llava  # noqa: E402
+from evocomp.mllm.checkpoint import checkpoint_info  # noqa: E402
+from evocomp.mllm.recipe import Questions, lm_trainable, lr_factor, pixels, visual  # noqa: E402
+
+
+def cached_tokens(ref, cache: Path) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+    """The model's visual tokens of the training and held-out scenes its recipe drew."""
+    recipe = ref.config.evocomp["recipe"]
+    rng = random.Random(recipe["seed"])
+    n_train, n_val = recipe["n_images"], recipe["val_images"]
+    made = [scenes.make_scene(rng, recipe["grid"]) for _ in range(n_train + n_val)]
+    train, val = made[:n_train], made[n_train:]
+    if cache.is_file():
+        feats, val_feats = torch.load(cache)
+    else:
+        with torch.no_grad():
+
+            def encode(part):
+                return torch.cat(
+                    [
+                        visual(ref, pixels([scenes.render(s) for s in part[i : i + 128]]))
+                        for i in range(0, len(part), 128)
+                    ]
+                )
+
+            feats, val_feats = encode(train), encode(val)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save((feats, val_feats), cache)
+    return feats, val_feats, train, val
+
+
+def build_lm(args, tokenizer, ref):
+    """A fresh tiny LLaVA of the trial's LM shape, with the committed input embeddings."""
+    llama = tiny_llava.LlamaConfig
+    if args.rope_factor:
+        rope = {"rope_type": "linear", "factor": args.rope_factor, "rope_theta": 10000.0}
+        tiny_llava.LlamaConfig = functools.partial(llama, rope_parameters=rope)
+    vision = ref.config.vision_config
+    try:
+        model = tiny_llava.build_model(
+            tokenizer,
+            args.seed,
+            vision.image_size,
+            scenes.CELL,
+            args.heads,
+            args.layers,
+            vision.num_hidden_layers,
+            vision.num_attention_heads,
+        )
+    finally:
+        tiny_llava.LlamaConfig = llama
+    lm = model.model.language_model
+    lm.embed_tokens.load_state_dict(ref.model.language_model.embed_tokens.state_dict())
+    if args.attention_supervision:
+        model.set_attn_implementation("eager")  # attention weights are returned by eager only
+    trainable = lm_trainable(model, qk_tied_init=True)
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.self_attn.q_proj.weight.mul_(args.qk_gain)
+            layer.self_attn.k_proj.weight.copy_(layer.self_attn.q_proj.weight)
+    return model, trainable
+
+
+def kept_tokens(args, step: int, scene, qa, rng: random.Random, n: int) -> torch.Tensor:
+    """The row's visible tokens: the recipe's, or the ramp's widening curriculum."""
+    if step < args.curriculum + args.ramp:
+        top = 0.2 + 0.8 * max(0, step - args.curriculum) / max(1, args.ramp)
+        rel, p = set(qa.relevant), rng.uniform(0.0, top)
+        keep = [j for j in range(n) if j in rel or rng.random() < p]
+        return torch.tensor(keep, dtype=torch.long)
+    return scenes_recipe._kept(scene, qa, rng, n, "full" if step % 2 == 0 else "subset")
+
+
+def attention_loss(attentions, rows, labels, n_prefix: int, heads: int) -> torch.Tensor:
+    """Mean -log(attention mass on the answer's patches) at the answer's position, for the
+    first half of the heads of every layer but the first (rows without such patches skipped)."""
+    B, L = labels.shape
+    target = torch.zeros(B, L)
+    for r, (_, kept, _, relevant) in enumerate(rows):
+        target[r, n_prefix : n_prefix + len(kept)] = torch.tensor(
+            [float(p in relevant) for p in kept.tolist()]
+        )
+    at = (labels != -100).float().argmax(1)  # the position that predicts the answer word
+    has = target.sum(1) > 0
+    losses = []
+    for att in attentions[1:]:
+        w = att[torch.arange(B), : max(1, heads // 2), at, :]  # (B, h, L)
+        mass = (w * target[:, None, :]).sum(-1).clamp(min=1e-4)
+        losses.append(-torch.log(mass).mean(-1)[has].mean())
+    return torch.stack(losses).mean()
+
+
+def run(args) -> dict[str, Any]:
+    from transformers import LlavaForConditionalGeneration
+
+    ref = LlavaForConditionalGeneration.from_pretrained(args.model)
+    feats, val_feats, train, val = cached_tokens(ref, args.cache)
+    tokenizer = tiny_llava.build_tokenizer(scenes_qa.WORDS)
+    model, trainable = build_lm(args, tokenizer, ref)
+    lm, head, embed = model.model.language_model, model.lm_head, model.get_input_embeddings()
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
+    rng, vrng = random.Random(args.seed), random.Random(1)
+    questions, qtypes = Questions(tokenizer), scenes_qa.QTYPES
+    held_out = []
+    for i, sc in enumerate(val):
+        qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
+        held_out.append((i, questions(qa), qa.qtype))
+    n, weights, curve, t0 = feats.shape[1], dict.fromkeys(qtypes, 1.0), [], time.time()
+    lm.train()
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * lr_factor(step, args.steps, 50)
+        rows = []
+        for _ in range(args.batch):
+            i = rng.randrange(len(train))
+            qtype = rng.choices(list(weights), weights=list(weights.values()))[0]
+            qa = scenes_qa.make_question(train[i], rng, qtype)
+            kept = kept_tokens(args, step, train[i], qa, rng, n)
+            rows.append((i, kept, questions(qa), set(qa.relevant)))
+        x, mask, labels, pos = scenes_recipe.lm_batch(
+            [r[:3] for r in rows], questions.prefix, feats, embed
+        )
+        out = lm(
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=False,
+            output_attentions=bool(args.attention_supervision),
+        )
+        h = out.last_hidden_state
+        loss = F.cross_entropy(head(h[labels != -100]), labels[labels != -100])
+        if args.attention_supervision:
+            aux = attention_loss(out.attentions, rows, labels, len(questions.prefix), args.heads)
+            loss = loss + args.attention_supervision * aux
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc = scenes_recipe.val_accuracy(lm, head, embed, questions.prefix, held_out, val_feats)
+            weights = {t: 1.1 - acc.get(t, 0.0) for t in qtypes}  # the recipe's weighting
+            mean = sum(acc.values()) / len(acc)
+            curve.append({"step": step + 1, "loss": loss.item(), "mean": mean, "by_type": acc})
+            print(
+                f"step {step + 1}: loss {loss.item():.3f}, held-out mean {mean:.3f} ("
+                + ", ".join(f"{t} {a:.2f}" for t, a in acc.items())
+                + f") {time.time() - t0:.0f} s",
+                flush=True,
+            )
+    return {"curve": curve, "final_mean": curve[-1]["mean"]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=REPO / "models" / "scenes" / "mllm")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--curriculum", type=int, default=300)
+    p.add_argument("--ramp", type=int, default=0)
+    p.add_argument("--qk-gain", type=float, default=1.0)
+    p.add_argument("--rope-factor", type=float, default=0.0)
+    p.add_argument("--attention-supervision", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu"])
+    p.add_argument("--cache", type=Path, help="token cache (default: .bench/, per model id)")
+    p.add_argument("--out", type=Path, help="default: metrics/scenes/lm_trials/<from the flags>")
+    args = p.parse_args(argv)
+    for flag in ("layers", "heads", "steps", "batch", "eval_every"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model: no checkpoint at {args.model} (config.json missing)")
+    config = json.loads((args.model / "config.json").read_text())
+    if config.get("evocomp", {}).get("recipe", {}).get("benchmark") != "scenes":
+        p.error(f"--model: {args.model} is not a scenes-vqa reference model (its recipe)")
+    if args.cache is None:
+        digest = checkpoint_info(args.model)["model_id"]
+        args.cache = REPO / ".bench" / f"scenes-lm-trials-{digest}.pt"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start, machine = begin(args)
+    name = (
+        f"l{args.layers}h{args.heads}-c{args.curriculum}r{args.ramp}-g{args.qk_gain:g}"
+        f"-rope{args.rope_factor:g}-att{args.attention_supervision:g}"
+    )
+    out = args.out or REPO / "metrics" / "scenes" / "lm_trials" / f"{name}.json"
+    report = run(args) | {
+        "flags": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine,
+        "command": command_line(argv, __file__),
+    }
+
+    def show(rep):
+        print(f"{name}: held-out all-token mean accuracy {rep['final_mean']:.3f}")
+
+    return finish(report, out, start, show)
+
+
+if __name__ == "__main__":
+    main()

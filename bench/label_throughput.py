@@ -45,7 +45,13 @@ from _common import (
     finish,  # noqa: E402
     time_interleaved,
 )
-from _setup import add_common_args, build_workspace, check_device, mean  # noqa: E402
+from _setup import (  # noqa: E402
+    add_common_args,
+    build_workspace,
+    check_device,
+    mean,
+    workspace_report,
+)
 
 from evocomp.config import SearchParams  # noqa: E402
 from evocomp.labeling.sample import label_sample  # noqa: E402
@@ -254,15 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "params": params.model_dump(mode="json"),
         "samples": len(ws.samples),
         "repeats": args.repeats,
-        "seed": args.seed,
-        "model": {
-            "path": str(args.model),
-            "model_id": ws.info["model_id"],
-            "n_tokens": ws.info["n_tokens"],
-        },
-        "machine": machine,
-        "command": command_line(argv, __file__),
-    }
+    } | workspace_report(ws, args, machine, command_line(argv, __file__))
     report["targets"] = check_targets(report)
     finish(report, args.out, start, print_report)
     return report

@@ -107,7 +107,13 @@ def build_lm(args, tokenizer, ref):
 
 
 def kept_tokens(args, step: int, scene, qa, rng: random.Random, n: int) -> torch.Tensor:
-    """The row's visible tokens: the recipe's, or the ramp's widening curriculum."""
+    """The row's visible tokens: the recipe's, or the ramp's widening curriculum.
+
+    The ramp is ``scenes_recipe._kept``'s curriculum with a rising upper bound (the same
+    draws: at the bound 0.2 it is that curriculum exactly). It lives here, not as a
+    parameter of ``_kept``, because editing the recipe module makes both reference-model
+    DVC stages stale; it moves there with the next recipe change that retrains them.
+    """
     if step < args.curriculum + args.ramp:
         top = 0.2 + 0.8 * max(0, step - args.curriculum) / max(1, args.ramp)
         rel, p = set(qa.relevant), rng.uniform(0.0, top)
@@ -218,6 +224,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("layers", "heads", "steps", "batch", "eval_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.attention_supervision and args.layers < 2:
+        p.error("--attention-supervision needs --layers >= 2 (layer 1 cannot know the question)")
     if not (args.model / "config.json").is_file():
         p.error(f"--model: no checkpoint at {args.model} (config.json missing)")
     config = json.loads((args.model / "config.json").read_text())

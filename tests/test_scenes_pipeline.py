@@ -181,3 +181,6 @@ def test_lm_trials_bench_refuses_a_model_that_is_not_a_scenes_reference(tmp_path
     with pytest.raises(SystemExit) as e:
         scenes_lm_trials.parse_args(["--model", str(tmp_path)])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        scenes_lm_trials.parse_args(["--layers", "1", "--attention-supervision", "1"])
+    assert e.value.code == 2

@@ -94,6 +94,25 @@ def test_attention_scores(mllm, scene):
         mllm.text_attention(mllm.encode(qa.question), v, layer=9)
 
 
+def test_prompt_attention_matches_the_processor_path(mllm, scene):
+    """SparseVLM's rows: each prompt token after the image, its attention to every visual
+    token at layer 2, as the HF model's own forward (processor inputs) gives it."""
+    img, qa = scene
+    prompt = mllm.encode(qa.question)
+    v = mllm.visual_tokens([img])[0]
+    rows = mllm.prompt_attention(prompt, v, layer=2)
+    assert rows.shape == (len(prompt.suffix), 36)
+    inputs = mllm.processor(
+        images=img, text=f"USER: <image>\n{qa.question} ASSISTANT:", return_tensors="pt"
+    )
+    with mllm._eager():
+        out = mllm.model(**inputs, output_attentions=True)
+    ref = out.attentions[1][0].float().mean(0)  # (L, L) at layer 2
+    image_cols = (inputs["input_ids"][0] == mllm.model.config.image_token_id).nonzero().flatten()
+    torch.testing.assert_close(rows, ref[-len(prompt.suffix) :, image_cols], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mllm.text_attention(prompt, v, layer=2), rows[-1])
+
+
 def test_other_geometry(tmp_path, scene):
     m = load_mllm(make_tiny_llava(tmp_path / "m", image_size=64, patch=16, hidden=32))
     assert m.n_tokens == 16 and m.grid == (4, 4)

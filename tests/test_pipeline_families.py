@@ -40,7 +40,7 @@ FAMILIES = {
 PARAMS = (
     "label: {population: 8, parents: 4, generations: 2, max_samples: 4, mode: budget}\n"
     "train: {epochs: 2}\n"
-    "evaluate: {max_samples: 2, ratios: [0.333], methods: [random, fastv, visionzip, evocomp]}\n"
+    "evaluate: {max_samples: 2, ratios: [0.333], methods: [random, fastv, sparsevlm, visionzip, prumerge, evocomp]}\n"
 )
 
 
@@ -70,7 +70,9 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, shapes_data, family):
     run("evaluate", "--model", str(model))
     result = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert result["model_id"] == checkpoint_info(model)["model_id"]
-    assert set(result["ratios"]["0.333"]) == {"random", "fastv", "visionzip", "evocomp"}
+    assert set(result["ratios"]["0.333"]) == {
+        "random", "fastv", "sparsevlm", "visionzip", "prumerge", "evocomp"
+    }  # fmt: skip
 
     n_seen = set()
     for image in images[:2]:  # one of each shape

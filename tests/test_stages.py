@@ -142,8 +142,9 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
     assert set(result["ratios"]) == {"0.500", "0.333", "0.222", "0.111"}
     assert set(result["ratios"]["0.333"]) == set(params.evaluate.methods)
     assert result["tokens"]["0.333"] == 12 and "evocomp_l1" in result
-    # every token-selecting method at the other pruning position too (VisionZip merges: l=0)
-    selectors = set(params.evaluate.methods) - {"visionzip"}
+    # every token-selecting method at the other pruning position too (the mergers: l=0 only)
+    selectors = set(params.evaluate.methods) - {"visionzip", "prumerge"}
+    assert {"sparsevlm", "prumerge"} <= set(result["ratios"]["0.333"])
     assert set(result["ratios_l1"]["0.333"]) == selectors
     assert result["evocomp_l1"]["0.333"] == result["ratios_l1"]["0.333"]["evocomp"]
     for key in ("stderr", "stderr_l1"):

@@ -1,8 +1,9 @@
 """Every method x keep ratio on the test split: accuracy, retention, tokens, FLOPs, latency.
 
 Methods: full, the heuristics of ``baselines`` (VisionZip as its embedding-producing
-dominant + contextual variant), the trained EvoComp compressor, and the GA oracle
-(labels searched on the test samples themselves: an upper bound).
+dominant + contextual variant), SparseVLM and PruMerge (:mod:`evocomp.evaluation.guided`),
+the trained EvoComp compressor, and the GA oracle (labels searched on the test samples
+themselves: an upper bound).
 
     evocomp evaluate --out metrics/eval.json
 """
@@ -19,6 +20,7 @@ from evocomp.compress.fit import Item, collate
 from evocomp.compress.model import select_topk
 from evocomp.data.samples import Sample, sample_seed
 from evocomp.evaluation.answers import is_correct
+from evocomp.evaluation.guided import MERGERS, prumerge, rater_scores
 from evocomp.features.cache import FeatureStore
 from evocomp.tokens import keep_count, ratio_key
 
@@ -74,6 +76,16 @@ class Selector:
                     f"no GA label for test sample {missing[0]} (label the test split for the oracle)"
                 )
             return [oracle_ranking(self.labels[s.id]) for s in samples]
+        if method == "sparsevlm":  # the raters' attention at FastV's layer (one forward each)
+            layer = min(2, self.mllm.n_layers)
+            return [
+                rater_scores(
+                    self.mllm.prompt_attention(
+                        self.mllm.encode(s.question), f.tokens, layer, f.layout, f.extra
+                    )
+                )
+                for s, f in zip(samples, feats, strict=True)
+            ]
         return None
 
     def kept(
@@ -81,6 +93,8 @@ class Selector:
     ) -> list[torch.Tensor]:
         """Each sample's kept set at ``ratio`` of its own N."""
         ks = [keep_count(ratio, f.tokens.shape[0]) for f in feats]
+        if method == "sparsevlm":  # attention scores: FastV's top-k on the 1e-6 grid
+            return [select("fastv", k, text_attn=sc) for sc, k in zip(scores, ks, strict=True)]
         if scores is not None:
             return [select_topk(sc, k=k) for sc, k in zip(scores, ks, strict=True)]
         return [
@@ -143,10 +157,10 @@ def evaluate_methods(
             scores = sel.scores(method, chunk, feats)
             for r in ratios:
                 name = f"{method}@{ratio_key(r)}"
-                if method == "visionzip":
+                if method in MERGERS:
+                    merge = visionzip_merge if method == "visionzip" else prumerge
                     merged = [
-                        visionzip_merge(f.tokens, f.cls_attn, keep_count(r, f.tokens.shape[0]))
-                        for f in feats
+                        merge(f.tokens, f.cls_attn, keep_count(r, f.tokens.shape[0])) for f in feats
                     ]
                     answers = mllm.generate(
                         qs,

@@ -56,7 +56,7 @@ def print_table(result: dict) -> str:
     for key in [k for k in result if k.startswith("ratios_l")]:
         layer, accs = key.removeprefix("ratios_l"), result[key]
         lines.append(
-            f"the same, tokens dropped after LLM layer {layer} (VisionZip merges: l=0 only)"
+            f"the same, tokens dropped after LLM layer {layer} (the merging methods: l=0 only)"
         )
         for m in [m for m in methods if m in next(iter(accs.values()))]:
             ret = result[f"retention_l{layer}"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from evocomp.compress.model import load_compressor
 from evocomp.config import Params
 from evocomp.data.prepared import load_prepared
+from evocomp.evaluation.guided import MERGERS
 from evocomp.evaluation.harness import Selector, evaluate_methods, summarise
 from evocomp.features.compute import ensure_features
 from evocomp.labelset import load_label_set
@@ -38,7 +39,7 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
             mllm.generate([s.question], [f.tokens], [None], 1, layouts=[f.layout], extras=[f.extra])
             ts.append(time.perf_counter() - t0)
         out["full"].append(min(ts))
-    for method in [m for m in methods if m not in ("visionzip", "oracle")]:
+    for method in [m for m in methods if m not in (*MERGERS, "oracle")]:
         for r in ratios:
             key = f"{method}@{ratio_key(r)}"
             out[key] = []
@@ -104,12 +105,12 @@ def run_evaluation(
         return summarise(raw, p.ratios, which, info, n_text, layer)
 
     result = at_layer(p.prune_layer, methods, label_df)
-    selectors = [m for m in methods if m != "visionzip"]
+    selectors = [m for m in methods if m not in MERGERS]
     if selectors and info["layers"] > 1:
         # The paper's two pruning positions: l=0 (above) and l=2 (after two LLM layers; a
         # 2-layer LLM can only be pruned after layer 1, which is then reported), every method
-        # that selects tokens at both, so each row compares equal things. VisionZip merges
-        # tokens into new embeddings before the LLM: it has no later-layer variant.
+        # that selects tokens at both, so each row compares equal things. VisionZip and
+        # PruMerge merge tokens into new embeddings before the LLM: no later-layer variant.
         other = min(2, info["layers"] - 1) if p.prune_layer == 0 else 0
         alt = at_layer(other, selectors, label_df)
         for key in ("ratios", "retention", "stderr"):

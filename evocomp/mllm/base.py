@@ -106,6 +106,12 @@ class MLLM(Protocol):
     ) -> torch.Tensor:
         """FastV score ``(N,)``: attention of the last prompt token to each visual token at ``layer``."""
 
+    def prompt_attention(
+        self, prompt: Prompt, visual: torch.Tensor, layer: int = 2, layout=None, extra=None
+    ) -> torch.Tensor:
+        """Attention ``(S, N)`` of each prompt token after the image to each visual token at
+        ``layer``, mean over heads (SparseVLM's raters; the last row is :meth:`text_attention`)."""
+
     def cls_attention(self, images: list[Image.Image]) -> list[torch.Tensor]:
         """VisionZip score ``(N_i,)`` per image: the vision tower's CLS attention summed over heads
         (a tower without CLS: the attention each token receives, mean over queries)."""

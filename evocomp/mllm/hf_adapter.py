@@ -309,11 +309,19 @@ class HFAdapter(ImageBlock, PrunedDecoding):
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids.tolist()]
 
-    @torch.no_grad()
     def text_attention(
         self, prompt: Prompt, visual: torch.Tensor, layer: int = 2, layout=None, extra=None
     ) -> torch.Tensor:
         """FastV score ``(N,)``: the last prompt token's attention to each visual token at ``layer``."""
+        return self.prompt_attention(prompt, visual, layer, layout, extra)[-1]
+
+    @torch.no_grad()
+    def prompt_attention(
+        self, prompt: Prompt, visual: torch.Tensor, layer: int = 2, layout=None, extra=None
+    ) -> torch.Tensor:
+        """Attention ``(S, N)`` of each of the S prompt tokens after the image (the question
+        and the assistant tag) to each visual token at ``layer``, mean over heads (SparseVLM's
+        raters are among them; the last row is FastV's score)."""
         self.check_visual(visual, layout)
         if not 1 <= layer <= self.n_layers:
             raise ValueError(f"layer {layer} outside 1..{self.n_layers}")
@@ -339,4 +347,6 @@ class HFAdapter(ImageBlock, PrunedDecoding):
             )
         a = res.attentions[layer - 1][0].float().mean(0)  # (L, L), mean over heads
         _, slots, _, _ = self.block(layout)
-        return a[-1, start + slots].cpu()
+        # the last S rows: the prompt after the image (the last row only, when nothing follows)
+        rows = a[-max(1, len(prompt.suffix)) :]  # (S, L)
+        return rows[:, start + slots].cpu()

@@ -19,7 +19,10 @@ retraining the vision tower: the model's aligned tokens of its own training and 
 - ``--rope-factor F``: the LM's RoPE with ``transformers``' linear scaling by F (positions / F,
   so the 150-position spread of the visual tokens no longer scrambles content matching);
 - ``--attention-supervision W``: adds W x the mean over the last layers' first half of the
-  heads of -log(attention mass, at the answer's position, on the patches the answer needs).
+  heads of -log(attention mass, at the answer's position, on the patches the answer needs);
+- ``--question-first``: the question's words before the image, the assistant tag after it
+  (``USER: {question} <image> ASSISTANT:``), so every visual token can already attend to the
+  question in layer 1, in training and in the held-out scoring alike.
 
 Writes the held-out accuracy curve to ``metrics/scenes/lm_trials/<name>.json``. A trial is not
 a reference model: nothing is saved but the curve (BENCHMARKS.md, scenes-vqa reference model).
@@ -122,6 +125,39 @@ def kept_tokens(args, step: int, scene, qa, rng: random.Random, n: int) -> torch
     return scenes_recipe._kept(scene, qa, rng, n, "full" if step % 2 == 0 else "subset")
 
 
+def question_first_batch(rows, prefix: list[int], feats: torch.Tensor, embed):
+    """``scenes_recipe.lm_batch`` with the question moved before the image:
+    ``[prefix][question][kept visual tokens][assistant tag][answer]``, original positions.
+
+    A row's suffix is the question's words and then the one-token assistant tag
+    (``Questions`` encodes ``{question} ASSISTANT:``).
+    """
+    moved = []
+    for i, kept, (suf, ans) in rows:
+        moved.append((i, kept, suf[:-1], suf[-1:], ans))
+    n_vis, D = feats.shape[1], feats.shape[2]
+    P = len(prefix)
+    lens = [P + len(q) + len(k) + len(t) + len(a) for _, k, q, t, a in moved]
+    B, L = len(moved), max(lens)
+    x = torch.zeros(B, L, D)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    pos = torch.zeros(B, L, dtype=torch.long)
+    for r, (i, kept, q, tail, ans) in enumerate(moved):
+        head_ids = prefix + q
+        h, n = len(head_ids), lens[r]
+        m = h + len(kept)
+        x[r, :h] = embed(torch.tensor(head_ids))
+        x[r, h:m] = feats[i, kept]
+        x[r, m:n] = embed(torch.tensor(tail + ans))
+        mask[r, :n] = 1
+        labels[r, n - len(ans) - 1 : n - 1] = torch.tensor(ans)
+        pos[r, :h] = torch.arange(h)
+        pos[r, h:m] = h + kept
+        pos[r, m:n] = torch.arange(h + n_vis, h + n_vis + n - m)
+    return x, mask, labels, pos
+
+
 def attention_loss(attentions, rows, labels, n_prefix: int, heads: int) -> torch.Tensor:
     """Mean -log(attention mass on the answer's patches) at the answer's position, for the
     first half of the heads of every layer but the first (rows without such patches skipped)."""
@@ -142,6 +178,18 @@ def attention_loss(attentions, rows, labels, n_prefix: int, heads: int) -> torch
 
 
 def run(args) -> dict[str, Any]:
+    if not args.question_first:
+        return _run(args)
+    # the recipe's batches (training rows and its held-out scoring) question-first
+    original = scenes_recipe.lm_batch
+    scenes_recipe.lm_batch = question_first_batch
+    try:
+        return _run(args)
+    finally:
+        scenes_recipe.lm_batch = original
+
+
+def _run(args) -> dict[str, Any]:
     from transformers import LlavaForConditionalGeneration
 
     ref = LlavaForConditionalGeneration.from_pretrained(args.model)
@@ -214,6 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qk-gain", type=float, default=1.0)
     p.add_argument("--rope-factor", type=float, default=0.0)
     p.add_argument("--attention-supervision", type=float, default=0.0)
+    p.add_argument("--question-first", action="store_true")
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -224,6 +273,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("layers", "heads", "steps", "batch", "eval_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.attention_supervision and args.question_first:
+        p.error("--attention-supervision reads the question-last layout: not with --question-first")
     if args.attention_supervision and args.layers < 2:
         p.error("--attention-supervision needs --layers >= 2 (layer 1 cannot know the question)")
     if not (args.model / "config.json").is_file():
@@ -243,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = (
         f"l{args.layers}h{args.heads}-c{args.curriculum}r{args.ramp}-g{args.qk_gain:g}"
         f"-rope{args.rope_factor:g}-att{args.attention_supervision:g}"
+        + ("-qfirst" if args.question_first else "")
     )
     out = args.out or REPO / "metrics" / "scenes" / "lm_trials" / f"{name}.json"
     report = run(args) | {

@@ -20,9 +20,11 @@ retraining the vision tower: the model's aligned tokens of its own training and 
   so the 150-position spread of the visual tokens no longer scrambles content matching);
 - ``--attention-supervision W``: adds W x the mean over the last layers' first half of the
   heads of -log(attention mass, at the answer's position, on the patches the answer needs);
-- ``--question-first``: the question's words before the image, the assistant tag after it
+- ``--question-at before``: the question's words before the image, the assistant tag after it
   (``USER: {question} <image> ASSISTANT:``), so every visual token can already attend to the
-  question in layer 1, in training and in the held-out scoring alike.
+  question in layer 1; ``both``: the question before the image and again after it
+  (``USER: {question} <image> {question} ASSISTANT:``); ``after`` (default): the recipe's
+  LLaVA layout. In training and in the held-out scoring alike.
 
 Writes the held-out accuracy curve to ``metrics/scenes/lm_trials/<name>.json``. A trial is not
 a reference model: nothing is saved but the curve (BENCHMARKS.md, scenes-vqa reference model).
@@ -125,16 +127,18 @@ def kept_tokens(args, step: int, scene, qa, rng: random.Random, n: int) -> torch
     return scenes_recipe._kept(scene, qa, rng, n, "full" if step % 2 == 0 else "subset")
 
 
-def question_first_batch(rows, prefix: list[int], feats: torch.Tensor, embed):
-    """``scenes_recipe.lm_batch`` with the question moved before the image:
-    ``[prefix][question][kept visual tokens][assistant tag][answer]``, original positions.
+def question_batch(rows, prefix: list[int], feats: torch.Tensor, embed, where: str = "before"):
+    """``scenes_recipe.lm_batch`` with the question moved (``before``) or copied (``both``)
+    before the image: ``[prefix][question][kept visual tokens][question if both][tag][answer]``,
+    original positions.
 
     A row's suffix is the question's words and then the one-token assistant tag
     (``Questions`` encodes ``{question} ASSISTANT:``).
     """
     moved = []
     for i, kept, (suf, ans) in rows:
-        moved.append((i, kept, suf[:-1], suf[-1:], ans))
+        q, tag = suf[:-1], suf[-1:]
+        moved.append((i, kept, q, (q if where == "both" else []) + tag, ans))
     n_vis, D = feats.shape[1], feats.shape[2]
     P = len(prefix)
     lens = [P + len(q) + len(k) + len(t) + len(a) for _, k, q, t, a in moved]
@@ -178,11 +182,11 @@ def attention_loss(attentions, rows, labels, n_prefix: int, heads: int) -> torch
 
 
 def run(args) -> dict[str, Any]:
-    if not args.question_first:
+    if args.question_at == "after":
         return _run(args)
-    # the recipe's batches (training rows and its held-out scoring) question-first
+    # the recipe's batches (its training rows and its held-out scoring) with the question moved
     original = scenes_recipe.lm_batch
-    scenes_recipe.lm_batch = question_first_batch
+    scenes_recipe.lm_batch = functools.partial(question_batch, where=args.question_at)
     try:
         return _run(args)
     finally:
@@ -262,7 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qk-gain", type=float, default=1.0)
     p.add_argument("--rope-factor", type=float, default=0.0)
     p.add_argument("--attention-supervision", type=float, default=0.0)
-    p.add_argument("--question-first", action="store_true")
+    p.add_argument("--question-at", choices=["after", "before", "both"], default="after")
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -273,8 +277,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("layers", "heads", "steps", "batch", "eval_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.attention_supervision and args.question_first:
-        p.error("--attention-supervision reads the question-last layout: not with --question-first")
+    if args.attention_supervision and args.question_at != "after":
+        p.error("--attention-supervision reads the recipe's layout: only with --question-at after")
     if args.attention_supervision and args.layers < 2:
         p.error("--attention-supervision needs --layers >= 2 (layer 1 cannot know the question)")
     if not (args.model / "config.json").is_file():
@@ -294,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = (
         f"l{args.layers}h{args.heads}-c{args.curriculum}r{args.ramp}-g{args.qk_gain:g}"
         f"-rope{args.rope_factor:g}-att{args.attention_supervision:g}"
-        + ("-qfirst" if args.question_first else "")
+        + ("" if args.question_at == "after" else f"-q{args.question_at}")
     )
     out = args.out or REPO / "metrics" / "scenes" / "lm_trials" / f"{name}.json"
     report = run(args) | {

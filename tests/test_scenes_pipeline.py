@@ -174,7 +174,7 @@ def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, m
 
 
 def test_lm_trials_question_first_rows(monkeypatch):
-    """--question-first: [prefix][question][kept visual][tag][answer], original positions."""
+    """--question-at before / both: the question moved / copied before the image."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import scenes_lm_trials
 
@@ -182,7 +182,7 @@ def test_lm_trials_question_first_rows(monkeypatch):
     feats = torch.randn(2, 9, 4)
     # suffixes: question words then the one-token assistant tag (20)
     rows = [(0, torch.tensor([1, 5]), ([10, 11, 20], [12])), (1, torch.arange(9), ([10, 20], [13]))]
-    x, mask, labels, pos = scenes_lm_trials.question_first_batch(rows, [2, 3], feats, emb)
+    x, mask, labels, pos = scenes_lm_trials.question_batch(rows, [2, 3], feats, emb, "before")
     # row 0: prefix 0 1, question 2 3, visual tokens 1 and 5 of 9 at 4+1, 4+5, tag after all 9
     assert pos[0, :8].tolist() == [0, 1, 2, 3, 5, 9, 13, 14]
     assert mask[0].sum() == 8 and mask[1].sum() == 2 + 1 + 9 + 2
@@ -190,6 +190,11 @@ def test_lm_trials_question_first_rows(monkeypatch):
     assert torch.equal(x[0, 4], feats[0, 1]) and torch.equal(x[0, 5], feats[0, 5])
     torch.testing.assert_close(x[0, 6], emb(torch.tensor(20)))
     assert labels[0, 6] == 12 and labels[1, 12] == 13  # predicted from the tag's position
+    # both: the question again after the image, positions running on after all 9 tokens
+    x, mask, labels, pos = scenes_lm_trials.question_batch(rows, [2, 3], feats, emb, "both")
+    assert pos[0, :10].tolist() == [0, 1, 2, 3, 5, 9, 13, 14, 15, 16]
+    torch.testing.assert_close(x[0, 6:9], emb(torch.tensor([10, 11, 20])))
+    assert labels[0, 8] == 12 and mask[0].sum() == 10
 
 
 def test_lm_trials_question_first_runs(scenes_model, tmp_path, monkeypatch):
@@ -197,10 +202,10 @@ def test_lm_trials_question_first_runs(scenes_model, tmp_path, monkeypatch):
     import scenes_lm_trials
 
     flags = ["--model", str(scenes_model), "--heads", "2", "--steps", "2", "--batch", "4"]
-    flags += ["--eval-every", "2", "--question-first", "--cache", str(tmp_path / "t.pt")]
+    flags += ["--eval-every", "2", "--question-at", "both", "--cache", str(tmp_path / "t.pt")]
     rep = scenes_lm_trials.main([*flags, "--out", str(tmp_path / "qf.json")])
-    assert rep["flags"]["question_first"] and 0.0 <= rep["final_mean"] <= 1.0
-    assert scenes_recipe.lm_batch is not scenes_lm_trials.question_first_batch
+    assert rep["flags"]["question_at"] == "both" and 0.0 <= rep["final_mean"] <= 1.0
+    assert scenes_recipe.lm_batch.__module__ == "evocomp.mllm.scenes_recipe"  # restored
 
 
 def test_lm_trials_bench_refuses_a_model_that_is_not_a_scenes_reference(tmp_path, monkeypatch):
@@ -215,5 +220,5 @@ def test_lm_trials_bench_refuses_a_model_that_is_not_a_scenes_reference(tmp_path
         scenes_lm_trials.parse_args(["--layers", "1", "--attention-supervision", "1"])
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
-        scenes_lm_trials.parse_args(["--question-first", "--attention-supervision", "1"])
+        scenes_lm_trials.parse_args(["--question-at", "both", "--attention-supervision", "1"])
     assert e.value.code == 2

@@ -96,6 +96,24 @@ class RuntimeParams(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
+# The selectors the label stage seeds and compares with (evocomp.baselines.HEURISTICS) and
+# every method `evocomp evaluate` runs (those plus the evaluation-only SparseVLM and PruMerge
+# of evocomp.evaluation.guided, the compressor and the GA labels of the test split). Named
+# here so a typo in params.yaml is refused when it is read, not half-way through a stage.
+LABEL_HEURISTICS = ("random", "pooling", "fastv", "visionzip", "divprune", "dart")
+EVAL_METHODS = ("random", "pooling", "fastv", "sparsevlm", "visionzip", "prumerge", "divprune",
+                "dart", "evocomp", "oracle")  # fmt: skip
+
+
+def _known(names: tuple[str, ...], known: tuple[str, ...], key: str) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {key} {unknown[0]!r} (known: {', '.join(known)})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{key} lists a method twice")
+    return names
+
+
 class SearchParams(_Strict):
     """The DEAP genetic search, per sample (EvoComp paper, Sec. 3)."""
 
@@ -107,10 +125,15 @@ class SearchParams(_Strict):
     mut_prob: float = Field(0.2, ge=0.0, le=1.0)
     keep_ratio: float = Field(1 / 3, gt=0.0, le=1.0)  # budget mode: k = round(ratio * N)
     seed_with_heuristics: bool = True
-    heuristics: tuple[str, ...] = ("random", "pooling", "fastv", "visionzip", "divprune", "dart")
+    heuristics: tuple[str, ...] = LABEL_HEURISTICS
     early_stop_patience: int | None = Field(None, ge=1)  # generations without improvement
     seeds: int = Field(1, ge=1)  # independent searches per sample (agreement = confidence)
     seed: int = 0
+
+    @field_validator("heuristics")
+    @classmethod
+    def _heuristics(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _known(v, LABEL_HEURISTICS, "label.heuristics")
 
     @model_validator(mode="after")
     def _parents(self) -> SearchParams:
@@ -159,21 +182,15 @@ class TrainParams(_Strict):
 
 class EvaluateParams(_Strict):
     ratios: tuple[float, ...] = (0.5, 1 / 3, 1 / 4.5, 1 / 9)
-    methods: tuple[str, ...] = (
-        "random",
-        "pooling",
-        "fastv",
-        "sparsevlm",
-        "visionzip",
-        "prumerge",
-        "divprune",
-        "dart",
-        "evocomp",
-        "oracle",
-    )
+    methods: tuple[str, ...] = EVAL_METHODS
     prune_layer: Literal[0, 2] = 0
     max_samples: int | None = Field(None, ge=1)
     seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _known(v, EVAL_METHODS, "evaluate.methods")
 
     @field_validator("ratios")
     @classmethod

@@ -34,6 +34,10 @@ def test_profiles_apply(repo_root, profile):
         ({"prepare": {"val_fraction": 0.6, "test_fraction": 0.5}}, "must be < 1"),
         ({"profile": "huge"}, "unknown profile 'huge'"),
         ({"trian": {}}, "trian"),
+        ({"evaluate": {"methods": ["fastv", "sparsvlm"]}}, "unknown evaluate.methods 'sparsvlm'"),
+        ({"evaluate": {"methods": ["dart", "dart"]}}, "evaluate.methods lists a method twice"),
+        # SparseVLM is evaluation-only: the label stage cannot seed with it
+        ({"label": {"heuristics": ["fastv", "sparsevlm"]}}, "unknown label.heuristics 'sparsevlm'"),
     ],
 )
 def test_bad_params_name_the_key(raw, match):
@@ -52,3 +56,12 @@ def test_a_named_missing_file_is_an_error_none_gives_defaults(tmp_path, monkeypa
         load_params(tmp_path / "none.yaml")
     monkeypatch.chdir(tmp_path)  # no ./params.yaml: the defaults
     assert load_params() == Params()
+
+
+def test_the_method_lists_agree_with_the_code():
+    from evocomp.baselines import HEURISTICS
+    from evocomp.config import EVAL_METHODS, LABEL_HEURISTICS
+    from evocomp.evaluation.guided import MERGERS
+
+    assert LABEL_HEURISTICS == HEURISTICS and set(MERGERS) <= set(EVAL_METHODS)
+    assert set(EVAL_METHODS) == {*HEURISTICS, "sparsevlm", "prumerge", "evocomp", "oracle"}

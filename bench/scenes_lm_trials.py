@@ -127,39 +127,33 @@ def kept_tokens(args, step: int, scene, qa, rng: random.Random, n: int) -> torch
     return scenes_recipe._kept(scene, qa, rng, n, "full" if step % 2 == 0 else "subset")
 
 
+_recipe_batch = scenes_recipe.lm_batch  # the recipe's own builder (run() swaps the module's)
+
+
 def question_batch(rows, prefix: list[int], feats: torch.Tensor, embed, where: str = "before"):
     """``scenes_recipe.lm_batch`` with the question moved (``before``) or copied (``both``)
     before the image: ``[prefix][question][kept visual tokens][question if both][tag][answer]``,
     original positions.
 
     A row's suffix is the question's words and then the one-token assistant tag
-    (``Questions`` encodes ``{question} ASSISTANT:``).
+    (``Questions`` encodes ``{question} ASSISTANT:``). Each row is the recipe's batch of one
+    with the question in its prefix; the rows are then right-padded like the recipe's.
     """
-    moved = []
+    parts = []
     for i, kept, (suf, ans) in rows:
         q, tag = suf[:-1], suf[-1:]
-        moved.append((i, kept, q, (q if where == "both" else []) + tag, ans))
-    n_vis, D = feats.shape[1], feats.shape[2]
-    P = len(prefix)
-    lens = [P + len(q) + len(k) + len(t) + len(a) for _, k, q, t, a in moved]
-    B, L = len(moved), max(lens)
-    x = torch.zeros(B, L, D)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    labels = torch.full((B, L), -100, dtype=torch.long)
-    pos = torch.zeros(B, L, dtype=torch.long)
-    for r, (i, kept, q, tail, ans) in enumerate(moved):
-        head_ids = prefix + q
-        h, n = len(head_ids), lens[r]
-        m = h + len(kept)
-        x[r, :h] = embed(torch.tensor(head_ids))
-        x[r, h:m] = feats[i, kept]
-        x[r, m:n] = embed(torch.tensor(tail + ans))
-        mask[r, :n] = 1
-        labels[r, n - len(ans) - 1 : n - 1] = torch.tensor(ans)
-        pos[r, :h] = torch.arange(h)
-        pos[r, h:m] = h + kept
-        pos[r, m:n] = torch.arange(h + n_vis, h + n_vis + n - m)
-    return x, mask, labels, pos
+        tail = (q if where == "both" else []) + tag
+        parts.append(_recipe_batch([(i, kept, (tail, ans))], prefix + q, feats, embed))
+    width = max(x.shape[1] for x, *_ in parts)
+    fills = (0.0, 0, -100, 0)  # embeddings, mask, labels, positions beyond a row's end
+
+    def padded(j: int) -> torch.Tensor:
+        return torch.cat(
+            [F.pad(part[j], (0, 0, 0, width - part[j].shape[1]) if j == 0 else
+                   (0, width - part[j].shape[1]), value=fills[j]) for part in parts]
+        )  # fmt: skip
+
+    return tuple(padded(j) for j in range(4))
 
 
 def attention_loss(attentions, rows, labels, n_prefix: int, heads: int) -> torch.Tensor:

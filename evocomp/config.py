@@ -96,8 +96,8 @@ class RuntimeParams(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
-# The selectors the label stage seeds and compares with (evocomp.baselines.HEURISTICS) and
-# every method `evocomp evaluate` runs (those plus the evaluation-only SparseVLM and PruMerge
+# The selectors the label stage seeds and compares with (evocomp.baselines implements them,
+# under these names) and every method `evocomp evaluate` runs (those plus the evaluation-only SparseVLM and PruMerge
 # of evocomp.evaluation.guided, the compressor and the GA labels of the test split). Named
 # here so a typo in params.yaml is refused when it is read, not half-way through a stage.
 LABEL_HEURISTICS = ("random", "pooling", "fastv", "visionzip", "divprune", "dart")

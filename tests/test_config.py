@@ -59,9 +59,10 @@ def test_a_named_missing_file_is_an_error_none_gives_defaults(tmp_path, monkeypa
 
 
 def test_the_method_lists_agree_with_the_code():
-    from evocomp.baselines import HEURISTICS
-    from evocomp.config import EVAL_METHODS, LABEL_HEURISTICS
+    from evocomp.baselines import HEURISTICS, NEEDS
+    from evocomp.config import EVAL_METHODS
     from evocomp.evaluation.guided import MERGERS
 
-    assert LABEL_HEURISTICS == HEURISTICS and set(MERGERS) <= set(EVAL_METHODS)
+    assert set(NEEDS) == set(HEURISTICS)  # every named heuristic is implemented
+    assert set(MERGERS) <= set(EVAL_METHODS)
     assert set(EVAL_METHODS) == {*HEURISTICS, "sparsevlm", "prumerge", "evocomp", "oracle"}

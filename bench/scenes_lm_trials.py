@@ -14,6 +14,13 @@ retraining the vision tower: the model's aligned tokens of its own training and 
 - ``--curriculum N``: the recipe's first N steps (every patch the answer needs, each other
   token kept with probability U(0, 0.2)); ``--ramp M``: then M steps raising that upper bound
   linearly to 1, before the recipe's alternating all-token / subset steps;
+- ``--objects P``: in the curriculum (and ramp) rows, every other object is also kept whole
+  with probability U(0, P) (hard negatives: objects that share the target's colour or shape are
+  in view from step 0, so reading the one visible object is no shortcut);
+- ``--marker S``: every visual token plus a fixed direction orthogonal to every word
+  embedding, S x the tokens' mean norm (a modality marker that leaves each token's nearest
+  word unchanged: can the LM then tell the question's words from the image's?);
+- ``--types T ...``: train on these question types only (held-out scoring keeps all six);
 - ``--qk-gain G``: the tied query/key projections start G times larger (sharper word-matching
   attention from step 0);
 - ``--rope-factor F``: the LM's RoPE with ``transformers``' linear scaling by F (positions / F,
@@ -111,6 +118,40 @@ def build_lm(args, tokenizer, ref):
     return model, trainable
 
 
+def word_readout(ref, tokenizer, feats: torch.Tensor, images: list) -> dict[str, float]:
+    """Per object patch: is its nearest shape word (colour word) by cosine its object's shape
+    (colour)? What one visual token tells without any lookup: the ceiling the LM reads from."""
+    words = F.normalize(ref.get_input_embeddings().weight.detach(), dim=-1)
+    out = {}
+    for attr, names in (("shape", scenes.SHAPES), ("colour", tuple(scenes.COLOURS))):
+        ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(names)))
+        hits = [
+            names[(F.normalize(feats[i, list(o.patches)], dim=-1) @ words[ids].T).argmax(-1)[j]]
+            == getattr(o, attr)
+            for i, sc in enumerate(images)
+            for o in sc.objects
+            for j in range(len(o.patches))
+        ]
+        out[attr] = sum(hits) / len(hits)
+    return out
+
+
+def marked(ref, scale: float, *parts: torch.Tensor) -> list[torch.Tensor]:
+    """Every visual token plus one fixed *modality* direction orthogonal to every word
+    embedding, ``scale`` x the tokens' mean norm long. A token's dot product with each word
+    is unchanged and its norm grows alike for all words, so its nearest word (the labeling's
+    groups) is exactly the same; the LM can tell an image token from a question word by it."""
+    words = ref.get_input_embeddings().weight.detach()  # (V, D)
+    V, D = words.shape
+    if V >= D:
+        raise ValueError(f"--marker needs fewer words ({V}) than embedding dimensions ({D})")
+    basis = torch.linalg.svd(words, full_matrices=True).Vh  # rows: word span, then its complement
+    gen = torch.Generator().manual_seed(0)
+    u = basis[V:].T @ torch.randn(D - V, generator=gen)
+    u = u / u.norm() * scale * parts[0].norm(dim=-1).mean()
+    return [x + u for x in parts]
+
+
 def kept_tokens(args, step: int, scene, qa, rng: random.Random, n: int) -> torch.Tensor:
     """The row's visible tokens: the recipe's, or the ramp's widening curriculum.
 
@@ -122,6 +163,9 @@ def kept_tokens(args, step: int, scene, qa, rng: random.Random, n: int) -> torch
     if step < args.curriculum + args.ramp:
         top = 0.2 + 0.8 * max(0, step - args.curriculum) / max(1, args.ramp)
         rel, p = set(qa.relevant), rng.uniform(0.0, top)
+        if args.objects:  # other objects whole, each with probability U(0, --objects)
+            q = rng.uniform(0.0, args.objects)
+            rel |= {j for o in scene.objects if rng.random() < q for j in o.patches}
         keep = [j for j in range(n) if j in rel or rng.random() < p]
         return torch.tensor(keep, dtype=torch.long)
     return scenes_recipe._kept(scene, qa, rng, n, "full" if step % 2 == 0 else "subset")
@@ -192,8 +236,12 @@ def _run(args) -> dict[str, Any]:
 
     ref = LlavaForConditionalGeneration.from_pretrained(args.model)
     feats, val_feats, train, val = cached_tokens(ref, args.cache)
+    if args.marker:
+        feats, val_feats = marked(ref, args.marker, feats, val_feats)
     tokenizer = tiny_llava.build_tokenizer(scenes_qa.WORDS)
     model, trainable = build_lm(args, tokenizer, ref)
+    readout = word_readout(ref, tokenizer, val_feats, val)
+    print(f"held-out object patches whose nearest word is right: {readout}", flush=True)
     lm, head, embed = model.model.language_model, model.lm_head, model.get_input_embeddings()
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     rng, vrng = random.Random(args.seed), random.Random(1)
@@ -202,7 +250,11 @@ def _run(args) -> dict[str, Any]:
     for i, sc in enumerate(val):
         qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
         held_out.append((i, questions(qa), qa.qtype))
-    n, weights, curve, t0 = feats.shape[1], dict.fromkeys(qtypes, 1.0), [], time.time()
+    held_in = []  # as many training images, scored the same way (memorising or not learning?)
+    for i, sc in enumerate(train[: len(val)]):
+        qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
+        held_in.append((i, questions(qa), qa.qtype))
+    n, weights, curve, t0 = feats.shape[1], dict.fromkeys(args.types, 1.0), [], time.time()
     lm.train()
     for step in range(args.steps):
         for g in opt.param_groups:
@@ -235,16 +287,22 @@ def _run(args) -> dict[str, Any]:
         opt.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc = scenes_recipe.val_accuracy(lm, head, embed, questions.prefix, held_out, val_feats)
-            weights = {t: 1.1 - acc.get(t, 0.0) for t in qtypes}  # the recipe's weighting
+            weights = {t: 1.1 - acc.get(t, 0.0) for t in qtypes if t in weights}  # the recipe's
             mean = sum(acc.values()) / len(acc)
-            curve.append({"step": step + 1, "loss": loss.item(), "mean": mean, "by_type": acc})
+            fit = scenes_recipe.val_accuracy(lm, head, embed, questions.prefix, held_in, feats)
+            curve.append(
+                {"step": step + 1, "loss": loss.item(), "mean": mean, "by_type": acc,
+                 "training_images": fit}
+            )  # fmt: skip
             print(
                 f"step {step + 1}: loss {loss.item():.3f}, held-out mean {mean:.3f} ("
                 + ", ".join(f"{t} {a:.2f}" for t, a in acc.items())
+                + "; training images "
+                + ", ".join(f"{t} {a:.2f}" for t, a in fit.items())
                 + f") {time.time() - t0:.0f} s",
                 flush=True,
             )
-    return {"curve": curve, "final_mean": curve[-1]["mean"]}
+    return {"curve": curve, "final_mean": curve[-1]["mean"], "nearest_word": readout}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -257,6 +315,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--curriculum", type=int, default=300)
     p.add_argument("--ramp", type=int, default=0)
+    p.add_argument("--objects", type=float, default=0.0)
+    p.add_argument("--marker", type=float, default=0.0)
+    p.add_argument("--types", nargs="+", choices=scenes_qa.QTYPES, default=list(scenes_qa.QTYPES))
     p.add_argument("--qk-gain", type=float, default=1.0)
     p.add_argument("--rope-factor", type=float, default=0.0)
     p.add_argument("--attention-supervision", type=float, default=0.0)
@@ -292,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = (
         f"l{args.layers}h{args.heads}-c{args.curriculum}r{args.ramp}-g{args.qk_gain:g}"
         f"-rope{args.rope_factor:g}-att{args.attention_supervision:g}"
+        + (f"-obj{args.objects:g}" if args.objects else "")
+        + (f"-marker{args.marker:g}" if args.marker else "")
+        + ("" if len(args.types) == len(scenes_qa.QTYPES) else "-" + "+".join(args.types))
         + ("" if args.question_at == "after" else f"-q{args.question_at}")
     )
     out = args.out or REPO / "metrics" / "scenes" / "lm_trials" / f"{name}.json"

@@ -164,13 +164,59 @@ def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, m
     flags = ["--model", str(scenes_model), "--layers", "2", "--heads", "2", "--steps", "4"]
     flags += ["--batch", "4", "--eval-every", "2", "--curriculum", "1", "--ramp", "2"]
     flags += ["--qk-gain", "2", "--rope-factor", "4", "--attention-supervision", "0.5"]
+    flags += ["--objects", "1", "--marker", "1", "--types", "colour", "count"]
     rep = scenes_lm_trials.main([*flags, "--cache", str(cache), "--out", str(out)])
     assert [c["step"] for c in rep["curve"]] == [2, 4]
+    assert set(rep["curve"][-1]["training_images"]) <= set(scenes_qa.QTYPES)
+    assert set(rep["nearest_word"]) == {"shape", "colour"}
+    assert all(0.0 <= a <= 1.0 for a in rep["nearest_word"].values())
     written = json.loads(out.read_text())
     assert written["final_mean"] == rep["final_mean"] and 0.0 <= rep["final_mean"] <= 1.0
     assert set(written["curve"][-1]["by_type"]) <= set(scenes_qa.QTYPES)
     feats, val_feats = torch.load(cache)  # the model's own 64 + 16 images, 36 tokens each
     assert feats.shape[:2] == (64, 36) and val_feats.shape[:2] == (16, 36)
+
+
+def test_lm_trials_curriculum_with_objects_keeps_them_whole(monkeypatch):
+    """--objects: curriculum rows hold the answer's patches and other objects whole."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_lm_trials
+
+    args = scenes_lm_trials.parse_args(["--curriculum", "5", "--objects", "1"])
+    rng, seen = random.Random(0), set()
+    for _ in range(30):
+        sc = scenes.make_scene(rng, 12)
+        qa = scenes_qa.make_question(sc, rng, "colour")
+        kept = set(scenes_lm_trials.kept_tokens(args, 0, sc, qa, rng, 144).tolist())
+        assert set(qa.relevant) <= kept
+        for o in sc.objects:  # an object is in view whole or, bar background draws, not at all
+            inside = kept & set(o.patches)
+            seen.add(inside == set(o.patches))
+    assert seen == {True, False}  # per row U(0, 1): some objects in, some out
+
+
+def test_lm_trials_marker_leaves_every_tokens_nearest_word(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_lm_trials
+
+    words = torch.randn(20, 32)
+    ref = torch.nn.Module()
+    ref.get_input_embeddings = lambda: torch.nn.Embedding.from_pretrained(words)
+    a, b = torch.randn(5, 9, 32), torch.randn(3, 9, 32)
+    ma, mb = scenes_lm_trials.marked(ref, 1.0, a, b)
+    shift = ma - a
+    assert torch.allclose(shift, (mb - b)[:1, :1], atol=1e-5)
+    assert torch.allclose(shift, shift[:1, :1], atol=1e-5)
+    torch.testing.assert_close(shift @ words.T, torch.zeros(5, 9, 20), atol=1e-4, rtol=0)
+    torch.testing.assert_close(shift[0, 0].norm(), a.norm(dim=-1).mean())
+
+    def nearest(x):
+        return (torch.nn.functional.normalize(x, dim=-1) @ words.T).argmax(-1)
+
+    assert torch.equal(nearest(ma), nearest(a))
+    ref.get_input_embeddings = lambda: torch.nn.Embedding(40, 32)  # no room left for a marker
+    with pytest.raises(ValueError, match="fewer words"):
+        scenes_lm_trials.marked(ref, 1.0, a)
 
 
 def test_lm_trials_question_first_rows(monkeypatch):

@@ -126,12 +126,11 @@ def word_readout(ref, tokenizer, feats: torch.Tensor, images: list) -> dict[str,
     for attr, names in (("shape", scenes.SHAPES), ("colour", tuple(scenes.COLOURS))):
         ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(names)))
         hits = [
-            names[(F.normalize(feats[i, list(o.patches)], dim=-1) @ words[ids].T).argmax(-1)[j]]
-            == getattr(o, attr)
+            names[k] == getattr(o, attr)
             for i, sc in enumerate(images)
             for o in sc.objects
-            for j in range(len(o.patches))
-        ]
+            for k in (F.normalize(feats[i, list(o.patches)], dim=-1) @ words[ids].T).argmax(-1)
+        ]  # one argmax per object, over its patches
         out[attr] = sum(hits) / len(hits)
     return out
 
@@ -246,14 +245,12 @@ def _run(args) -> dict[str, Any]:
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     rng, vrng = random.Random(args.seed), random.Random(1)
     questions, qtypes = Questions(tokenizer), scenes_qa.QTYPES
-    held_out = []
-    for i, sc in enumerate(val):
-        qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
-        held_out.append((i, questions(qa), qa.qtype))
-    held_in = []  # as many training images, scored the same way (memorising or not learning?)
-    for i, sc in enumerate(train[: len(val)]):
-        qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
-        held_in.append((i, questions(qa), qa.qtype))
+    held_out, held_in = [], []
+    # as many training images, scored the same way (memorising or not learning?)
+    for images, into in ((val, held_out), (train[: len(val)], held_in)):
+        for i, sc in enumerate(images):
+            qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
+            into.append((i, questions(qa), qa.qtype))
     n, weights, curve, t0 = feats.shape[1], dict.fromkeys(args.types, 1.0), [], time.time()
     lm.train()
     for step in range(args.steps):
@@ -287,7 +284,7 @@ def _run(args) -> dict[str, Any]:
         opt.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc = scenes_recipe.val_accuracy(lm, head, embed, questions.prefix, held_out, val_feats)
-            weights = {t: 1.1 - acc.get(t, 0.0) for t in qtypes if t in weights}  # the recipe's
+            weights = {t: 1.1 - acc.get(t, 0.0) for t in args.types}  # the recipe's weighting
             mean = sum(acc.values()) / len(acc)
             fit = scenes_recipe.val_accuracy(lm, head, embed, questions.prefix, held_in, feats)
             curve.append(
@@ -329,6 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, help="token cache (default: .bench/, per model id)")
     p.add_argument("--out", type=Path, help="default: metrics/scenes/lm_trials/<from the flags>")
     args = p.parse_args(argv)
+    if not 0.0 <= args.objects <= 1.0 or args.marker < 0:
+        p.error("--objects must be in [0, 1] and --marker >= 0")
     for flag in ("layers", "heads", "steps", "batch", "eval_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")

@@ -195,6 +195,30 @@ def test_lm_trials_curriculum_with_objects_keeps_them_whole(monkeypatch):
     assert seen == {True, False}  # per row U(0, 1): some objects in, some out
 
 
+def test_lm_trials_word_readout_counts_each_patch(monkeypatch):
+    """A patch equal to its colour + shape words reads right; a background-like one wrong."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_lm_trials
+
+    from evocomp.mllm import tiny_llava
+
+    tok = tiny_llava.build_tokenizer(scenes_qa.WORDS)
+    emb = torch.nn.Embedding(len(tok), 64)
+    ref = torch.nn.Module()
+    ref.get_input_embeddings = lambda: emb
+    sc = scenes.make_scene(random.Random(1), 12)
+    feats = torch.zeros(1, 144, 64)
+    for o in sc.objects:
+        word = emb.weight[tok.convert_tokens_to_ids([o.colour, o.shape])].sum(0)
+        feats[0, list(o.patches)] = word.detach()
+    assert scenes_lm_trials.word_readout(ref, tok, feats, [sc]) == {"shape": 1.0, "colour": 1.0}
+    first = sc.objects[0]
+    other = next(s for s in scenes.SHAPES if s != first.shape)
+    feats[0, first.patches[0]] = emb.weight[tok.convert_tokens_to_ids([other])].detach()[0]
+    n = sum(len(o.patches) for o in sc.objects)
+    assert scenes_lm_trials.word_readout(ref, tok, feats, [sc])["shape"] == (n - 1) / n
+
+
 def test_lm_trials_marker_leaves_every_tokens_nearest_word(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import scenes_lm_trials
@@ -268,3 +292,7 @@ def test_lm_trials_bench_refuses_a_model_that_is_not_a_scenes_reference(tmp_path
     with pytest.raises(SystemExit) as e:
         scenes_lm_trials.parse_args(["--question-at", "both", "--attention-supervision", "1"])
     assert e.value.code == 2
+    for bad in (["--objects", "1.5"], ["--marker", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            scenes_lm_trials.parse_args(bad)
+        assert e.value.code == 2

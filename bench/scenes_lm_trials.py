@@ -27,6 +27,11 @@ retraining the vision tower: the model's aligned tokens of its own training and 
   so the 150-position spread of the visual tokens no longer scrambles content matching);
 - ``--attention-supervision W``: adds W x the mean over the last layers' first half of the
   heads of -log(attention mass, at the answer's position, on the patches the answer needs);
+- ``--pack K``: after the curriculum and ramp, each row is one image and K questions, packed
+  (``scenes_recipe.packed_batch``, the recipe's ``lm_pack``): every question attends to the image and its own words only, at the
+  positions it would have alone, so the image's tokens are computed once for K answers
+  (``--batch`` rows of K questions a step; the unpacked phases take ``--batch`` x K rows).
+  The same sums as K rows of one question, at a fraction of the tokens;
 - ``--question-at before``: the question's words before the image, the assistant tag after it
   (``USER: {question} <image> ASSISTANT:``), so every visual token can already attend to the
   question in layer 1; ``both``: the question before the image and again after it
@@ -167,7 +172,7 @@ def kept_tokens(args, step: int, scene, qa, rng: random.Random, n: int) -> torch
             rel |= {j for o in scene.objects if rng.random() < q for j in o.patches}
         keep = [j for j in range(n) if j in rel or rng.random() < p]
         return torch.tensor(keep, dtype=torch.long)
-    return scenes_recipe._kept(scene, qa, rng, n, "full" if step % 2 == 0 else "subset")
+    return scenes_recipe._kept(scene, [qa], rng, n, "full" if step % 2 == 0 else "subset")
 
 
 _recipe_batch = scenes_recipe.lm_batch  # the recipe's own builder (run() swaps the module's)
@@ -257,15 +262,28 @@ def _run(args) -> dict[str, Any]:
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step, args.steps, 50)
         rows = []
-        for _ in range(args.batch):
-            i = rng.randrange(len(train))
-            qtype = rng.choices(list(weights), weights=list(weights.values()))[0]
-            qa = scenes_qa.make_question(train[i], rng, qtype)
-            kept = kept_tokens(args, step, train[i], qa, rng, n)
-            rows.append((i, kept, questions(qa), set(qa.relevant)))
-        x, mask, labels, pos = scenes_recipe.lm_batch(
-            [r[:3] for r in rows], questions.prefix, feats, embed
-        )
+
+        def draw(i, w=weights):
+            qtype = rng.choices(list(w), weights=list(w.values()))[0]
+            return scenes_qa.make_question(train[i], rng, qtype)
+
+        if args.pack > 1 and step >= args.curriculum + args.ramp:
+            for _ in range(args.batch):
+                i = rng.randrange(len(train))
+                qas = [draw(i) for _ in range(args.pack)]
+                mode = "full" if step % 2 == 0 else "subset"
+                kept = scenes_recipe._kept(train[i], qas, rng, n, mode)
+                rows.append((i, kept, [questions(qa) for qa in qas]))
+            x, mask, labels, pos = scenes_recipe.packed_batch(rows, questions.prefix, feats, embed)
+        else:
+            for _ in range(args.batch * args.pack):
+                i = rng.randrange(len(train))
+                qa = draw(i)
+                kept = kept_tokens(args, step, train[i], qa, rng, n)
+                rows.append((i, kept, questions(qa), set(qa.relevant)))
+            x, mask, labels, pos = scenes_recipe.lm_batch(
+                [r[:3] for r in rows], questions.prefix, feats, embed
+            )
         out = lm(
             inputs_embeds=x,
             attention_mask=mask,
@@ -315,6 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--objects", type=float, default=0.0)
     p.add_argument("--marker", type=float, default=0.0)
     p.add_argument("--types", nargs="+", choices=scenes_qa.QTYPES, default=list(scenes_qa.QTYPES))
+    p.add_argument("--pack", type=int, default=1)
     p.add_argument("--qk-gain", type=float, default=1.0)
     p.add_argument("--rope-factor", type=float, default=0.0)
     p.add_argument("--attention-supervision", type=float, default=0.0)
@@ -328,9 +347,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.objects <= 1.0 or args.marker < 0:
         p.error("--objects must be in [0, 1] and --marker >= 0")
-    for flag in ("layers", "heads", "steps", "batch", "eval_every"):
+    for flag in ("layers", "heads", "steps", "batch", "eval_every", "pack"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.pack > 1 and (args.attention_supervision or args.question_at != "after"):
+        p.error(
+            "--pack packs the recipe's layout: not with --attention-supervision or --question-at"
+        )
     if args.attention_supervision and args.question_at != "after":
         p.error("--attention-supervision reads the recipe's layout: only with --question-at after")
     if args.attention_supervision and args.layers < 2:
@@ -356,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + (f"-marker{args.marker:g}" if args.marker else "")
         + ("" if len(args.types) == len(scenes_qa.QTYPES) else "-" + "+".join(args.types))
         + ("" if args.question_at == "after" else f"-q{args.question_at}")
+        + (f"-pack{args.pack}" if args.pack > 1 else "")
     )
     out = args.out or REPO / "metrics" / "scenes" / "lm_trials" / f"{name}.json"
     report = run(args) | {

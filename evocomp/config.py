@@ -59,6 +59,9 @@ class MLLMParams(_Strict):
     lm_lr: float = Field(1e-3, gt=0)  # 2e-3 learnt slower (and stalled at a constant rate)
     align_batch_size: int = Field(64, ge=1)  # images per alignment step
     batch_size: int = Field(64, ge=1)  # (image, question) rows per LM step
+    # scenes-vqa: after the curriculum, each of the batch_size rows is one image and lm_pack
+    # questions, the image's tokens computed once for all (scenes_recipe.packed_batch)
+    lm_pack: int = Field(1, ge=1)
     # max prob. of dropping an irrelevant token (1: all of them, as a selector at 1/9 may)
     drop_max: float = Field(1.0, ge=0.0, le=1.0)
     curriculum_steps: int = Field(500, ge=0)  # first LM steps drop most distractors

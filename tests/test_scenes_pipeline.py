@@ -28,7 +28,7 @@ from tests.dvc_helpers import BIN, copy_repo, git_workspace, sh
 TINY = dict(
     benchmark="scenes", grid=6, n_images=64, val_images=16, align_steps=3, lm_steps=4,
     eval_every=2, batch_size=8, align_batch_size=16, curriculum_steps=2, threads=1, seed=3,
-    vision_layers=1, lm_layers=1, eval_images=12,
+    vision_layers=1, lm_layers=1, eval_images=12, lm_pack=2,
 )  # fmt: skip
 
 
@@ -74,12 +74,12 @@ def test_subset_rows_keep_the_anchors_the_answer_needs():
     for _ in range(50):
         scene = scenes.make_scene(rng)
         qa = scenes_qa.make_question(scene, rng)
-        kept = set(scenes_recipe._kept(scene, qa, rng, 144, "subset").tolist())
-        easy = set(scenes_recipe._kept(scene, qa, rng, 144, "curriculum").tolist())
+        kept = set(scenes_recipe._kept(scene, [qa], rng, 144, "subset").tolist())
+        easy = set(scenes_recipe._kept(scene, [qa], rng, 144, "curriculum").tolist())
         assert set(qa.relevant) <= easy
         needed = [o for o in scene.objects if set(o.patches) & set(qa.relevant)]
         assert all(min(o.patches) in kept for o in needed)
-    assert scenes_recipe._kept(scene, qa, rng, 144, "full").tolist() == list(range(144))
+    assert scenes_recipe._kept(scene, [qa], rng, 144, "full").tolist() == list(range(144))
 
 
 def test_lm_rows_keep_original_positions():
@@ -296,3 +296,46 @@ def test_lm_trials_bench_refuses_a_model_that_is_not_a_scenes_reference(tmp_path
         with pytest.raises(SystemExit) as e:
             scenes_lm_trials.parse_args(bad)
         assert e.value.code == 2
+
+
+def test_packed_rows_answer_as_their_own_rows():
+    """lm_pack: K questions after one image give each answer the logits of its own row."""
+    from evocomp.mllm import tiny_llava
+    from evocomp.mllm.recipe import Questions
+
+    tok = tiny_llava.build_tokenizer(scenes_qa.WORDS)
+    model = tiny_llava.build_model(tok, 0, 6 * scenes.CELL, scenes.CELL, 2, 2, 1, 2)
+    lm, head, embed = model.model.language_model, model.lm_head, model.get_input_embeddings()
+    q = Questions(tok)
+    rng = random.Random(2)
+    scs = [scenes.make_scene(rng, 6) for _ in range(2)]
+    feats = torch.randn(2, 36, model.config.text_config.hidden_size)
+    qas = [
+        [scenes_qa.make_question(sc, rng, t) for t in ("colour", "count", "spatial")] for sc in scs
+    ]
+    kept = [torch.tensor([0, 3, 4, 20, 35]), torch.arange(36)]
+    packed = [(i, kept[i], [q(qa) for qa in qas[i]]) for i in range(2)]
+    single = [(i, kept[i], q(qa)) for i in range(2) for qa in qas[i]]
+
+    def answer_logits(x, mask, labels, pos):
+        h = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
+        return head(h[labels != -100]), labels[labels != -100]
+
+    with torch.no_grad():
+        a, la = answer_logits(*scenes_recipe.packed_batch(packed, q.prefix, feats, embed))
+        b, lb = answer_logits(*scenes_recipe.lm_batch(single, q.prefix, feats, embed))
+    assert torch.equal(la, lb) and len(la) == 2 * 3 * 2  # answer word + EOS, 3 per image
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_subset_rows_keep_every_questions_anchors():
+    rng = random.Random(4)
+    for _ in range(20):
+        sc = scenes.make_scene(rng, 12)
+        qas = [scenes_qa.make_question(sc, rng, t) for t in ("colour", "count", "exists")]
+        kept = set(scenes_recipe._kept(sc, qas, rng, 144, "subset").tolist())
+        for qa in qas:
+            for o in sc.objects:
+                if set(o.patches) & set(qa.relevant):
+                    assert min(o.patches) in kept
+    assert scenes_recipe._kept(sc, qas, rng, 144, "full").tolist() == list(range(144))

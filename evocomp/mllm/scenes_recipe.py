@@ -184,6 +184,46 @@ def lm_batch(rows, prefix: list[int], feats: torch.Tensor, embed):
     return x, mask, labels, pos
 
 
+def packed_batch(rows, prefix: list[int], feats: torch.Tensor, embed):
+    """LM inputs for rows of (image index, kept token indices, [(suffix, answer), ...]):
+    ``[prefix][kept visual tokens][q1 a1][q2 a2]...``, right-padded.
+
+    Each question's words attend (causally) to the prefix, the visual tokens and themselves,
+    never to another question, and sit at the positions they would have alone (right after
+    the N visual tokens), so every answer's logits equal those of its own :func:`lm_batch`
+    row; the visual tokens, which attend only backwards, are computed once per image instead
+    of once per question. ``transformers`` takes such a mask as a 4-D additive one, as is
+    (written here: no library builds a shared-prefix mask for packed questions).
+    Returns ``inputs_embeds, attention_mask (B, 1, L, L), labels, position_ids``.
+    """
+    n_vis, D = feats.shape[1], feats.shape[2]
+    P = len(prefix)
+    lens = [P + len(k) + sum(len(s) + len(a) for s, a in qs) for _, k, qs in rows]
+    B, L = len(rows), max(lens)
+    x = torch.zeros(B, L, D)
+    allowed = torch.zeros(B, L, L, dtype=torch.bool)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    pos = torch.zeros(B, L, dtype=torch.long)
+    pre = embed(torch.tensor(prefix))
+    for r, (i, kept, qs) in enumerate(rows):
+        m = P + len(kept)
+        x[r, :P], x[r, P:m] = pre, feats[i, kept]
+        pos[r, :P], pos[r, P:m] = torch.arange(P), P + kept
+        allowed[r, :m, :m] = torch.ones(m, m, dtype=torch.bool).tril()
+        s = m
+        for suf, ans in qs:
+            e = s + len(suf) + len(ans)
+            x[r, s:e] = embed(torch.tensor(suf + ans))
+            pos[r, s:e] = torch.arange(P + n_vis, P + n_vis + e - s)
+            allowed[r, s:e, :m] = True
+            allowed[r, s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+            labels[r, e - len(ans) - 1 : e - 1] = torch.tensor(ans)
+            s = e
+    allowed[:, torch.arange(L), torch.arange(L)] = True  # padding sees itself: no empty rows
+    mask = torch.zeros(B, 1, L, L).masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)
+    return x, mask, labels, pos
+
+
 def _forward(lm, head, x, mask, labels, pos):
     h = lm(
         inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False
@@ -213,13 +253,14 @@ def val_accuracy(lm, head, embed, prefix, val, feats, batch: int = 128) -> dict[
     }
 
 
-def _kept(scene: scenes.Scene, qa, rng: random.Random, n: int, mode: str) -> torch.Tensor:
-    """The row's visible tokens. ``full``: all; ``subset``: the anchors of the objects the
-    answer needs and each other token with probability U(0, 1); ``curriculum``: every patch
-    the answer needs and each other token with probability U(0, 0.2) (learn to find first)."""
+def _kept(scene: scenes.Scene, qas, rng: random.Random, n: int, mode: str) -> torch.Tensor:
+    """The visible tokens of a row asking ``qas`` (one question, or a packed row's several).
+    ``full``: all; ``subset``: the anchors of the objects any answer needs and each other
+    token with probability U(0, 1); ``curriculum``: every patch an answer needs and each
+    other token with probability U(0, 0.2) (learn to find first)."""
     if mode == "full":
         return torch.arange(n)
-    rel = set(qa.relevant)
+    rel = {p for qa in qas for p in qa.relevant}
     if mode == "curriculum":
         must, p_keep = rel, rng.uniform(0.0, 0.2)
     else:
@@ -242,7 +283,7 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
     for i, (_, sc) in enumerate(val_data):
         qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
         val.append((i, questions(qa), qa.qtype))
-    n = feats.shape[1]
+    n, pack = feats.shape[1], params.lm_pack
     weights = dict.fromkeys(qtypes, 1.0)
     acc: dict[str, float] = {}
     lm.train()
@@ -252,15 +293,26 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
             g["lr"] = params.lm_lr * lr_factor(step, params.lm_steps, 50)
         mode = "full" if step % 2 else "subset"
         mode = "curriculum" if step < params.curriculum_steps else mode
+
+        def ask(sc, w=weights):
+            qtype = rng.choices(list(w), weights=list(w.values()))[0]
+            return scenes_qa.make_question(sc, rng, qtype)
+
         rows = []
-        for _ in range(params.batch_size):
-            i = rng.randrange(len(data))
-            sc = data[i][1]
-            qa = scenes_qa.make_question(
-                sc, rng, rng.choices(list(weights), weights=list(weights.values()))[0]
-            )
-            rows.append((i, _kept(sc, qa, rng, n, mode), questions(qa)))
-        logits, target = _forward(lm, head, *lm_batch(rows, questions.prefix, feats, embed))
+        if pack > 1 and mode != "curriculum":  # batch_size images, pack questions each
+            for _ in range(params.batch_size):
+                i = rng.randrange(len(data))
+                qas = [ask(data[i][1]) for _ in range(pack)]
+                kept = _kept(data[i][1], qas, rng, n, mode)
+                rows.append((i, kept, [questions(qa) for qa in qas]))
+            batch = packed_batch(rows, questions.prefix, feats, embed)
+        else:  # as many answers a step, one question per row
+            for _ in range(params.batch_size * pack):
+                i = rng.randrange(len(data))
+                qa = ask(data[i][1])
+                rows.append((i, _kept(data[i][1], [qa], rng, n, mode), questions(qa)))
+            batch = lm_batch(rows, questions.prefix, feats, embed)
+        logits, target = _forward(lm, head, *batch)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad()
         loss.backward()

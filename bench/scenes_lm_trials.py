@@ -28,10 +28,10 @@ retraining the vision tower: the model's aligned tokens of its own training and 
 - ``--attention-supervision W``: adds W x the mean over the last layers' first half of the
   heads of -log(attention mass, at the answer's position, on the patches the answer needs);
 - ``--pack K``: after the curriculum and ramp, each row is one image and K questions, packed
-  (``scenes_recipe.packed_batch``, the recipe's ``lm_pack``): every question attends to the image and its own words only, at the
-  positions it would have alone, so the image's tokens are computed once for K answers
-  (``--batch`` rows of K questions a step; the unpacked phases take ``--batch`` x K rows).
-  The same sums as K rows of one question, at a fraction of the tokens;
+  as the recipe's ``lm_pack`` does (``scenes_recipe.packed_rows`` / ``packed_batch``): every
+  question attends to the image and its own words only, at the positions it would have
+  alone, so the image's tokens are computed once for K answers (``--batch`` rows of K
+  questions a step; the unpacked phases take ``--batch`` x K rows);
 - ``--question-at before``: the question's words before the image, the assistant tag after it
   (``USER: {question} <image> ASSISTANT:``), so every visual token can already attend to the
   question in layer 1; ``both``: the question before the image and again after it
@@ -261,24 +261,17 @@ def _run(args) -> dict[str, Any]:
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step, args.steps, 50)
-        rows = []
-
-        def draw(i, w=weights):
-            qtype = rng.choices(list(w), weights=list(w.values()))[0]
-            return scenes_qa.make_question(train[i], rng, qtype)
-
         if args.pack > 1 and step >= args.curriculum + args.ramp:
-            for _ in range(args.batch):
-                i = rng.randrange(len(train))
-                qas = [draw(i) for _ in range(args.pack)]
-                mode = "full" if step % 2 == 0 else "subset"
-                kept = scenes_recipe._kept(train[i], qas, rng, n, mode)
-                rows.append((i, kept, [questions(qa) for qa in qas]))
+            mode = "full" if step % 2 == 0 else "subset"
+            rows = scenes_recipe.packed_rows(
+                train, rng, weights, n, args.batch, args.pack, mode, questions
+            )
             x, mask, labels, pos = scenes_recipe.packed_batch(rows, questions.prefix, feats, embed)
         else:
+            rows = []
             for _ in range(args.batch * args.pack):
                 i = rng.randrange(len(train))
-                qa = draw(i)
+                qa = scenes_recipe.ask(train[i], rng, weights)
                 kept = kept_tokens(args, step, train[i], qa, rng, n)
                 rows.append((i, kept, questions(qa), set(qa.relevant)))
             x, mask, labels, pos = scenes_recipe.lm_batch(

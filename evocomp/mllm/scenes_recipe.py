@@ -274,6 +274,23 @@ def _kept(scene: scenes.Scene, qas, rng: random.Random, n: int, mode: str) -> to
     return torch.tensor(keep, dtype=torch.long)
 
 
+def ask(scene: scenes.Scene, rng: random.Random, weights: dict[str, float]):
+    """A fresh question on ``scene``, its type drawn by ``weights`` (type -> weight)."""
+    qtype = rng.choices(list(weights), weights=list(weights.values()))[0]
+    return scenes_qa.make_question(scene, rng, qtype)
+
+
+def packed_rows(images, rng: random.Random, weights, n: int, rows: int, pack: int, mode, questions):
+    """``rows`` packed rows for :func:`packed_batch`: a random image of ``images`` (scenes),
+    ``pack`` questions on it and the tokens they keep (:func:`_kept` over all of them)."""
+    out = []
+    for _ in range(rows):
+        i = rng.randrange(len(images))
+        qas = [ask(images[i], rng, weights) for _ in range(pack)]
+        out.append((i, _kept(images[i], qas, rng, n, mode), [questions(qa) for qa in qas]))
+    return out
+
+
 def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMParams, log) -> dict:
     """Stage 2: the LM (its embeddings frozen) on cached tokens; see the module docstring."""
     lm, head = model.model.language_model, model.lm_head
@@ -288,6 +305,7 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
         qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
         val.append((i, questions(qa), qa.qtype))
     n, pack = feats.shape[1], params.lm_pack
+    images = [sc for _, sc in data]
     weights = dict.fromkeys(qtypes, 1.0)
     acc: dict[str, float] = {}
     lm.train()
@@ -297,24 +315,15 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
             g["lr"] = params.lm_lr * lr_factor(step, params.lm_steps, 50)
         mode = "full" if step % 2 else "subset"
         mode = "curriculum" if step < params.curriculum_steps else mode
-
-        def ask(sc, w=weights):
-            qtype = rng.choices(list(w), weights=list(w.values()))[0]
-            return scenes_qa.make_question(sc, rng, qtype)
-
-        rows = []
         if pack > 1 and mode != "curriculum":  # batch_size images, pack questions each
-            for _ in range(params.batch_size):
-                i = rng.randrange(len(data))
-                qas = [ask(data[i][1]) for _ in range(pack)]
-                kept = _kept(data[i][1], qas, rng, n, mode)
-                rows.append((i, kept, [questions(qa) for qa in qas]))
+            rows = packed_rows(images, rng, weights, n, params.batch_size, pack, mode, questions)
             batch = packed_batch(rows, questions.prefix, feats, embed)
         else:  # as many answers a step, one question per row
+            rows = []
             for _ in range(params.batch_size * pack):
-                i = rng.randrange(len(data))
-                qa = ask(data[i][1])
-                rows.append((i, _kept(data[i][1], [qa], rng, n, mode), questions(qa)))
+                i = rng.randrange(len(images))
+                qa = ask(images[i], rng, weights)
+                rows.append((i, _kept(images[i], [qa], rng, n, mode), questions(qa)))
             batch = lm_batch(rows, questions.prefix, feats, embed)
         logits, target = _forward(lm, head, *batch)
         loss = F.cross_entropy(logits, target)

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 import yaml
 
@@ -30,6 +31,15 @@ def read_json(path: str, stamp: float) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def read_csv(path: str, stamp: float) -> pd.DataFrame | None:
+    """A plots CSV, None when absent or unreadable (``stamp``: its mtime, for the cache)."""
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
@@ -54,6 +64,11 @@ def audit_rules(s: Settings) -> AuditParams:
 def metrics(s: Settings, name: str) -> dict[str, Any] | None:
     path = s.metrics / name
     return read_json(str(path), mtime(path))
+
+
+def plot_csv(path: str | Path) -> pd.DataFrame | None:
+    """A CSV a bench wrote (its path as the bench's JSON records it, relative to the repo)."""
+    return read_csv(str(path), mtime(Path(path)))
 
 
 @st.cache_data(ttl=300, show_spinner=False)

@@ -88,6 +88,37 @@ def test_page_on_an_empty_store(page, migrated, tmp_path, monkeypatch):
         assert not any("recommended" in df.value.columns for df in at.dataframe)
 
 
+def test_overview_shows_the_anytime_bench(tmp_path, monkeypatch):
+    """bench/anytime.py's JSON and curve (its ``plot`` path) become a table and a chart."""
+    point_at(monkeypatch, tmp_path, f"sqlite:///{tmp_path / 'store.db'}")
+    (tmp_path / "metrics").mkdir()
+    curve = tmp_path / "anytime.csv"
+    curve.write_text("setting,forwards,excess\nlabel,48,0.5\nlabel,408,0.1\nreference,48,0.5\n")
+    stats = {
+        "mean_forwards": 408.0,
+        "mean_final_excess": 0.116,
+        "median_final_excess": 0.0,
+        "median_forwards_to_label_quality": 48.0,
+        "reached_label_quality": 1.0,
+        "reached_within_quarter_budget": 0.7,
+    }
+    bench = {
+        "command": "bench/anytime.py --samples 40",
+        "plot": str(curve),
+        "settings": {"label": stats, "reference": {**stats, "mean_final_excess": 0.0}},
+    }
+    (tmp_path / "metrics" / "bench_anytime.json").write_text(json.dumps(bench))
+    at = open_page(PAGES[0])
+    table = table_with(at, "within 1/4 of the budget").set_index("setting")
+    assert list(table.index) == ["label", "reference"]
+    assert (
+        table.loc["label", "excess (mean)"] == 0.116
+        and table.loc["reference", "excess (mean)"] == 0
+    )
+    chart = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert {t["name"] for t in chart["data"]} == {"label", "reference"}
+
+
 # ---- a real store -------------------------------------------------------------------------
 
 

@@ -165,6 +165,38 @@ if labels_json:
         fig = px.bar(x=list(bars), y=list(bars.values()), labels={"x": "", "y": "mean answer loss"})
         st.plotly_chart(fig, key="labels-json-chart")
 
+# ---- search budget (bench/anytime.py) ------------------------------------------------------
+anytime = artifacts.metrics(s, "bench_anytime.json")
+if anytime and isinstance(anytime.get("settings"), dict):
+    st.subheader(
+        "Search budget: best loss vs candidates scored (bench_anytime.json)",
+        help="Each setting's mean excess loss over a search 5x the label budget, in loss scales "
+        "(worst heuristic minus all tokens), after each number of candidates scored. "
+        f"Measured by `{anytime.get('command', 'bench/anytime.py')}`.",
+    )
+    table = pd.DataFrame(
+        [
+            {
+                "setting": name,
+                "candidates": v.get("mean_forwards"),
+                "excess (mean)": v.get("mean_final_excess"),
+                "excess (median)": v.get("median_final_excess"),
+                "candidates to the label's quality (median)": v.get(
+                    "median_forwards_to_label_quality"
+                ),
+                "samples reaching it": v.get("reached_label_quality"),
+                "within 1/4 of the budget": v.get("reached_within_quarter_budget"),
+            }
+            for name, v in anytime["settings"].items()
+        ]
+    )
+    st.dataframe(table.round(3), hide_index=True, key="anytime-table")
+    curve = artifacts.plot_csv(anytime["plot"]) if anytime.get("plot") else None
+    if curve is not None and {"setting", "forwards", "excess"} <= set(curve.columns):
+        fig = px.line(curve, x="forwards", y="excess", color="setting", log_x=True)
+        fig.update_layout(yaxis_title="mean excess over the 5x search (loss scales)")
+        st.plotly_chart(fig, key="anytime-chart")
+
 # ---- compressor retention -------------------------------------------------------------------
 st.header("Compressor retention")
 ev = artifacts.metrics(s, "eval.json")

@@ -127,6 +127,11 @@ def mode_summary(labelled: list[tuple], failed: list[dict]) -> dict[str, Any]:
             "min": min(lab.result.space_log10 for lab in labs),
         },
         "worse_samples": sum(worse),
+        # the samples the label only ties: their best heuristic's loss (near 0 nats: the
+        # heuristic already answers with certainty, and a tie is all a label can do)
+        "tied_best_heuristic_losses": sorted(
+            b for lab, b in zip(labs, best, strict=True) if lab.result.loss == b
+        ),
         "better_than_full": mean(lab.result.loss < lab.full_loss for lab in labs),
         "mean_k": mean(lab.result.k for lab in labs),
         "mean_kept_fraction": mean(lab.result.k / lab.result.n_tokens for lab in labs),

@@ -32,6 +32,11 @@ retraining the vision tower: the model's aligned tokens of its own training and 
   question attends to the image and its own words only, at the positions it would have
   alone, so the image's tokens are computed once for K answers (``--batch`` rows of K
   questions a step; the unpacked phases take ``--batch`` x K rows);
+- ``--where P``: each training question is, with probability P, an auxiliary one that no
+  benchmark type asks, "what is the <description> in ?", answered by the region (of the
+  3 x 3 thirds) of the described object's centre: retrieving an object by its description
+  and reading its row and column, the two halves of a spatial question, in one (held-out
+  scoring asks the benchmark's types only);
 - ``--question-at before``: the question's words before the image, the assistant tag after it
   (``USER: {question} <image> ASSISTANT:``), so every visual token can already attend to the
   question in layer 1; ``both``: the question before the image and again after it
@@ -60,6 +65,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import REPO, begin, command_line, finish  # noqa: E402
 
 from evocomp.data import scenes, scenes_qa  # noqa: E402
+from evocomp.data.shapes import QA  # noqa: E402
 from evocomp.mllm import scenes_recipe, tiny_llava  # noqa: E402
 from evocomp.mllm.checkpoint import checkpoint_info  # noqa: E402
 from evocomp.mllm.recipe import Questions, lm_trainable, lr_factor, pixels, visual  # noqa: E402
@@ -223,7 +229,40 @@ def attention_loss(attentions, rows, labels, n_prefix: int, heads: int) -> torch
     return torch.stack(losses).mean()
 
 
+def where_question(scene, rng: random.Random):
+    """The ``--where`` question: "what is the <description> in ?" -> its centre's region."""
+    for o in rng.sample(scene.objects, len(scene.objects)):
+        d = scenes_qa._any_description(o, scene.objects, rng)
+        if d:
+            c0, r0, w, h = o.footprint
+            region = scenes_qa.region_of((r0 + h // 2) * scene.grid + c0 + w // 2, scene.grid)
+            return QA("where", f"what is the {scenes_qa.phrase(d)} in ?", region, o.patches)
+    return None
+
+
+def with_where(ask, p: float):
+    """``scenes_recipe.ask`` that asks a :func:`where_question` with probability ``p``."""
+
+    def asking(scene, rng, weights):
+        if rng.random() < p and (qa := where_question(scene, rng)) is not None:
+            return qa
+        return ask(scene, rng, weights)
+
+    return asking
+
+
 def run(args) -> dict[str, Any]:
+    if args.where:
+        original_ask = scenes_recipe.ask
+        scenes_recipe.ask = with_where(original_ask, args.where)
+        try:
+            return _questions_at(args)
+        finally:
+            scenes_recipe.ask = original_ask
+    return _questions_at(args)
+
+
+def _questions_at(args) -> dict[str, Any]:
     if args.question_at == "after":
         return _run(args)
     # the recipe's batches (its training rows and its held-out scoring) with the question moved
@@ -330,6 +369,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qk-gain", type=float, default=1.0)
     p.add_argument("--rope-factor", type=float, default=0.0)
     p.add_argument("--attention-supervision", type=float, default=0.0)
+    p.add_argument("--where", type=float, default=0.0)
     p.add_argument("--question-at", choices=["after", "before", "both"], default="after")
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -373,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + ("" if len(args.types) == len(scenes_qa.QTYPES) else "-" + "+".join(args.types))
         + ("" if args.question_at == "after" else f"-q{args.question_at}")
         + (f"-pack{args.pack}" if args.pack > 1 else "")
+        + (f"-where{args.where:g}" if args.where else "")
     )
     out = args.out or REPO / "metrics" / "scenes" / "lm_trials" / f"{name}.json"
     report = run(args) | {

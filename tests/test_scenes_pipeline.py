@@ -164,8 +164,10 @@ def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, m
     flags = ["--model", str(scenes_model), "--layers", "2", "--heads", "2", "--steps", "4"]
     flags += ["--batch", "4", "--eval-every", "2", "--curriculum", "1", "--ramp", "2"]
     flags += ["--qk-gain", "2", "--rope-factor", "4", "--attention-supervision", "0.5"]
-    flags += ["--objects", "1", "--marker", "1", "--types", "colour", "count"]
+    flags += ["--objects", "1", "--marker", "1", "--types", "colour", "count", "--where", "0.5"]
+    ask = scenes_recipe.ask
     rep = scenes_lm_trials.main([*flags, "--cache", str(cache), "--out", str(out)])
+    assert scenes_recipe.ask is ask  # --where patched it for the trial only
     assert [c["step"] for c in rep["curve"]] == [2, 4]
     assert set(rep["curve"][-1]["training_images"]) <= set(scenes_qa.QTYPES)
     assert set(rep["nearest_word"]) == {"shape", "colour"}
@@ -175,6 +177,26 @@ def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, m
     assert set(written["curve"][-1]["by_type"]) <= set(scenes_qa.QTYPES)
     feats, val_feats = torch.load(cache)  # the model's own 64 + 16 images, 36 tokens each
     assert feats.shape[:2] == (64, 36) and val_feats.shape[:2] == (16, 36)
+
+
+def test_lm_trials_where_question_names_the_objects_region(monkeypatch):
+    """--where: "what is the <description> in ?" -> the region of that object's centre
+    patch, asked instead of a benchmark question with probability p; the recipe's ask is
+    restored after a trial (the smoke test above)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_lm_trials
+
+    rng = random.Random(0)
+    for _ in range(30):
+        sc = scenes.make_scene(rng, 12)
+        qa = scenes_lm_trials.where_question(sc, rng)
+        (o,) = [o for o in sc.objects if o.patches is qa.relevant]
+        c0, r0, w, h = o.footprint
+        assert qa.answer == scenes_qa.REGIONS[(r0 + h // 2) // 4 * 3 + (c0 + w // 2) // 4]
+        assert qa.question.startswith("what is the ") and qa.question.endswith(" in ?")
+    asking = scenes_lm_trials.with_where(scenes_recipe.ask, 0.5)
+    types = [asking(sc, rng, {"colour": 1.0}).qtype for _ in range(200)]
+    assert set(types) == {"where", "colour"} and 70 < types.count("where") < 130
 
 
 def test_lm_trials_curriculum_with_objects_keeps_them_whole(monkeypatch):
@@ -339,3 +361,24 @@ def test_packed_subset_rows_keep_every_questions_anchors():
                 if set(o.patches) & set(qa.relevant):
                     assert min(o.patches) in kept
     assert scenes_recipe._kept(sc, qas, rng, 144, "full").tolist() == list(range(144))
+
+
+def test_spatial_probe_reads_positions_and_not_noise(monkeypatch):
+    """bench/scenes_spatial_probe.py: tokens that carry their column and row answer left-of
+    and above from the two objects' mean tokens; tokens of noise do not."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_spatial_probe as sp
+
+    rng = random.Random(0)
+    images = [scenes.make_scene(rng, 12) for _ in range(300)]
+    grid = torch.arange(144)
+    where = torch.stack([grid % 12, grid // 12], 1).float()  # (col, row) per patch
+    noise = torch.randn(300, 144, 2, generator=torch.Generator().manual_seed(0))
+    for relation, axis in sp.RELATIONS.items():
+        x, y = sp.pairs(images[:200], where.expand(200, -1, -1), random.Random(1), axis)
+        xv, yv = sp.pairs(images[200:], where.expand(100, -1, -1), random.Random(2), axis)
+        assert 0.3 < y.mean() < 0.7  # both orders asked
+        assert sp.probe(x, y, xv, yv, 300, 0)["held_out"] > 0.95, relation
+        x, y = sp.pairs(images[:200], noise[:200], random.Random(1), axis)
+        xv, yv = sp.pairs(images[200:], noise[200:], random.Random(2), axis)
+        assert sp.probe(x, y, xv, yv, 300, 0)["held_out"] < 0.75, relation

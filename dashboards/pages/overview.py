@@ -1,4 +1,5 @@
-"""Overview: label runs and their health, label-set versions, losses, compressor retention."""
+"""Overview: label runs and their health, label-set versions, losses, the search budget
+(where bench/anytime.py has run), compressor retention."""
 
 from __future__ import annotations
 
@@ -188,6 +189,7 @@ if anytime and isinstance(anytime.get("settings"), dict):
                 "within 1/4 of the budget": v.get("reached_within_quarter_budget"),
             }
             for name, v in anytime["settings"].items()
+            if isinstance(v, dict)
         ]
     )
     st.dataframe(table.round(3), hide_index=True, key="anytime-table")

@@ -50,6 +50,7 @@ a reference model: nothing is saved but the curve (BENCHMARKS.md, scenes-vqa ref
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -57,6 +58,7 @@ import random
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -252,26 +254,16 @@ def with_where(ask, p: float):
 
 
 def run(args) -> dict[str, Any]:
-    if args.where:
-        original_ask = scenes_recipe.ask
-        scenes_recipe.ask = with_where(original_ask, args.where)
-        try:
-            return _questions_at(args)
-        finally:
-            scenes_recipe.ask = original_ask
-    return _questions_at(args)
-
-
-def _questions_at(args) -> dict[str, Any]:
-    if args.question_at == "after":
+    """:func:`_run` with the recipe's question draw (``--where``) and batch layout
+    (``--question-at``: its training rows and its held-out scoring) patched for the trial."""
+    with contextlib.ExitStack() as patched:
+        if args.where:
+            asking = with_where(scenes_recipe.ask, args.where)
+            patched.enter_context(mock.patch.object(scenes_recipe, "ask", asking))
+        if args.question_at != "after":
+            batch = functools.partial(question_batch, where=args.question_at)
+            patched.enter_context(mock.patch.object(scenes_recipe, "lm_batch", batch))
         return _run(args)
-    # the recipe's batches (its training rows and its held-out scoring) with the question moved
-    original = scenes_recipe.lm_batch
-    scenes_recipe.lm_batch = functools.partial(question_batch, where=args.question_at)
-    try:
-        return _run(args)
-    finally:
-        scenes_recipe.lm_batch = original
 
 
 def _run(args) -> dict[str, Any]:
@@ -391,6 +383,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--attention-supervision reads the recipe's layout: only with --question-at after")
     if args.attention_supervision and args.layers < 2:
         p.error("--attention-supervision needs --layers >= 2 (layer 1 cannot know the question)")
+    check_model_and_cache(p, args)
+    return args
+
+
+def check_model_and_cache(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--model`` must be a scenes-vqa reference model (a parser error otherwise); ``--cache``
+    defaults to its token cache under .bench/ (per model id, shared by the scenes benches)."""
     if not (args.model / "config.json").is_file():
         p.error(f"--model: no checkpoint at {args.model} (config.json missing)")
     config = json.loads((args.model / "config.json").read_text())
@@ -399,7 +398,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.cache is None:
         digest = checkpoint_info(args.model)["model_id"]
         args.cache = REPO / ".bench" / f"scenes-lm-trials-{digest}.pt"
-    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -26,9 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import REPO, begin, command_line, finish  # noqa: E402
-from scenes_lm_trials import cached_tokens  # noqa: E402
-
-from evocomp.mllm.checkpoint import checkpoint_info  # noqa: E402
+from scenes_lm_trials import cached_tokens, check_model_and_cache  # noqa: E402
 
 RELATIONS = {"left of": 0, "above": 1}  # footprint axis: 0 columns, 1 rows
 
@@ -81,11 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cache", type=Path, help="token cache (default: .bench/, per model id)")
     p.add_argument("--out", type=Path, default=REPO / "metrics/scenes/lm_trials/spatial_probe.json")
     args = p.parse_args(argv)
-    if not (args.model / "config.json").is_file():
-        p.error(f"--model {args.model}: no checkpoint there (config.json missing)")
-    if args.cache is None:
-        digest = checkpoint_info(args.model)["model_id"]
-        args.cache = REPO / ".bench" / f"scenes-lm-trials-{digest}.pt"
+    check_model_and_cache(p, args)
     start, machine = begin(args)
     from transformers import LlavaForConditionalGeneration
 

@@ -382,3 +382,20 @@ def test_spatial_probe_reads_positions_and_not_noise(monkeypatch):
         x, y = sp.pairs(images[:200], noise[:200], random.Random(1), axis)
         xv, yv = sp.pairs(images[200:], noise[200:], random.Random(2), axis)
         assert sp.probe(x, y, xv, yv, 300, 0)["held_out"] < 0.75, relation
+
+
+def test_spatial_probe_runs_on_a_scenes_model_only(scenes_model, tiny_llava, tmp_path, monkeypatch):
+    """bench/scenes_spatial_probe.py end to end on the tiny scenes model (both relations
+    scored on its own images); a checkpoint of another recipe is a one-line parser error."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_spatial_probe as sp
+
+    out = tmp_path / "probe.json"
+    flags = ["--model", str(scenes_model), "--steps", "20", "--cache", str(tmp_path / "t.pt")]
+    rep = sp.main([*flags, "--out", str(out)])
+    assert set(rep["relations"]) == set(sp.RELATIONS)
+    for r in json.loads(out.read_text())["relations"].values():
+        assert 0.0 <= r["held_out"] <= 1.0 and r["train_pairs"] > r["held_out_pairs"] > 0
+    with pytest.raises(SystemExit) as err:
+        sp.main(["--model", str(tiny_llava), "--out", str(out)])
+    assert err.value.code == 2

@@ -2,6 +2,7 @@
 
 evocomp synth --n 1000 --seed 1 --out data/raw/shapes-vqa
 evocomp synth --benchmark scenes --grid 12 --out data/raw/scenes-vqa
+evocomp synth --benchmark scenes --objects 2-5 --background plain --seed 7 --out held-out
 evocomp prepare --source my_data.json
 """
 
@@ -27,10 +28,23 @@ def synth(
     grid: int = typer.Option(
         None, help="scenes-vqa patches per side (default: mllm.grid, 12; 24: 576 tokens)"
     ),
+    objects: str = typer.Option(
+        None,
+        metavar="MIN-MAX",
+        help="objects per image, a held-out variant (default: prepare.objects, else shapes "
+        "3-6, scenes 6-16)",
+    ),
+    background: str = typer.Option(
+        None,
+        metavar="STYLE",
+        help="plain, noise or texture, a held-out variant (default: prepare.background, else "
+        "shapes plain, scenes texture)",
+    ),
     params_path: Path = ParamsOpt,
 ) -> None:
     """Write a built-in benchmark (images + dataset.json), deterministic by seed."""
-    from evocomp.data.synth import check_benchmark, write_dataset
+    from evocomp.data.backgrounds import parse_objects
+    from evocomp.data.synth import Variant, check_benchmark, check_variant, write_dataset
 
     params = params_or_exit(params_path)
     p = params.prepare
@@ -38,7 +52,12 @@ def synth(
         grid = params.mllm.grid
     try:
         grid = check_benchmark(benchmark, grid)
-    except ValueError as err:  # an unknown benchmark or a bad grid, before anything is written
+        variant = Variant(
+            parse_objects(objects) if objects is not None else p.objects,
+            background if background is not None else p.background,
+        )
+        check_variant(benchmark, variant)
+    except ValueError as err:  # a bad benchmark, grid or variant, before anything is written
         fail(str(err))
     out = out or Path(f"data/raw/{benchmark}-vqa")
     writable_or_exit(out)
@@ -49,6 +68,7 @@ def synth(
         questions or p.questions_per_image,
         benchmark=benchmark,
         grid=grid,
+        variant=variant,
     )
     typer.echo(f"wrote {path}")
 

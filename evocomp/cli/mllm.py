@@ -51,6 +51,12 @@ def evaluate(
     synth_seed: int = typer.Option(
         None, help="seed of the fresh synth set (default: 10000 + mllm.seed)"
     ),
+    objects: str = typer.Option(
+        None, metavar="MIN-MAX", help="objects per image of the fresh set (a held-out variant)"
+    ),
+    background: str = typer.Option(
+        None, metavar="STYLE", help="plain, noise or texture: the fresh set's background"
+    ),
     model: Path = typer.Option(None, help="checkpoint folder (default: mllm.checkpoint)"),
     split: str = typer.Option("test", help="split of --data to evaluate"),
     limit: int = typer.Option(None, help="evaluate the first N samples only"),
@@ -62,9 +68,10 @@ def evaluate(
     """Accuracy of the reference model: full tokens, and random/oracle/anti selections per ratio."""
     import tempfile
 
+    from evocomp.data.backgrounds import parse_objects
     from evocomp.data.prepared import load_prepared
     from evocomp.data.readers import read_dataset
-    from evocomp.data.synth import write_dataset
+    from evocomp.data.synth import Variant, write_dataset
     from evocomp.files import write_json_atomic
     from evocomp.mllm.checkpoint import checkpoint_info
     from evocomp.mllm.loader import load_mllm
@@ -73,7 +80,11 @@ def evaluate(
 
     params = params_or_exit(params_path)
     writable_or_exit(out)
+    if data is not None and (objects or background):
+        fail("--objects / --background make a fresh set; they do not apply with --data")
     try:
+        # not prepare.objects / background: those shape the pipeline's data, not this check
+        variant = Variant(parse_objects(objects) if objects else None, background)
         with tempfile.TemporaryDirectory() as tmp:
             if data is None:  # images the model never saw: a seed outside the training range
                 seed = 10000 + params.mllm.seed if synth_seed is None else synth_seed
@@ -85,10 +96,12 @@ def evaluate(
                         seed,
                         benchmark=bench,
                         grid=grid if bench == "scenes" else None,
+                        variant=variant,
                     )
                 )
                 samples = samples[:limit]
-                where = f"a fresh {bench}-vqa set (seed {seed})"
+                departs = ", ".join(f"{k} {v}" for k, v in variant.meta(bench).items())
+                where = f"a fresh {bench}-vqa set (seed {seed}{', ' + departs if departs else ''})"
             else:
                 samples = load_prepared(data, split, limit)
                 where = f"the {split} split of {data}"

@@ -21,7 +21,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageDraw
+
+from evocomp.data import backgrounds
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -35,10 +37,12 @@ SHAPES = ("ellipse", "rectangle", "triangle", "cross", "diamond", "ring")
 SIZES = ("small", "medium", "large")  # by the footprint's longer side: 1, 2, 3 patches
 CELL = 16  # px per patch, as the vision tower sees them
 GRID = 12  # default patches per side
-GRID_RANGE = (6, 64)  # 6: room for 16 objects; 64: a 1024 px image
-N_OBJECTS = (6, 16)
+GRID_RANGE = (6, 64)  # 6: a patch for each of MAX_OBJECTS; 64: a 1024 px image
+N_OBJECTS = (6, 16)  # default range; held-out variants: synth --objects
+PLAIN_GREY = 180  # the texture's mean: the plain and noise backgrounds' grey
 MAX_SIDE = 3  # footprint side in patches, so an object covers at most 9
 MAX_SAME = 6  # objects of one colour (or one shape)
+MAX_OBJECTS = MAX_SAME * 6  # 6 colours
 COLOUR_JITTER = 12  # per channel; the 6 colours stay far apart
 
 
@@ -96,12 +100,20 @@ def _capped(rng: random.Random, names: list[str], used: list[str]) -> str:
     return rng.choice([x for x in names if used.count(x) < MAX_SAME])
 
 
-def make_scene(rng: random.Random, grid: int = GRID) -> Scene:
-    """6-16 objects on non-overlapping footprints, at most ``MAX_SAME`` per colour or shape."""
+def check_objects(objects: tuple[int, int]) -> tuple[int, int]:
+    """An object-count range that fits: at most ``MAX_OBJECTS`` (every count is a word up to
+    "six"); the smallest grid, 6 x 6, has a patch for each."""
+    return backgrounds.check_objects(objects, MAX_OBJECTS, "scenes")
+
+
+def make_scene(rng: random.Random, grid: int = GRID, objects: tuple[int, int] = N_OBJECTS) -> Scene:
+    """``objects`` (min, max; default 6-16) objects on non-overlapping footprints, at most
+    ``MAX_SAME`` per colour or shape."""
     check_grid(grid)
+    check_objects(objects)
     taken: set[int] = set()
     objs: list[Obj] = []
-    n = rng.randint(*N_OBJECTS)
+    n = rng.randint(*objects)
     for k in range(n):
         room = grid * grid - len(taken) - (n - k - 1)  # leave a patch for each object to come
         fp = _footprint(rng, grid, taken, room)
@@ -159,21 +171,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def background(grid: int, seed: int) -> Image.Image:
-    """Grey blotches about two patches across (140-220), pixel noise (+-14) and a faint tint."""
-    rng = random.Random(seed)
-    size = grid * CELL
-    k = grid // 2 + 2
-    low = Image.frombytes("L", (k, k), rng.randbytes(k * k))
-    low = low.resize((size, size), Image.Resampling.BICUBIC).point(lambda v: 140 + v * 80 // 255)
-    fine = Image.frombytes("L", (size, size), rng.randbytes(size * size))
-    tone = ImageChops.add(low, fine.point(lambda v: v * 28 // 255), offset=-14)
-    tint = [rng.randint(-8, 8) for _ in range(3)]
-    return Image.merge("RGB", [tone.point(lambda v, d=d: min(255, max(0, v + d))) for d in tint])
-
-
-def render(scene: Scene) -> Image.Image:
-    img = background(scene.grid, scene.background_seed)
+def render(scene: Scene, background: str = "texture") -> Image.Image:
+    """The scene's image on its ``background`` style (``backgrounds.py``)."""
+    img = backgrounds.draw(background, scene.image_size, scene.background_seed, PLAIN_GREY)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         draw_shape(draw, o.shape, o.box, o.rgb)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from evocomp.data import backgrounds
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -36,6 +38,8 @@ IMAGE_SIZE = 96
 CELL = 16
 GRID = IMAGE_SIZE // CELL  # 6 x 6 patches
 BACKGROUND = (235, 235, 235)
+N_OBJECTS = (3, 6)  # default range; held-out variants: synth --objects
+MAX_OBJECTS = 3 * 4  # at most 3 per colour, 4 colours
 # The word-level vocabulary the reference model speaks (tokenizer built from it).
 WORDS = (
     "USER:",
@@ -78,9 +82,15 @@ class QA:
     relevant: tuple[int, ...]  # patch indices that hold the answer
 
 
-def make_scene(rng: random.Random) -> list[Obj]:
-    """3-6 objects, distinct (colour, shape) pairs, at most 3 per colour, one per cell."""
-    n = rng.randint(3, 6)
+def check_objects(objects: tuple[int, int]) -> tuple[int, int]:
+    """An object-count range that fits: at most 3 per colour (counts go up to "three")."""
+    return backgrounds.check_objects(objects, MAX_OBJECTS, "shapes")
+
+
+def make_scene(rng: random.Random, objects: tuple[int, int] = N_OBJECTS) -> list[Obj]:
+    """``objects`` (min, max; default 3-6) objects, distinct (colour, shape) pairs, at most 3
+    per colour, one per cell."""
+    n = rng.randint(*check_objects(objects))
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
     rng.shuffle(pairs)
     chosen: list[tuple[str, str]] = []
@@ -100,8 +110,9 @@ def make_scene(rng: random.Random) -> list[Obj]:
     return objs
 
 
-def render(objs: list[Obj]) -> Image.Image:
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+def render(objs: list[Obj], background: str = "plain", seed: int = 0) -> Image.Image:
+    """The objects on a ``background`` style (``backgrounds.py``; ``seed`` draws its noise)."""
+    img = backgrounds.draw(background, IMAGE_SIZE, seed, BACKGROUND[0])
     draw = ImageDraw.Draw(img)
     for o in objs:
         fill = COLOURS[o.colour]

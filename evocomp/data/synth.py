@@ -2,6 +2,7 @@
 
 evocomp synth --n 1000 --seed 1 --out data/raw/shapes-vqa
 evocomp synth --benchmark scenes --grid 12 --n 1000 --seed 1 --out data/raw/scenes-vqa
+evocomp synth --benchmark scenes --objects 2-5 --background plain --seed 7 --out held-out
 """
 
 from __future__ import annotations
@@ -9,12 +10,49 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from evocomp.data import scenes, scenes_qa
+from evocomp.data import backgrounds, scenes, scenes_qa, shapes
 from evocomp.data.shapes import GRID, QA, make_question, make_scene, render
 
 BENCHMARKS = ("shapes", "scenes")
+DEFAULT_BACKGROUND = {"shapes": "plain", "scenes": "texture"}
+DEFAULT_OBJECTS = {"shapes": shapes.N_OBJECTS, "scenes": scenes.N_OBJECTS}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a generated set departs from its benchmark's defaults (None: the default)."""
+
+    objects: tuple[int, int] | None = None  # (min, max) objects per image
+    background: str | None = None  # a ``backgrounds.STYLES`` name
+
+    def resolved(self, benchmark: str) -> tuple[tuple[int, int], str]:
+        return (
+            tuple(self.objects or DEFAULT_OBJECTS[benchmark]),
+            self.background or DEFAULT_BACKGROUND[benchmark],
+        )
+
+    def meta(self, benchmark: str) -> dict:
+        """What differs from the defaults, for each record's metadata (empty: nothing)."""
+        objects, background = self.resolved(benchmark)
+        out: dict = {}
+        if objects != DEFAULT_OBJECTS[benchmark]:
+            out["objects"] = list(objects)
+        if background != DEFAULT_BACKGROUND[benchmark]:
+            out["background"] = background
+        return out
+
+
+def check_variant(benchmark: str, variant: Variant) -> None:
+    """ValueError naming the option when the variant cannot be generated."""
+    objects, background = variant.resolved(benchmark)
+    backgrounds.check_style(background)
+    if benchmark == "shapes":
+        shapes.check_objects(objects)
+    else:
+        scenes.check_objects(objects)
 
 
 def check_benchmark(benchmark: str, grid: int | None) -> int:
@@ -41,12 +79,18 @@ def write_dataset(
     questions_per_image: int = 1,
     benchmark: str = "shapes",
     grid: int | None = None,
+    variant: Variant = Variant(),
 ) -> Path:
     """Write ``n`` images and a LLaVA-format ``dataset.json`` to ``out``; deterministic by seed.
 
     ``grid`` (patches per side) is scenes-vqa's (default 12); shapes-vqa is always 6 x 6.
+    ``variant`` changes the object-count range or the background (a held-out variant); each
+    record's ``metadata.variant`` says how, when it does.
     """
     grid = check_benchmark(benchmark, grid)  # before anything is written
+    check_variant(benchmark, variant)
+    objects, background = variant.resolved(benchmark)
+    departs = variant.meta(benchmark)
     sample = _shapes_sample if benchmark == "shapes" else _scenes_sample
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -54,13 +98,18 @@ def write_dataset(
     records = []
     for i in range(n):
         name = f"images/{seed:04d}_{i:07d}.png"
-        objects, conv, turns = sample(rng, out / name, questions_per_image, grid)
+        # shapes-vqa scenes draw no background seed: one keyed by the sample, so a background
+        # variant of the same seed holds the same objects and questions
+        shapes_seed = random.Random(f"{benchmark}-{seed}-{i}").getrandbits(32)
+        spec = Spec(grid, objects, background, shapes_seed)
+        metas, conv, turns = sample(rng, out / name, questions_per_image, spec)
+        meta = {"grid": [grid, grid], "objects": metas, "turns": turns}
         records.append(
             {
                 "id": f"{benchmark}-{seed}-{i}",
                 "image": name,
                 "conversations": conv,
-                "metadata": {"grid": [grid, grid], "objects": objects, "turns": turns},
+                "metadata": meta | ({"variant": departs} if departs else {}),
             }
         )
     path = out / "dataset.json"
@@ -73,9 +122,19 @@ def write_dataset(
 Sample = tuple[list[dict], list[dict], list[dict]]  # metadata objects, conversation, turn meta
 
 
-def _shapes_sample(rng: random.Random, image: Path, questions: int, grid: int) -> Sample:
-    objs = make_scene(rng)
-    render(objs).save(image, optimize=False)
+@dataclass(frozen=True)
+class Spec:
+    """One image's generation settings."""
+
+    grid: int
+    objects: tuple[int, int]
+    background: str
+    shapes_background_seed: int  # scenes-vqa draws its own (``Scene.background_seed``)
+
+
+def _shapes_sample(rng: random.Random, image: Path, questions: int, spec: Spec) -> Sample:
+    objs = make_scene(rng, spec.objects)
+    render(objs, spec.background, spec.shapes_background_seed).save(image, optimize=False)
     conv, turns = _conversation(lambda: make_question(objs, rng), questions)
     objects = [
         {
@@ -90,9 +149,9 @@ def _shapes_sample(rng: random.Random, image: Path, questions: int, grid: int) -
     return objects, conv, turns
 
 
-def _scenes_sample(rng: random.Random, image: Path, questions: int, grid: int) -> Sample:
-    scene = scenes.make_scene(rng, grid)
-    scenes.render(scene).save(image, optimize=False)
+def _scenes_sample(rng: random.Random, image: Path, questions: int, spec: Spec) -> Sample:
+    scene = scenes.make_scene(rng, spec.grid, spec.objects)
+    scenes.render(scene, spec.background).save(image, optimize=False)
     conv, turns = _conversation(lambda: scenes_qa.make_question(scene, rng), questions)
     return [scenes.object_meta(o) for o in scene.objects], conv, turns
 

@@ -22,7 +22,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
 from evocomp.config import MLLMParams
-from evocomp.data import shapes
+from evocomp.data import backgrounds, shapes
 from evocomp.mllm import tiny_llava
 from evocomp.mllm.recipe import align, pixels, train_lm, visual
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE
@@ -30,6 +30,12 @@ from evocomp.mllm.sequence import DEFAULT_TEMPLATE
 # What a shapes-vqa recipe dump leaves out: how the model is used, and the knobs of the
 # scenes-vqa model (shapes-vqa's is fixed), so its config.json, hence its id, stays as it was.
 NOT_RECIPE = {"prompt_template", "benchmark", "grid", "lm_layers", "vision_layers", "vision_heads"}
+
+
+def not_recipe(params: MLLMParams) -> set[str]:
+    """Keys left out of config.json's recipe: how to use the model, scenes-vqa's own keys, and
+    a default background mix (so a model trained before the key existed keeps its id)."""
+    return NOT_RECIPE | ({"backgrounds"} if params.backgrounds is None else set())
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -56,7 +62,11 @@ def train_reference(
     model = build_model(tokenizer, params.seed, params.lm_heads)
     rng = random.Random(params.seed)
     objs = [shapes.make_scene(rng) for _ in range(params.n_images + params.val_images)]
-    scenes = [(shapes.render(o), o) for o in objs]
+    mix = backgrounds.training_mix(params.backgrounds, len(objs), params.seed)
+    scenes = [
+        (shapes.render(o, style or "plain", bg), o)
+        for o, (style, bg) in zip(objs, mix, strict=True)
+    ]
     scenes, val_scenes = scenes[: params.n_images], scenes[params.n_images :]
     log(
         f"built model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), {len(scenes)} images"
@@ -78,7 +88,7 @@ def train_reference(
     out.mkdir(parents=True, exist_ok=True)
     model.config.evocomp = {
         # how to use a model is not how it was trained: prompt_template stays out of the recipe
-        "recipe": params.model_dump(exclude=NOT_RECIPE),
+        "recipe": params.model_dump(exclude=not_recipe(params)),
         "prompt_template": DEFAULT_TEMPLATE,
         "lm_steps_run": report["steps"],
         "held_out_accuracy": report["held_out"],

@@ -1,0 +1,262 @@
+"""Held-out variants of the built-in benchmarks: other object counts and backgrounds.
+
+The defaults move no byte (both benchmarks are DVC-versioned); a variant keeps every scene
+rule and answer; a background variant redraws the very same scenes; bad values are one
+line, exit 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from evocomp.cli import app
+from evocomp.data import backgrounds, scenes, scenes_qa, shapes
+from evocomp.data.synth import Variant, write_dataset
+from tests.test_scenes import digest, patches, solve
+
+runner = CliRunner()
+
+
+def test_scenes_default_bytes_unchanged(tmp_path):
+    """The digest of scenes-vqa before variants existed (shapes-vqa's: test_scenes.py)."""
+    write_dataset(tmp_path, n=3, seed=1, questions_per_image=2, benchmark="scenes")
+    assert digest(tmp_path) == "8b305a0027febb398e94a5431a1334c4fd6fc3a64791cfe43379d4381b0cf533"
+
+
+def test_naming_the_defaults_changes_nothing(tmp_path):
+    for bench, objects, style in (("shapes", (3, 6), "plain"), ("scenes", (6, 16), "texture")):
+        write_dataset(tmp_path / f"{bench}-a", n=3, seed=2, benchmark=bench)
+        v = Variant(objects, style)
+        write_dataset(tmp_path / f"{bench}-b", n=3, seed=2, benchmark=bench, variant=v)
+        assert digest(tmp_path / f"{bench}-a") == digest(tmp_path / f"{bench}-b")
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(1, 1), (1, 3), (20, 36)])
+@pytest.mark.parametrize("qtype", scenes_qa.QTYPES)
+def test_scenes_variant_answers_follow_from_the_scene(lo, hi, qtype):
+    rng = random.Random(lo * 100 + hi)
+    for _ in range(25):
+        scene = scenes.make_scene(rng, 12, (lo, hi))
+        objs = scene.objects
+        assert lo <= len(objs) <= hi
+        taken = [p for o in objs for p in o.patches]
+        assert len(taken) == len(set(taken)) and all(1 <= len(o.patches) <= 9 for o in objs)
+        for name in (*scenes.COLOURS, *scenes.SHAPES):  # counts stay words up to six
+            assert sum(name in (o.colour, o.shape) for o in objs) <= scenes.MAX_SAME
+        qa = scenes_qa.make_question(scene, rng, qtype)
+        answer, needed = solve(scene, qa)
+        assert qa.answer == answer, qa
+        assert list(qa.relevant) == patches(needed), qa
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(1, 1), (1, 2), (10, 12)])
+def test_shapes_variant_rules(lo, hi):
+    rng = random.Random(hi)
+    for _ in range(50):
+        objs = shapes.make_scene(rng, (lo, hi))
+        assert lo <= len(objs) <= hi
+        assert len({(o.colour, o.shape) for o in objs}) == len(objs)
+        assert len({o.cell for o in objs}) == len(objs)
+        assert max(sum(o.colour == c for o in objs) for c in shapes.COLOURS) <= 3
+        qa = shapes.make_question(objs, rng)
+        if qa.qtype == "count":
+            assert shapes.COUNT_WORDS.index(qa.answer) == len(qa.relevant)
+
+
+def _empty_patch_greys(path, grid):
+    """Per dataset image: the mean grey of each patch no object touches, and the patch bytes."""
+    out = []
+    for rec in json.loads((path / "dataset.json").read_text()):
+        img = Image.open(path / rec["image"]).convert("RGB")
+        taken = {p for o in rec["metadata"]["objects"] for p in o.get("patches", [o.get("cell")])}
+        crops = [
+            img.crop((p % grid * 16, p // grid * 16, p % grid * 16 + 16, p // grid * 16 + 16))
+            for p in range(grid * grid)
+            if p not in taken
+        ]
+        greys = [
+            c.convert("L").resize((1, 1), resample=Image.Resampling.BOX).getpixel((0, 0))
+            for c in crops
+        ]
+        out.append((greys, {c.tobytes() for c in crops}, len(crops)))
+    return out
+
+
+@pytest.mark.parametrize(("bench", "grid", "grey"), [("shapes", 6, 235), ("scenes", 12, 180)])
+def test_a_background_variant_redraws_the_same_scenes(tmp_path, bench, grid, grey):
+    records = {}
+    for style in backgrounds.STYLES:
+        path = write_dataset(
+            tmp_path / style,
+            n=4,
+            seed=3,
+            questions_per_image=2,
+            benchmark=bench,
+            variant=Variant(background=style),
+        )
+        records[style] = json.loads(path.read_text())
+        per_image = _empty_patch_greys(tmp_path / style, grid)
+        if style == "plain":  # one flat grey: every empty patch alike
+            assert all(len(b) == 1 and set(g) == {grey} for g, b, _ in per_image)
+        else:  # no two empty patches alike
+            assert all(len(b) == n for _, b, n in per_image)
+        if style == "noise":  # the same grey on average, no blotches
+            assert all(
+                abs(sum(g) / len(g) - grey) < 3 and max(g) - min(g) < 8 for g, *_ in per_image
+            )
+        if style == "texture":
+            assert all(max(g) - min(g) > 20 for g, *_ in per_image)
+
+    def strip(recs):
+        return [{**r, "metadata": {**r["metadata"], "variant": None}} for r in recs]
+
+    assert strip(records["plain"]) == strip(records["noise"]) == strip(records["texture"])
+    default = "plain" if bench == "shapes" else "texture"
+    for style, recs in records.items():  # the variant is recorded only when it departs
+        assert ("variant" in recs[0]["metadata"]) == (style != default)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_cli_synth_variant_and_params(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke(
+        "synth",
+        "--benchmark",
+        "scenes",
+        "--objects",
+        "2-3",
+        "--background",
+        "noise",
+        "--n",
+        "6",
+        "--out",
+        "v",
+    )
+    assert res.exit_code == 0, res.output
+    recs = json.loads((tmp_path / "v/dataset.json").read_text())
+    assert all(2 <= len(r["metadata"]["objects"]) <= 3 for r in recs)
+    assert recs[0]["metadata"]["variant"] == {"objects": [2, 3], "background": "noise"}
+    # params.yaml's prepare.objects / background, as `dvc exp run -S` would set them
+    (tmp_path / "params.yaml").write_text("prepare:\n  objects: [9, 9]\n  background: texture\n")
+    assert invoke("synth", "--n", "4", "--out", "w").exit_code == 0
+    recs = json.loads((tmp_path / "w/dataset.json").read_text())
+    assert all(len(r["metadata"]["objects"]) == 9 for r in recs)
+    assert recs[0]["metadata"]["variant"] == {"objects": [9, 9], "background": "texture"}
+    # the option wins over the file
+    assert invoke("synth", "--n", "2", "--objects", "1", "--out", "x").exit_code == 0
+    recs = json.loads((tmp_path / "x/dataset.json").read_text())
+    assert all(len(r["metadata"]["objects"]) == 1 for r in recs)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("--objects", "0-3"), "1 <= MIN <= MAX <= 12, got 0-3"),
+        (("--objects", "5-2"), "got 5-2"),
+        (
+            ("--objects", "2-13"),
+            "shapes-vqa objects per image (--objects, prepare.objects) must be",
+        ),
+        (("--benchmark", "scenes", "--objects", "2-37"), "<= 36, got 2-37"),
+        (("--objects", "two"), "--objects must be MIN-MAX or N"),
+        (("--objects", "1-2-3"), "--objects must be MIN-MAX or N"),
+        (("--background", "dark"), "unknown background 'dark'"),
+    ],
+)
+def test_cli_bad_variant(tmp_path, monkeypatch, args, match):
+    monkeypatch.chdir(tmp_path)
+    res = invoke("synth", "--n", "2", "--out", "raw", *args)
+    assert res.exit_code == 2, res.output
+    assert match in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "raw").exists()  # nothing half-written
+
+
+def test_a_bad_variant_in_params_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("prepare:\n  background: dark\n")
+    res = invoke("synth", "--n", "1", "--out", "raw")
+    assert res.exit_code == 2 and "prepare.background" in res.output, res.output
+    (tmp_path / "params.yaml").write_text("prepare:\n  objects: [4, 20]\n")
+    res = invoke("synth", "--n", "1", "--out", "raw")
+    assert res.exit_code == 2 and "got 4-20" in res.output, res.output
+    assert not (tmp_path / "raw").exists()
+
+
+def test_mllm_eval_on_a_fresh_variant(tiny_llava, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke(
+        "mllm",
+        "eval",
+        "--model",
+        tiny_llava,
+        "--n",
+        "4",
+        "--objects",
+        "1-2",
+        "--background",
+        "noise",
+        "--out",
+        "m.json",
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert "objects [1, 2]" in m["evaluated_on"] and "background noise" in m["evaluated_on"]
+    res = invoke(
+        "mllm",
+        "eval",
+        "--model",
+        tiny_llava,
+        "--data",
+        "prep",
+        "--objects",
+        "1-2",
+        "--out",
+        "m2.json",
+    )
+    assert res.exit_code == 2 and "do not apply with --data" in res.output, res.output
+
+
+def test_training_mix():
+    assert backgrounds.training_mix(None, 3, 0) == [(None, 0)] * 3
+    mix = backgrounds.training_mix(["plain", "texture"], 200, 5)
+    assert mix == backgrounds.training_mix(["plain", "texture"], 200, 5)  # by seed
+    assert mix != backgrounds.training_mix(["plain", "texture"], 200, 6)
+    assert 60 < sum(s == "plain" for s, _ in mix) < 140
+    with pytest.raises(ValueError, match="unknown background 'dark'"):
+        backgrounds.training_mix(["dark"], 2, 0)
+
+
+def test_a_reference_model_trains_on_a_background_mix(tmp_path, monkeypatch):
+    from evocomp.config import MLLMParams
+    from evocomp.mllm.reference import train_reference
+
+    drawn = []
+    render = shapes.render
+
+    def spy(objs, background="plain", seed=0):
+        drawn.append(background)
+        return render(objs, background, seed)
+
+    monkeypatch.setattr(shapes, "render", spy)
+    tiny = dict(
+        n_images=64, val_images=16, align_steps=2, lm_steps=2, eval_every=2, batch_size=8,
+        align_batch_size=16, curriculum_steps=1, threads=1,
+    )  # fmt: skip
+    out = train_reference(tmp_path / "mix", MLLMParams(**tiny, backgrounds=["noise", "texture"]),
+                          log=lambda _: None)  # fmt: skip
+    assert set(drawn) == {"noise", "texture"} and len(drawn) == 80
+    recipe = json.loads((out / "config.json").read_text())["evocomp"]["recipe"]
+    assert recipe["backgrounds"] == ["noise", "texture"]
+    drawn.clear()
+    out = train_reference(tmp_path / "own", MLLMParams(**tiny), log=lambda _: None)
+    assert set(drawn) == {"plain"}
+    # the default stays out of the recipe, so a model trained before the key keeps its id
+    assert "backgrounds" not in json.loads((out / "config.json").read_text())["evocomp"]["recipe"]

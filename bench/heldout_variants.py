@@ -13,6 +13,13 @@ and with random ones at each ``--ratios`` keep ratio (``evocomp mllm eval``'s se
 question type, with binomial standard errors. Every variant uses the same seed, so the
 background variants hold the very same scenes and questions as the benchmark's own row
 (a paired comparison); the object-count variants are new scenes.
+
+``--compressor DIR`` also runs ``evocomp evaluate``'s comparison on each variant (every sample
+in the test split, every method of the benchmark's params but the GA oracle, which needs
+labels of the variant): does a compressor trained on the benchmark's own data carry to a
+variant, against the heuristics at the same keep ratios and prune layer?
+
+    .venv/bin/python bench/heldout_variants.py --benchmark scenes --compressor models/scenes/compressor
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -54,27 +62,41 @@ def se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
-def evaluate_variant(mllm, benchmark: str, grid: int, variant, n: int, ratios) -> dict:
+def evaluate_variant(
+    mllm, benchmark: str, grid: int, variant, n: int, ratios, compressor=None, params=None
+) -> dict:
+    from evocomp.data.prepared import write_prepared
     from evocomp.data.readers import read_dataset
     from evocomp.data.synth import write_dataset
     from evocomp.mllm.reference_eval import evaluate_reference
 
     with tempfile.TemporaryDirectory() as tmp:
-        samples = read_dataset(
-            write_dataset(
-                tmp,
-                n,
-                SEED,
-                benchmark=benchmark,
-                grid=grid if benchmark == "scenes" else None,
-                variant=variant,
-            )
+        raw = write_dataset(
+            Path(tmp) / "raw",
+            n,
+            SEED,
+            benchmark=benchmark,
+            grid=grid if benchmark == "scenes" else None,
+            variant=variant,
         )
+        samples = read_dataset(raw, None, 0.0, 1.0)  # every sample held out
         m = evaluate_reference(mllm, samples, ratios=ratios)
-    row = {"samples": len(samples), "full": m["full"], "full_se": se(m["full"], len(samples))}
-    row["full_by_type"] = m["full_by_type"]
-    for key, r in m["ratios"].items():
-        row[key] = {sel: r[sel] for sel in ("oracle", "random")}
+        row = {"samples": len(samples), "full": m["full"], "full_se": se(m["full"], len(samples))}
+        row["full_by_type"] = m["full_by_type"]
+        for key, r in m["ratios"].items():
+            row[key] = {sel: r[sel] for sel in ("oracle", "random")}
+        if compressor is not None:
+            from evocomp.evaluation.run import run_evaluation
+
+            prepared = write_prepared(samples, Path(tmp) / "prepared", str(raw)).parent
+            result = run_evaluation(
+                params, prepared, Path(tmp) / "features", Path(tmp) / "no-labels", compressor,
+                mllm, Path(tmp) / "no-speed",
+            )  # fmt: skip
+            row["compression"] = {
+                k: result[k] for k in ("prune_layer", "full", "ratios", "stderr", "ratios_l1", "stderr_l1")
+                if k in result
+            }  # fmt: skip
     return row
 
 
@@ -84,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", type=Path, help="checkpoint (default: the benchmark's committed one)")
     p.add_argument("--n", type=int, default=600, help="images per variant")
     p.add_argument("--ratios", default="0.333,0.111")
+    p.add_argument("--compressor", type=Path, help="also compare it with the heuristics")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, help="default: metrics/[scenes/]bench_heldout_variants.json")
@@ -97,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.benchmark == "scenes"
         else "bench_heldout_variants.json"
     )
+    if args.compressor and not args.compressor.is_dir():
+        p.error(f"--compressor {args.compressor}: no compressor there")
     start, machine = begin(args)
+    from evocomp.config import load_params
     from evocomp.data.synth import Variant
     from evocomp.mllm.checkpoint import checkpoint_info
     from evocomp.mllm.loader import load_mllm
@@ -107,17 +133,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.benchmark == "shapes" and n_tokens != 36:
         p.error(f"--model {model} has {n_tokens} visual tokens; shapes-vqa needs 36")
     mllm = load_mllm(model, args.device, "float32")
+    params = None
+    if args.compressor:  # the benchmark's own evaluation settings, less the label-set oracle
+        profile = "scenes" if args.benchmark == "scenes" else "demo"
+        with mock.patch.dict(os.environ, {"EVOCOMP_PROFILE": profile}):
+            params = load_params(REPO / "params.yaml")
+        methods = [m for m in params.evaluate.methods if m != "oracle"]
+        params = params.model_copy(
+            update={"evaluate": params.evaluate.model_copy(update={"methods": methods})}
+        )
     rows = {}
     for name, (objects, background) in VARIANTS[args.benchmark].items():
         rows[name] = evaluate_variant(
-            mllm, args.benchmark, grid, Variant(objects, background), args.n, ratios
-        )
+            mllm, args.benchmark, grid, Variant(objects, background), args.n, ratios,
+            args.compressor, params,
+        )  # fmt: skip
         r = rows[name]
         print(f"{name}: full {r['full']:.3f} +- {r['full_se']:.3f}", flush=True)
     report = {
         "benchmark": args.benchmark,
         "model": os.path.relpath(model, REPO) if model.is_relative_to(REPO) else str(model),
         "seed": SEED,
+        "compressor": str(args.compressor) if args.compressor else None,
         "variants": rows,
         "machine": machine,
         "command": command_line(argv, __file__),
@@ -131,6 +168,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, r in rep["variants"].items():
             cells = " | ".join(f"{r[k]['oracle']:.3f} | {r[k]['random']:.3f}" for k in keys)
             print(f"| {name} | {r['full']:.3f} ± {r['full_se']:.3f} | {cells} |")
+        comp = {k: r["compression"] for k, r in rep["variants"].items() if "compression" in r}
+        if comp:
+            first = next(iter(comp.values()))
+            methods = sorted(next(iter(first["ratios"].values())))
+            for key in sorted(first["ratios"], reverse=True):
+                print(f"\nkeep {key}, prune layer {first['prune_layer']} (± standard error)")
+                print("| variant | full | " + " | ".join(methods) + " |")
+                print("|---" * (2 + len(methods)) + "|")
+                for name, c in comp.items():
+                    cells = " | ".join(
+                        f"{c['ratios'][key][m]:.3f} ± {c['stderr'][key][m]:.3f}" for m in methods
+                    )
+                    print(f"| {name} | {c['full']:.3f} | {cells} |")
 
     return finish(report, out, start, show)
 

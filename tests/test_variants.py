@@ -260,3 +260,65 @@ def test_a_reference_model_trains_on_a_background_mix(tmp_path, monkeypatch):
     assert set(drawn) == {"plain"}
     # the default stays out of the recipe, so a model trained before the key keeps its id
     assert "backgrounds" not in json.loads((out / "config.json").read_text())["evocomp"]["recipe"]
+
+
+def test_heldout_variants_bench(tiny_llava, tmp_path, monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import heldout_variants
+
+    out = tmp_path / "hv.json"
+    report = heldout_variants.main(
+        ["--benchmark", "shapes", "--model", str(tiny_llava), "--n", "3", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = report["variants"]
+    assert list(rows) == list(heldout_variants.VARIANTS["shapes"])
+    for r in rows.values():
+        assert r["samples"] == 3 and 0 <= r["full"] <= 1 and r["full_se"] >= 0
+        assert set(r["0.111"]) == {"oracle", "random"} and "0.333" in r
+    with pytest.raises(SystemExit):
+        heldout_variants.main(["--model", str(tmp_path / "nothing"), "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [("plain,dark", "unknown background 'dark'"), (",", "name at least one of")],
+)
+def test_mllm_train_refuses_bad_backgrounds(tmp_path, monkeypatch, value, match):
+    monkeypatch.chdir(tmp_path)
+    res = invoke("mllm", "train", "--backgrounds", value, "--out", "m")
+    assert res.exit_code == 2 and match in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+
+
+def test_heldout_variants_bench_hands_every_sample_to_evaluate(tiny_llava, tmp_path, monkeypatch):
+    """--compressor: each variant's samples all in the test split, every method but the GA
+    oracle (it needs labels of the variant), the result's tables kept."""
+    from conftest import REPO
+
+    from evocomp.data.prepared import load_prepared
+    from evocomp.evaluation import run
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import heldout_variants
+
+    seen = []
+
+    def fake(params, data, features, labels, compressor, mllm, speed, progress=None):
+        seen.append((len(load_prepared(data, "test")), list(params.evaluate.methods), compressor))
+        return {"prune_layer": 0, "full": 1.0, "ratios": {"0.111": {"random": 0.5}},
+                "stderr": {"0.111": {"random": 0.1}}}  # fmt: skip
+
+    monkeypatch.setattr(run, "run_evaluation", fake)
+    (tmp_path / "comp").mkdir()
+    report = heldout_variants.main(
+        ["--model", str(tiny_llava), "--n", "3", "--ratios", "0.111",
+         "--compressor", str(tmp_path / "comp"), "--out", str(tmp_path / "hv.json")]
+    )  # fmt: skip
+    assert len(seen) == len(heldout_variants.VARIANTS["shapes"])
+    assert all(n == 3 and "oracle" not in m and "evocomp" in m for n, m, _ in seen)
+    assert all(
+        r["compression"]["ratios"]["0.111"]["random"] == 0.5 for r in report["variants"].values()
+    )

@@ -28,13 +28,28 @@ app = typer.Typer(no_args_is_help=True, help="The reference MLLM: train and eval
 def train(
     out: Path = typer.Option(Path("models/mllm"), help="checkpoint folder to write"),
     seed: int = typer.Option(None, help="override mllm.seed"),
+    backgrounds: str = typer.Option(
+        None,
+        metavar="STYLES",
+        help="override mllm.backgrounds: the training images' backgrounds, e.g. plain,noise,texture",
+    ),
     params_path: Path = ParamsOpt,
 ) -> None:
     """Train the reference tiny LLaVA on its benchmark (mllm.benchmark) and save it in HF format."""
+    from evocomp.data.backgrounds import check_style
+
     p = params_or_exit(params_path).mllm
     writable_or_exit(out)
     if seed is not None:
         p = p.model_copy(update={"seed": seed})
+    if backgrounds is not None:
+        styles = [s.strip() for s in backgrounds.split(",") if s.strip()]
+        try:
+            if not styles:
+                raise ValueError("--backgrounds: name at least one of plain, noise, texture")
+            p = p.model_copy(update={"backgrounds": [check_style(s) for s in styles]})
+        except ValueError as err:
+            fail(str(err))
     if p.benchmark == "scenes":
         from evocomp.mllm.scenes_reference import train_scenes_reference as train_reference
     else:

@@ -32,7 +32,7 @@ class PrepareParams(_Strict):
     n_images: int = Field(1000, ge=1)  # synth only
     questions_per_image: int = Field(1, ge=1, le=8)  # synth only: turns per conversation
     seed: int = 1  # synth only; differs from mllm.seed so the demo data is held out
-    # synth only, held-out variants (None: the benchmark's own; evocomp/data/backgrounds.py):
+    # synth only, held-out variants (None: the benchmark's own; evocomp/data/variants.py):
     objects: tuple[int, int] | None = None  # [min, max] objects per image
     background: Literal["plain", "noise", "texture"] | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -76,7 +76,7 @@ class MLLMParams(_Strict):
     # (shapes-vqa's model is always 96 px, 2 + 2 layers: evocomp/mllm/reference.py).
     benchmark: Literal["shapes", "scenes"] = "shapes"
     # Backgrounds the training images are drawn on, each image one uniformly (None: the
-    # benchmark's own only: shapes plain, scenes texture); see evocomp/data/backgrounds.py.
+    # benchmark's own only: shapes plain, scenes texture); see evocomp/data/variants.py.
     backgrounds: list[Literal["plain", "noise", "texture"]] | None = Field(None, min_length=1)
     grid: int = Field(12, ge=6, le=64)  # scenes-vqa patches per side
     lm_layers: int = Field(2, ge=1)

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from evocomp.cli import app
-from evocomp.data import backgrounds, scenes, scenes_qa, shapes
+from evocomp.data import scenes, scenes_qa, shapes, variants
 from evocomp.data.synth import Variant, write_dataset
 from tests.test_scenes import digest, patches, solve
 
@@ -90,7 +90,7 @@ def _empty_patch_greys(path, grid):
 @pytest.mark.parametrize(("bench", "grid", "grey"), [("shapes", 6, 235), ("scenes", 12, 180)])
 def test_a_background_variant_redraws_the_same_scenes(tmp_path, bench, grid, grey):
     records = {}
-    for style in backgrounds.STYLES:
+    for style in variants.STYLES:
         path = write_dataset(
             tmp_path / style,
             n=4,
@@ -225,13 +225,13 @@ def test_mllm_eval_on_a_fresh_variant(tiny_llava, tmp_path, monkeypatch):
 
 
 def test_training_mix():
-    assert backgrounds.training_mix(None, 3, 0) == [(None, 0)] * 3
-    mix = backgrounds.training_mix(["plain", "texture"], 200, 5)
-    assert mix == backgrounds.training_mix(["plain", "texture"], 200, 5)  # by seed
-    assert mix != backgrounds.training_mix(["plain", "texture"], 200, 6)
+    assert variants.training_mix(None, 3, 0) == [(None, 0)] * 3
+    mix = variants.training_mix(["plain", "texture"], 200, 5)
+    assert mix == variants.training_mix(["plain", "texture"], 200, 5)  # by seed
+    assert mix != variants.training_mix(["plain", "texture"], 200, 6)
     assert 60 < sum(s == "plain" for s, _ in mix) < 140
     with pytest.raises(ValueError, match="unknown background 'dark'"):
-        backgrounds.training_mix(["dark"], 2, 0)
+        variants.training_mix(["dark"], 2, 0)
 
 
 def test_a_reference_model_trains_on_a_background_mix(tmp_path, monkeypatch):

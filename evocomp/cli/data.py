@@ -43,8 +43,8 @@ def synth(
     params_path: Path = ParamsOpt,
 ) -> None:
     """Write a built-in benchmark (images + dataset.json), deterministic by seed."""
-    from evocomp.data.backgrounds import parse_objects
     from evocomp.data.synth import Variant, check_benchmark, check_variant, write_dataset
+    from evocomp.data.variants import parse_objects
 
     params = params_or_exit(params_path)
     p = params.prepare

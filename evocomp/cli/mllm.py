@@ -36,7 +36,7 @@ def train(
     params_path: Path = ParamsOpt,
 ) -> None:
     """Train the reference tiny LLaVA on its benchmark (mllm.benchmark) and save it in HF format."""
-    from evocomp.data.backgrounds import check_style
+    from evocomp.data.variants import check_style
 
     p = params_or_exit(params_path).mllm
     writable_or_exit(out)
@@ -83,10 +83,10 @@ def evaluate(
     """Accuracy of the reference model: full tokens, and random/oracle/anti selections per ratio."""
     import tempfile
 
-    from evocomp.data.backgrounds import parse_objects
     from evocomp.data.prepared import load_prepared
     from evocomp.data.readers import read_dataset
     from evocomp.data.synth import Variant, write_dataset
+    from evocomp.data.variants import parse_objects
     from evocomp.files import write_json_atomic
     from evocomp.mllm.checkpoint import checkpoint_info
     from evocomp.mllm.loader import load_mllm

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
-from evocomp.data import backgrounds
+from evocomp.data import variants
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -103,7 +103,7 @@ def _capped(rng: random.Random, names: list[str], used: list[str]) -> str:
 def check_objects(objects: tuple[int, int]) -> tuple[int, int]:
     """An object-count range that fits: at most ``MAX_OBJECTS`` (every count is a word up to
     "six"); the smallest grid, 6 x 6, has a patch for each."""
-    return backgrounds.check_objects(objects, MAX_OBJECTS, "scenes")
+    return variants.check_objects(objects, MAX_OBJECTS, "scenes")
 
 
 def make_scene(rng: random.Random, grid: int = GRID, objects: tuple[int, int] = N_OBJECTS) -> Scene:
@@ -172,8 +172,8 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
 
 
 def render(scene: Scene, background: str = "texture") -> Image.Image:
-    """The scene's image on its ``background`` style (``backgrounds.py``)."""
-    img = backgrounds.draw(background, scene.image_size, scene.background_seed, PLAIN_GREY)
+    """The scene's image on its ``background`` style (``variants.py``)."""
+    img = variants.draw(background, scene.image_size, scene.background_seed, PLAIN_GREY)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         draw_shape(draw, o.shape, o.box, o.rgb)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from evocomp.data import backgrounds
+from evocomp.data import variants
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -84,7 +84,7 @@ class QA:
 
 def check_objects(objects: tuple[int, int]) -> tuple[int, int]:
     """An object-count range that fits: at most 3 per colour (counts go up to "three")."""
-    return backgrounds.check_objects(objects, MAX_OBJECTS, "shapes")
+    return variants.check_objects(objects, MAX_OBJECTS, "shapes")
 
 
 def make_scene(rng: random.Random, objects: tuple[int, int] = N_OBJECTS) -> list[Obj]:
@@ -111,8 +111,8 @@ def make_scene(rng: random.Random, objects: tuple[int, int] = N_OBJECTS) -> list
 
 
 def render(objs: list[Obj], background: str = "plain", seed: int = 0) -> Image.Image:
-    """The objects on a ``background`` style (``backgrounds.py``; ``seed`` draws its noise)."""
-    img = backgrounds.draw(background, IMAGE_SIZE, seed, BACKGROUND[0])
+    """The objects on a ``background`` style (``variants.py``; ``seed`` draws its noise)."""
+    img = variants.draw(background, IMAGE_SIZE, seed, BACKGROUND[0])
     draw = ImageDraw.Draw(img)
     for o in objs:
         fill = COLOURS[o.colour]

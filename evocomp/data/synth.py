@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from evocomp.data import backgrounds, scenes, scenes_qa, shapes
+from evocomp.data import scenes, scenes_qa, shapes, variants
 from evocomp.data.shapes import GRID, QA, make_question, make_scene, render
 
 BENCHMARKS = ("shapes", "scenes")
@@ -26,7 +26,7 @@ class Variant:
     """How a generated set departs from its benchmark's defaults (None: the default)."""
 
     objects: tuple[int, int] | None = None  # (min, max) objects per image
-    background: str | None = None  # a ``backgrounds.STYLES`` name
+    background: str | None = None  # a ``variants.STYLES`` name
 
     def resolved(self, benchmark: str) -> tuple[tuple[int, int], str]:
         return (
@@ -48,7 +48,7 @@ class Variant:
 def check_variant(benchmark: str, variant: Variant) -> None:
     """ValueError naming the option when the variant cannot be generated."""
     objects, background = variant.resolved(benchmark)
-    backgrounds.check_style(background)
+    variants.check_style(background)
     if benchmark == "shapes":
         shapes.check_objects(objects)
     else:

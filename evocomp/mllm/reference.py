@@ -22,7 +22,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
 from evocomp.config import MLLMParams
-from evocomp.data import backgrounds, shapes
+from evocomp.data import shapes, variants
 from evocomp.mllm import tiny_llava
 from evocomp.mllm.recipe import align, pixels, train_lm, visual
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE
@@ -62,7 +62,7 @@ def train_reference(
     model = build_model(tokenizer, params.seed, params.lm_heads)
     rng = random.Random(params.seed)
     objs = [shapes.make_scene(rng) for _ in range(params.n_images + params.val_images)]
-    mix = backgrounds.training_mix(params.backgrounds, len(objs), params.seed)
+    mix = variants.training_mix(params.backgrounds, len(objs), params.seed)
     scenes = [
         (shapes.render(o, style or "plain", bg), o)
         for o, (style, bg) in zip(objs, mix, strict=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from evocomp.config import MLLMParams
-from evocomp.data import backgrounds, scenes, scenes_qa
+from evocomp.data import scenes, scenes_qa, variants
 from evocomp.mllm import scenes_recipe, tiny_llava
 from evocomp.mllm.recipe import pixels, visual
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE
@@ -42,7 +42,7 @@ def train_scenes_reference(
     )
     rng = random.Random(params.seed)
     made = [scenes.make_scene(rng, params.grid) for _ in range(params.n_images + params.val_images)]
-    mix = backgrounds.training_mix(params.backgrounds, len(made), params.seed)
+    mix = variants.training_mix(params.backgrounds, len(made), params.seed)
     data = [
         (scenes.render(s, style or "texture"), s) for s, (style, _) in zip(made, mix, strict=True)
     ]

@@ -1,4 +1,5 @@
-"""The backgrounds a built-in benchmark's image can be drawn on, and the object-count range.
+"""Held-out variants of the built-in benchmarks: the backgrounds an image can be drawn on, and
+the object-count range.
 
 Held-out variants (``evocomp synth --background noise --objects 2-4``) draw scenes from the
 same generator under another background or object count; with the same seed and object

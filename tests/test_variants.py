@@ -127,19 +127,8 @@ def invoke(*args):
 
 def test_cli_synth_variant_and_params(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = invoke(
-        "synth",
-        "--benchmark",
-        "scenes",
-        "--objects",
-        "2-3",
-        "--background",
-        "noise",
-        "--n",
-        "6",
-        "--out",
-        "v",
-    )
+    res = invoke("synth", "--benchmark", "scenes", "--objects", "2-3", "--background", "noise",
+                 "--n", "6", "--out", "v")  # fmt: skip
     assert res.exit_code == 0, res.output
     recs = json.loads((tmp_path / "v/dataset.json").read_text())
     assert all(2 <= len(r["metadata"]["objects"]) <= 3 for r in recs)
@@ -192,46 +181,24 @@ def test_a_bad_variant_in_params_names_the_key(tmp_path, monkeypatch):
 
 def test_mllm_eval_on_a_fresh_variant(tiny_llava, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = invoke(
-        "mllm",
-        "eval",
-        "--model",
-        tiny_llava,
-        "--n",
-        "4",
-        "--objects",
-        "1-2",
-        "--background",
-        "noise",
-        "--out",
-        "m.json",
-    )
+    res = invoke("mllm", "eval", "--model", tiny_llava, "--n", "4", "--objects", "1-2",
+                 "--background", "noise", "--out", "m.json")  # fmt: skip
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "m.json").read_text())
     assert "objects [1, 2]" in m["evaluated_on"] and "background noise" in m["evaluated_on"]
-    res = invoke(
-        "mllm",
-        "eval",
-        "--model",
-        tiny_llava,
-        "--data",
-        "prep",
-        "--objects",
-        "1-2",
-        "--out",
-        "m2.json",
-    )
+    res = invoke("mllm", "eval", "--model", tiny_llava, "--data", "prep", "--objects", "1-2",
+                 "--out", "m2.json")  # fmt: skip
     assert res.exit_code == 2 and "do not apply with --data" in res.output, res.output
 
 
 def test_training_mix():
-    assert variants.training_mix(None, 3, 0) == [(None, 0)] * 3
-    mix = variants.training_mix(["plain", "texture"], 200, 5)
-    assert mix == variants.training_mix(["plain", "texture"], 200, 5)  # by seed
-    assert mix != variants.training_mix(["plain", "texture"], 200, 6)
+    assert variants.training_mix(None, 3, 0, "plain") == [("plain", 0)] * 3
+    mix = variants.training_mix(["plain", "texture"], 200, 5, "plain")
+    assert mix == variants.training_mix(["plain", "texture"], 200, 5, "noise")  # by seed
+    assert mix != variants.training_mix(["plain", "texture"], 200, 6, "plain")
     assert 60 < sum(s == "plain" for s, _ in mix) < 140
     with pytest.raises(ValueError, match="unknown background 'dark'"):
-        variants.training_mix(["dark"], 2, 0)
+        variants.training_mix(["dark"], 2, 0, "plain")
 
 
 def test_a_reference_model_trains_on_a_background_mix(tmp_path, monkeypatch):
@@ -262,12 +229,18 @@ def test_a_reference_model_trains_on_a_background_mix(tmp_path, monkeypatch):
     assert "backgrounds" not in json.loads((out / "config.json").read_text())["evocomp"]["recipe"]
 
 
-def test_heldout_variants_bench(tiny_llava, tmp_path, monkeypatch):
+@pytest.fixture
+def heldout_variants(monkeypatch):
+    """bench/heldout_variants.py, imported as the scripts import each other (bench/ on sys.path)."""
     from conftest import REPO
 
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import heldout_variants
 
+    return heldout_variants
+
+
+def test_heldout_variants_bench(heldout_variants, tiny_llava, tmp_path):
     out = tmp_path / "hv.json"
     report = heldout_variants.main(
         ["--benchmark", "shapes", "--model", str(tiny_llava), "--n", "3", "--out", str(out)]
@@ -293,16 +266,13 @@ def test_mllm_train_refuses_bad_backgrounds(tmp_path, monkeypatch, value, match)
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
 
 
-def test_heldout_variants_bench_hands_every_sample_to_evaluate(tiny_llava, tmp_path, monkeypatch):
+def test_heldout_variants_bench_hands_every_sample_to_evaluate(
+    heldout_variants, tiny_llava, tmp_path, monkeypatch
+):
     """--compressor: each variant's samples all in the test split, every method but the GA
     oracle (it needs labels of the variant), the result's tables kept."""
-    from conftest import REPO
-
     from evocomp.data.prepared import load_prepared
     from evocomp.evaluation import run
-
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import heldout_variants
 
     seen = []
 

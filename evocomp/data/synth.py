@@ -98,10 +98,7 @@ def write_dataset(
     records = []
     for i in range(n):
         name = f"images/{seed:04d}_{i:07d}.png"
-        # shapes-vqa scenes draw no background seed: one keyed by the sample, so a background
-        # variant of the same seed holds the same objects and questions
-        shapes_seed = random.Random(f"{benchmark}-{seed}-{i}").getrandbits(32)
-        spec = Spec(grid, objects, background, shapes_seed)
+        spec = Spec(grid, objects, background, f"{benchmark}-{seed}-{i}")
         metas, conv, turns = sample(rng, out / name, questions_per_image, spec)
         meta = {"grid": [grid, grid], "objects": metas, "turns": turns}
         records.append(
@@ -129,12 +126,15 @@ class Spec:
     grid: int
     objects: tuple[int, int]
     background: str
-    shapes_background_seed: int  # scenes-vqa draws its own (``Scene.background_seed``)
+    key: str  # the sample's id
 
 
 def _shapes_sample(rng: random.Random, image: Path, questions: int, spec: Spec) -> Sample:
     objs = make_scene(rng, spec.objects)
-    render(objs, spec.background, spec.shapes_background_seed).save(image, optimize=False)
+    # shapes-vqa scenes draw no background seed (scenes-vqa's do): one keyed by the sample and
+    # not drawn from ``rng``, so a background variant holds the same objects and questions
+    noise_seed = random.Random(spec.key).getrandbits(32) if spec.background != "plain" else 0
+    render(objs, spec.background, noise_seed).save(image, optimize=False)
     conv, turns = _conversation(lambda: make_question(objs, rng), questions)
     objects = [
         {

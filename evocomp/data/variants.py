@@ -55,28 +55,28 @@ def draw(style: str, size: int, seed: int, grey: int) -> Image.Image:
         return Image.new("RGB", (size, size), (grey, grey, grey))
     rng = random.Random(seed)
     if style == "noise":
-        fine = Image.frombytes("L", (size, size), rng.randbytes(size * size))
-        tone = ImageChops.add(
-            Image.new("L", (size, size), grey),
-            fine.point(lambda v: v * 2 * NOISE // 255),
-            offset=-NOISE,
-        )
-        return Image.merge("RGB", [tone] * 3)
+        return Image.merge("RGB", [_noisy(Image.new("L", (size, size), grey), rng)] * 3)
     k = size // 32 + 2  # blotches about two 16-px patches across
     low = Image.frombytes("L", (k, k), rng.randbytes(k * k))
     low = low.resize((size, size), Image.Resampling.BICUBIC).point(lambda v: 140 + v * 80 // 255)
-    fine = Image.frombytes("L", (size, size), rng.randbytes(size * size))
-    tone = ImageChops.add(low, fine.point(lambda v: v * 2 * NOISE // 255), offset=-NOISE)
+    tone = _noisy(low, rng)
     tint = [rng.randint(-8, 8) for _ in range(3)]
     return Image.merge("RGB", [tone.point(lambda v, d=d: min(255, max(0, v + d))) for d in tint])
 
 
-def training_mix(styles: list[str] | None, n: int, seed: int) -> list[tuple[str | None, int]]:
+def _noisy(tone: Image.Image, rng: random.Random) -> Image.Image:
+    """``tone`` (grey, L) plus independent pixel noise of +-``NOISE``."""
+    size = tone.size
+    fine = Image.frombytes("L", size, rng.randbytes(size[0] * size[1]))
+    return ImageChops.add(tone, fine.point(lambda v: v * 2 * NOISE // 255), offset=-NOISE)
+
+
+def training_mix(styles: list[str] | None, n: int, seed: int, own: str) -> list[tuple[str, int]]:
     """Per training image, ``(style, noise seed)`` drawn uniformly from ``styles`` (None: the
-    benchmark's own background for every image). A stream of its own, so the scenes a
+    benchmark's ``own`` background for every image). A stream of its own, so the scenes a
     reference model trains on are the same whatever the mix."""
     if not styles:
-        return [(None, 0)] * n
+        return [(own, 0)] * n
     for style in styles:
         check_style(style)
     rng = random.Random(f"backgrounds-{seed}")

@@ -37,6 +37,14 @@ from evocomp.data import shapes
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE, encode_prompt
 
 
+def recipe_record(params: MLLMParams, exclude: set[str]) -> dict:
+    """The recipe a reference checkpoint's config.json records: ``params`` less ``exclude``, and
+    less a default background mix, so a model trained before ``mllm.backgrounds`` existed
+    keeps its id."""
+    default_mix = {"backgrounds"} if params.backgrounds is None else set()
+    return params.model_dump(exclude=exclude | default_mix)
+
+
 def pixels(images: list) -> torch.Tensor:
     """CLIPImageProcessor's result for 96-px RGB images (mean = std = 0.5), without its overhead."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0

@@ -24,18 +24,12 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrain
 from evocomp.config import MLLMParams
 from evocomp.data import shapes, variants
 from evocomp.mllm import tiny_llava
-from evocomp.mllm.recipe import align, pixels, train_lm, visual
+from evocomp.mllm.recipe import align, pixels, recipe_record, train_lm, visual
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE
 
 # What a shapes-vqa recipe dump leaves out: how the model is used, and the knobs of the
 # scenes-vqa model (shapes-vqa's is fixed), so its config.json, hence its id, stays as it was.
 NOT_RECIPE = {"prompt_template", "benchmark", "grid", "lm_layers", "vision_layers", "vision_heads"}
-
-
-def not_recipe(params: MLLMParams) -> set[str]:
-    """Keys left out of config.json's recipe: how to use the model, scenes-vqa's own keys, and
-    a default background mix (so a model trained before the key existed keeps its id)."""
-    return NOT_RECIPE | ({"backgrounds"} if params.backgrounds is None else set())
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -62,11 +56,8 @@ def train_reference(
     model = build_model(tokenizer, params.seed, params.lm_heads)
     rng = random.Random(params.seed)
     objs = [shapes.make_scene(rng) for _ in range(params.n_images + params.val_images)]
-    mix = variants.training_mix(params.backgrounds, len(objs), params.seed)
-    scenes = [
-        (shapes.render(o, style or "plain", bg), o)
-        for o, (style, bg) in zip(objs, mix, strict=True)
-    ]
+    mix = variants.training_mix(params.backgrounds, len(objs), params.seed, "plain")
+    scenes = [(shapes.render(o, *bg), o) for o, bg in zip(objs, mix, strict=True)]
     scenes, val_scenes = scenes[: params.n_images], scenes[params.n_images :]
     log(
         f"built model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), {len(scenes)} images"
@@ -88,7 +79,7 @@ def train_reference(
     out.mkdir(parents=True, exist_ok=True)
     model.config.evocomp = {
         # how to use a model is not how it was trained: prompt_template stays out of the recipe
-        "recipe": params.model_dump(exclude=not_recipe(params)),
+        "recipe": recipe_record(params, NOT_RECIPE),
         "prompt_template": DEFAULT_TEMPLATE,
         "lm_steps_run": report["steps"],
         "held_out_accuracy": report["held_out"],

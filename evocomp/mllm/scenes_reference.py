@@ -18,7 +18,7 @@ import torch
 from evocomp.config import MLLMParams
 from evocomp.data import scenes, scenes_qa, variants
 from evocomp.mllm import scenes_recipe, tiny_llava
-from evocomp.mllm.recipe import pixels, visual
+from evocomp.mllm.recipe import pixels, recipe_record, visual
 from evocomp.mllm.sequence import DEFAULT_TEMPLATE
 
 
@@ -42,10 +42,9 @@ def train_scenes_reference(
     )
     rng = random.Random(params.seed)
     made = [scenes.make_scene(rng, params.grid) for _ in range(params.n_images + params.val_images)]
-    mix = variants.training_mix(params.backgrounds, len(made), params.seed)
-    data = [
-        (scenes.render(s, style or "texture"), s) for s, (style, _) in zip(made, mix, strict=True)
-    ]
+    mix = variants.training_mix(params.backgrounds, len(made), params.seed, "texture")
+    # a scene draws its own noise seed (Scene.background_seed): the mix's goes unused
+    data = [(scenes.render(s, style), s) for s, (style, _) in zip(made, mix, strict=True)]
     data, val = data[: params.n_images], data[params.n_images :]
     log(
         f"built model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
@@ -67,9 +66,7 @@ def train_scenes_reference(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.config.evocomp = {
-        "recipe": params.model_dump(
-            exclude={"prompt_template"} | ({"backgrounds"} if params.backgrounds is None else set())
-        ),
+        "recipe": recipe_record(params, {"prompt_template"}),
         "prompt_template": DEFAULT_TEMPLATE,
         "lm_steps_run": report["steps"],
         "held_out_accuracy": report["held_out"],

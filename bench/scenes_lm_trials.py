@@ -27,6 +27,15 @@ retraining the vision tower: the model's aligned tokens of its own training and 
   so the 150-position spread of the visual tokens no longer scrambles content matching);
 - ``--attention-supervision W``: adds W x the mean over the last layers' first half of the
   heads of -log(attention mass, at the answer's position, on the patches the answer needs);
+- ``--description-supervision W`` (at ``--description-layer L``, 1-based, default 2): adds W x
+  the mean over the first half of layer L's heads of -log(attention mass, at the last word of
+  each description the question holds, on the patches of the object(s) it describes): the
+  lookup hop itself, at the word where a causal LM has read the whole phrase (both objects of
+  a spatial question; the counted ones; an existence question's matches or near misses; a
+  position question's object at the region's word), leaving the answer's readout free;
+  ``--readout-supervision W`` (with it): adds W x -log(attention mass) of the last layer's
+  heads 0 and 1, at the answer's position, on the last word of the question's first and
+  second description (both on the one description of the other types);
 - ``--pack K``: after the curriculum and ramp, each row is one image and K questions, packed
   as the recipe's ``lm_pack`` does (``scenes_recipe.packed_rows`` / ``packed_batch``): every
   question attends to the image and its own words only, at the positions it would have
@@ -99,6 +108,11 @@ def cached_tokens(ref, cache: Path) -> tuple[torch.Tensor, torch.Tensor, list, l
     return feats, val_feats, train, val
 
 
+def needs_attentions(args) -> bool:
+    """Whether a supervision term reads the LM's attention weights."""
+    return bool(args.attention_supervision or args.description_supervision)
+
+
 def build_lm(args, tokenizer, ref):
     """A fresh tiny LLaVA of the trial's LM shape, with the committed input embeddings."""
     llama = tiny_llava.LlamaConfig
@@ -121,7 +135,7 @@ def build_lm(args, tokenizer, ref):
         tiny_llava.LlamaConfig = llama
     lm = model.model.language_model
     lm.embed_tokens.load_state_dict(ref.model.language_model.embed_tokens.state_dict())
-    if args.attention_supervision:
+    if needs_attentions(args):
         model.set_attn_implementation("eager")  # attention weights are returned by eager only
     trainable = lm_trainable(model, qk_tied_init=True)
     with torch.no_grad():
@@ -217,7 +231,7 @@ def attention_loss(attentions, rows, labels, n_prefix: int, heads: int) -> torch
     first half of the heads of every layer but the first (rows without such patches skipped)."""
     B, L = labels.shape
     target = torch.zeros(B, L)
-    for r, (_, kept, _, relevant) in enumerate(rows):
+    for r, (_, kept, _, relevant, _) in enumerate(rows):
         target[r, n_prefix : n_prefix + len(kept)] = torch.tensor(
             [float(p in relevant) for p in kept.tolist()]
         )
@@ -229,6 +243,71 @@ def attention_loss(attentions, rows, labels, n_prefix: int, heads: int) -> torch
         mass = (w * target[:, None, :]).sum(-1).clamp(min=1e-4)
         losses.append(-torch.log(mass).mean(-1)[has].mean())
     return torch.stack(losses).mean()
+
+
+def _described(scene, words: list[str]) -> tuple[int, ...]:
+    """The patches of the one object of ``scene`` that the description ``words`` fit."""
+    d = (
+        next((w for w in words if w in scenes.SIZES), None),
+        next((w for w in words if w in scenes.COLOURS), None),
+        next((w for w in words if w in scenes.SHAPES), None),
+    )
+    fits = [o for o in scene.objects if scenes_qa._fits(o, d)]
+    return tuple(fits[0].patches) if len(fits) == 1 else ()
+
+
+def description_targets(scene, qa) -> list[tuple[int, set[int]]]:
+    """(index of a description's last word in the question, the patches it describes) for
+    ``--description-supervision``: the object(s) that phrase names, at the word where a
+    causal LM has read the whole phrase. Spatial questions name two objects."""
+    words = qa.question.split()
+    if qa.qtype == "spatial":
+        k = words.index("left" if "left" in words else "above")
+        out = [
+            (k - 1, _described(scene, words[2:k])),
+            (len(words) - 2, _described(scene, words[k + 2 :])),
+        ]
+    elif qa.qtype == "count":
+        out = [(len(words) - 4, tuple(qa.relevant))]
+    elif qa.qtype == "where":
+        out = [(len(words) - 3, tuple(qa.relevant))]
+    else:  # colour, shape, exists, position: the phrase ends right before "?"
+        out = [(len(words) - 2, tuple(qa.relevant))]
+    return [(i, set(ps)) for i, ps in out if ps]
+
+
+def description_loss(attentions, rows, n_prefix: int, layer: int, heads: int) -> torch.Tensor:
+    """Mean -log(attention mass on the described object's patches) at each description's last
+    word, in the first half of the heads of ``layer`` (1-based; rows' (i, kept, (suffix,
+    answer), relevant, targets)); targets without a kept patch are skipped."""
+    att = attentions[layer - 1][:, : max(1, heads // 2)]  # (B, h, L, L)
+    losses = []
+    for r, (_, kept, _, _, targets) in enumerate(rows):
+        m = n_prefix + len(kept)
+        ks = kept.tolist()
+        for word, patches in targets:
+            cols = [n_prefix + j for j, p in enumerate(ks) if p in patches]
+            if cols:
+                mass = att[r, :, m + word, cols].sum(-1).clamp(min=1e-4)
+                losses.append(-torch.log(mass).mean())
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def readout_loss(attentions, rows, labels, n_prefix: int) -> torch.Tensor:
+    """Mean -log(attention mass) at the answer's position in the last layer: head j on the
+    last word of the question's description j (heads 0 and 1; a one-description question
+    puts both on its one description). Breaks the symmetry of a two-object comparison: with
+    both objects read through one averaging head their positions enter the answer alike."""
+    att = attentions[-1]
+    at = (labels != -100).float().argmax(1)  # the position that predicts the answer word
+    losses = []
+    for r, (_, kept, _, _, targets) in enumerate(rows):
+        m = n_prefix + len(kept)
+        for j in range(2):
+            if targets:
+                word = targets[min(j, len(targets) - 1)][0]
+                losses.append(-torch.log(att[r, j, at[r], m + word].clamp(min=1e-4)))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
 def where_question(scene, rng: random.Random):
@@ -288,6 +367,7 @@ def _run(args) -> dict[str, Any]:
             qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
             into.append((i, questions(qa), qa.qtype))
     n, weights, curve, t0 = feats.shape[1], dict.fromkeys(args.types, 1.0), [], time.time()
+    described = None  # the last step's --description-supervision term
     lm.train()
     for step in range(args.steps):
         for g in opt.param_groups:
@@ -304,7 +384,8 @@ def _run(args) -> dict[str, Any]:
                 i = rng.randrange(len(train))
                 qa = scenes_recipe.ask(train[i], rng, weights)
                 kept = kept_tokens(args, step, train[i], qa, rng, n)
-                rows.append((i, kept, questions(qa), set(qa.relevant)))
+                targets = description_targets(train[i], qa) if args.description_supervision else []
+                rows.append((i, kept, questions(qa), set(qa.relevant), targets))
             x, mask, labels, pos = scenes_recipe.lm_batch(
                 [r[:3] for r in rows], questions.prefix, feats, embed
             )
@@ -313,13 +394,22 @@ def _run(args) -> dict[str, Any]:
             attention_mask=mask,
             position_ids=pos,
             use_cache=False,
-            output_attentions=bool(args.attention_supervision),
+            output_attentions=needs_attentions(args),
         )
         h = out.last_hidden_state
         loss = F.cross_entropy(head(h[labels != -100]), labels[labels != -100])
         if args.attention_supervision:
             aux = attention_loss(out.attentions, rows, labels, len(questions.prefix), args.heads)
             loss = loss + args.attention_supervision * aux
+        if args.description_supervision:
+            aux = description_loss(
+                out.attentions, rows, len(questions.prefix), args.description_layer, args.heads
+            )
+            loss = loss + args.description_supervision * aux
+            described = aux.item()
+        if args.readout_supervision:
+            aux = readout_loss(out.attentions, rows, labels, len(questions.prefix))
+            loss = loss + args.readout_supervision * aux
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -331,10 +421,12 @@ def _run(args) -> dict[str, Any]:
             fit = scenes_recipe.val_accuracy(lm, head, embed, questions.prefix, held_in, feats)
             curve.append(
                 {"step": step + 1, "loss": loss.item(), "mean": mean, "by_type": acc,
-                 "training_images": fit}
+                 "training_images": fit, "description_loss": described}
             )  # fmt: skip
             print(
-                f"step {step + 1}: loss {loss.item():.3f}, held-out mean {mean:.3f} ("
+                f"step {step + 1}: loss {loss.item():.3f}"
+                + ("" if described is None else f" (description term {described:.3f})")
+                + f", held-out mean {mean:.3f} ("
                 + ", ".join(f"{t} {a:.2f}" for t, a in acc.items())
                 + "; training images "
                 + ", ".join(f"{t} {a:.2f}" for t, a in fit.items())
@@ -361,6 +453,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qk-gain", type=float, default=1.0)
     p.add_argument("--rope-factor", type=float, default=0.0)
     p.add_argument("--attention-supervision", type=float, default=0.0)
+    p.add_argument("--description-supervision", type=float, default=0.0)
+    p.add_argument("--description-layer", type=int, default=2)
+    p.add_argument("--readout-supervision", type=float, default=0.0)
     p.add_argument("--where", type=float, default=0.0)
     p.add_argument("--question-at", choices=["after", "before", "both"], default="after")
     p.add_argument("--eval-every", type=int, default=300)
@@ -381,6 +476,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     if args.attention_supervision and args.question_at != "after":
         p.error("--attention-supervision reads the recipe's layout: only with --question-at after")
+    if args.description_supervision and (
+        args.pack > 1
+        or args.question_at != "after"
+        or not 1 <= args.description_layer <= args.layers
+    ):
+        p.error(
+            "--description-supervision reads the recipe's unpacked layout (no --pack, "
+            "--question-at after) at a --description-layer in 1..--layers"
+        )
+    if args.readout_supervision and not args.description_supervision:
+        p.error("--readout-supervision reads the descriptions: only with --description-supervision")
     if args.attention_supervision and args.layers < 2:
         p.error("--attention-supervision needs --layers >= 2 (layer 1 cannot know the question)")
     check_model_and_cache(p, args)
@@ -412,6 +518,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + ("" if args.question_at == "after" else f"-q{args.question_at}")
         + (f"-pack{args.pack}" if args.pack > 1 else "")
         + (f"-where{args.where:g}" if args.where else "")
+        + (
+            f"-desc{args.description_supervision:g}L{args.description_layer}"
+            + (f"-read{args.readout_supervision:g}" if args.readout_supervision else "")
+            if args.description_supervision
+            else ""
+        )
     )
     out = args.out or REPO / "metrics" / "scenes" / "lm_trials" / f"{name}.json"
     report = run(args) | {

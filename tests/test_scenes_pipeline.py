@@ -8,6 +8,7 @@ search and a 3-epoch compressor.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -165,6 +166,7 @@ def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, m
     flags += ["--batch", "4", "--eval-every", "2", "--curriculum", "1", "--ramp", "2"]
     flags += ["--qk-gain", "2", "--rope-factor", "4", "--attention-supervision", "0.5"]
     flags += ["--objects", "1", "--marker", "1", "--types", "colour", "count", "--where", "0.5"]
+    flags += ["--description-supervision", "0.3", "--readout-supervision", "0.3"]
     ask = scenes_recipe.ask
     rep = scenes_lm_trials.main([*flags, "--cache", str(cache), "--out", str(out)])
     assert scenes_recipe.ask is ask  # --where patched it for the trial only
@@ -175,6 +177,7 @@ def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, m
     written = json.loads(out.read_text())
     assert written["final_mean"] == rep["final_mean"] and 0.0 <= rep["final_mean"] <= 1.0
     assert set(written["curve"][-1]["by_type"]) <= set(scenes_qa.QTYPES)
+    assert all(c["description_loss"] >= 0.0 for c in written["curve"])
     feats, val_feats = torch.load(cache)  # the model's own 64 + 16 images, 36 tokens each
     assert feats.shape[:2] == (64, 36) and val_feats.shape[:2] == (16, 36)
 
@@ -197,6 +200,58 @@ def test_lm_trials_where_question_names_the_objects_region(monkeypatch):
     asking = scenes_lm_trials.with_where(scenes_recipe.ask, 0.5)
     types = [asking(sc, rng, {"colour": 1.0}).qtype for _ in range(200)]
     assert set(types) == {"where", "colour"} and 70 < types.count("where") < 130
+
+
+def test_lm_trials_description_targets_name_each_described_object(monkeypatch):
+    """--description-supervision's targets: the last word of each description, and the
+    patches of the object it names (a spatial question's two, each on its own)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_lm_trials
+
+    rng, spatial = random.Random(0), 0
+    for _ in range(200):
+        sc = scenes.make_scene(rng, 12)
+        for qtype in scenes_qa.QTYPES:
+            qa = scenes_qa.make_question(sc, rng, qtype)
+            words, targets = qa.question.split(), scenes_lm_trials.description_targets(sc, qa)
+            if qa.qtype != "spatial":
+                assert targets == ([] if not qa.relevant else [(targets[0][0], set(qa.relevant))])
+                if targets:  # a shape / colour word, "object(s)", a plural or a region word
+                    assert words[targets[0][0]] not in ("?", "the", "in", "are", "there")
+                continue
+            spatial += 1
+            (a, pa), (b, pb) = targets
+            assert words[a + 1] in ("left", "above") and words[b + 1] == "?"
+            assert pa | pb == set(qa.relevant) and not pa & pb
+            for word, patches in targets:  # one object, the one its phrase fits
+                (o,) = [o for o in sc.objects if set(o.patches) == patches]
+                assert words[word] in (o.shape, "object")
+    assert spatial > 150
+
+
+def test_lm_trials_supervision_losses_reward_attention_on_the_target(monkeypatch):
+    """Both auxiliary terms are -log(attention mass on the target): 0 when all of it is
+    there, log(L) when it is spread evenly over L positions."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_lm_trials
+
+    kept = torch.tensor([3, 7, 8])  # visual tokens at 2, 3, 4 after a 2-token prefix
+    # suffix word 1 describes patches 7 and 8; 2 describes patch 3; the answer is predicted at 9
+    rows = [(0, kept, ([10, 11, 12, 13], [14]), set(), [(1, {7, 8}), (2, {3})])]
+    L = 2 + 3 + 4 + 1
+    labels = torch.full((1, L), -100)
+    labels[0, 8] = 14
+    att = torch.zeros(1, 4, L, L)
+    att[0, :, 6, 3] = att[0, :, 6, 4] = 0.5  # word 1 (position 5 + 1) on patches 7 and 8
+    att[0, :, 7, 2] = 1.0  # word 2 on patch 3
+    att[0, 0, 8, 6] = att[0, 1, 8, 7] = 1.0  # the answer: head 0 on word 1, head 1 on word 2
+    described, read = scenes_lm_trials.description_loss, scenes_lm_trials.readout_loss
+    assert described((att,), rows, 2, 1, 4).item() == pytest.approx(0.0)
+    assert read((att,), rows, labels, 2).item() == pytest.approx(0.0)
+    even = torch.full((1, 4, L, L), 1.0 / L)
+    both = (math.log(L / 2) + math.log(L)) / 2  # word 1 has 2 of the L positions, word 2 one
+    assert described((even,), rows, 2, 1, 4).item() == pytest.approx(both)
+    assert read((even,), rows, labels, 2).item() == pytest.approx(math.log(L))
 
 
 def test_lm_trials_curriculum_with_objects_keeps_them_whole(monkeypatch):

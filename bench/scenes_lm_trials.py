@@ -36,6 +36,10 @@ retraining the vision tower: the model's aligned tokens of its own training and 
   ``--readout-supervision W`` (with it): adds W x -log(attention mass) of the last layer's
   heads 0 and 1, at the answer's position, on the last word of the question's first and
   second description (both on the one description of the other types);
+  ``--position-supervision W`` (with it): adds W x the squared error of a linear probe (trained
+  with the LM) reading, from layer L's output at each description's last word, the described
+  object's centre row and column (0-1): the looked-up object's position, at the word that
+  looked it up, where the answer's heads read it;
 - ``--pack K``: after the curriculum and ramp, each row is one image and K questions, packed
   as the recipe's ``lm_pack`` does (``scenes_recipe.packed_rows`` / ``packed_batch``): every
   question attends to the image and its own words only, at the positions it would have
@@ -310,6 +314,22 @@ def readout_loss(attentions, rows, labels, n_prefix: int) -> torch.Tensor:
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
+def position_loss(hidden, rows, n_prefix: int, probe, grid: int) -> torch.Tensor:
+    """MSE of a linear ``probe`` reading, from ``hidden`` (B, L, D) at each description's last
+    word, the described object's centre row and column (in [0, 1]): does where the looked-up
+    object is reach the word that looked it up?"""
+    preds, truth = [], []
+    for r, (_, kept, _, _, targets) in enumerate(rows):
+        m = n_prefix + len(kept)
+        for word, patches in targets:
+            rc = torch.tensor([divmod(p, grid) for p in patches], dtype=torch.float)
+            preds.append(probe(hidden[r, m + word]))
+            truth.append(rc.mean(0) / (grid - 1))
+    if not preds:
+        return torch.zeros(())
+    return F.mse_loss(torch.stack(preds), torch.stack(truth))
+
+
 def where_question(scene, rng: random.Random):
     """The ``--where`` question: "what is the <description> in ?" -> its centre's region."""
     for o in rng.sample(scene.objects, len(scene.objects)):
@@ -357,7 +377,9 @@ def _run(args) -> dict[str, Any]:
     readout = word_readout(ref, tokenizer, val_feats, val)
     print(f"held-out object patches whose nearest word is right: {readout}", flush=True)
     lm, head, embed = model.model.language_model, model.lm_head, model.get_input_embeddings()
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
+    probe = torch.nn.Linear(embed.weight.shape[1], 2)  # --position-supervision's row / column
+    opt = torch.optim.AdamW([*trainable, *probe.parameters()], lr=args.lr, weight_decay=0.01)
+    grid = round(feats.shape[1] ** 0.5)
     rng, vrng = random.Random(args.seed), random.Random(1)
     questions, qtypes = Questions(tokenizer), scenes_qa.QTYPES
     held_out, held_in = [], []
@@ -367,7 +389,7 @@ def _run(args) -> dict[str, Any]:
             qa = scenes_qa.make_question(sc, vrng, qtypes[i % len(qtypes)])
             into.append((i, questions(qa), qa.qtype))
     n, weights, curve, t0 = feats.shape[1], dict.fromkeys(args.types, 1.0), [], time.time()
-    described = None  # the last step's --description-supervision term
+    described = located = None  # the last step's --description- / --position-supervision terms
     lm.train()
     for step in range(args.steps):
         for g in opt.param_groups:
@@ -395,6 +417,7 @@ def _run(args) -> dict[str, Any]:
             position_ids=pos,
             use_cache=False,
             output_attentions=needs_attentions(args),
+            output_hidden_states=bool(args.position_supervision),
         )
         h = out.last_hidden_state
         loss = F.cross_entropy(head(h[labels != -100]), labels[labels != -100])
@@ -410,6 +433,11 @@ def _run(args) -> dict[str, Any]:
         if args.readout_supervision:
             aux = readout_loss(out.attentions, rows, labels, len(questions.prefix))
             loss = loss + args.readout_supervision * aux
+        if args.position_supervision:
+            hidden = out.hidden_states[args.description_layer]  # that layer's output
+            aux = position_loss(hidden, rows, len(questions.prefix), probe, grid)
+            loss = loss + args.position_supervision * aux
+            located = aux.item()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -421,11 +449,13 @@ def _run(args) -> dict[str, Any]:
             fit = scenes_recipe.val_accuracy(lm, head, embed, questions.prefix, held_in, feats)
             curve.append(
                 {"step": step + 1, "loss": loss.item(), "mean": mean, "by_type": acc,
-                 "training_images": fit, "description_loss": described}
+                 "training_images": fit, "description_loss": described,
+                 "position_loss": located}
             )  # fmt: skip
             print(
                 f"step {step + 1}: loss {loss.item():.3f}"
                 + ("" if described is None else f" (description term {described:.3f})")
+                + ("" if located is None else f" (position term {located:.4f})")
                 + f", held-out mean {mean:.3f} ("
                 + ", ".join(f"{t} {a:.2f}" for t, a in acc.items())
                 + "; training images "
@@ -456,6 +486,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--description-supervision", type=float, default=0.0)
     p.add_argument("--description-layer", type=int, default=2)
     p.add_argument("--readout-supervision", type=float, default=0.0)
+    p.add_argument("--position-supervision", type=float, default=0.0)
     p.add_argument("--where", type=float, default=0.0)
     p.add_argument("--question-at", choices=["after", "before", "both"], default="after")
     p.add_argument("--eval-every", type=int, default=300)
@@ -485,8 +516,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "--description-supervision reads the recipe's unpacked layout (no --pack, "
             "--question-at after) at a --description-layer in 1..--layers"
         )
-    if args.readout_supervision and not args.description_supervision:
-        p.error("--readout-supervision reads the descriptions: only with --description-supervision")
+    if (args.readout_supervision or args.position_supervision) and not args.description_supervision:
+        p.error(
+            "--readout-supervision and --position-supervision read the descriptions: only with "
+            "--description-supervision"
+        )
     if args.attention_supervision and args.layers < 2:
         p.error("--attention-supervision needs --layers >= 2 (layer 1 cannot know the question)")
     check_model_and_cache(p, args)
@@ -521,6 +555,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + (
             f"-desc{args.description_supervision:g}L{args.description_layer}"
             + (f"-read{args.readout_supervision:g}" if args.readout_supervision else "")
+            + (f"-pos{args.position_supervision:g}" if args.position_supervision else "")
             if args.description_supervision
             else ""
         )

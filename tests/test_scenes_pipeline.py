@@ -167,6 +167,7 @@ def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, m
     flags += ["--qk-gain", "2", "--rope-factor", "4", "--attention-supervision", "0.5"]
     flags += ["--objects", "1", "--marker", "1", "--types", "colour", "count", "--where", "0.5"]
     flags += ["--description-supervision", "0.3", "--readout-supervision", "0.3"]
+    flags += ["--position-supervision", "1"]
     ask = scenes_recipe.ask
     rep = scenes_lm_trials.main([*flags, "--cache", str(cache), "--out", str(out)])
     assert scenes_recipe.ask is ask  # --where patched it for the trial only
@@ -178,6 +179,7 @@ def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, m
     assert written["final_mean"] == rep["final_mean"] and 0.0 <= rep["final_mean"] <= 1.0
     assert set(written["curve"][-1]["by_type"]) <= set(scenes_qa.QTYPES)
     assert all(c["description_loss"] >= 0.0 for c in written["curve"])
+    assert all(c["position_loss"] >= 0.0 for c in written["curve"])
     feats, val_feats = torch.load(cache)  # the model's own 64 + 16 images, 36 tokens each
     assert feats.shape[:2] == (64, 36) and val_feats.shape[:2] == (16, 36)
 
@@ -252,6 +254,27 @@ def test_lm_trials_supervision_losses_reward_attention_on_the_target(monkeypatch
     both = (math.log(L / 2) + math.log(L)) / 2  # word 1 has 2 of the L positions, word 2 one
     assert described((even,), rows, 2, 1, 4).item() == pytest.approx(both)
     assert read((even,), rows, labels, 2).item() == pytest.approx(math.log(L))
+
+
+def test_lm_trials_position_loss_reads_each_described_objects_centre(monkeypatch):
+    """--position-supervision: the probe's (row, column) at a description's last word against
+    its object's centre on a 0-1 scale; 0 for a probe that reads it exactly."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scenes_lm_trials
+
+    kept = torch.arange(9)  # a 3 x 3 grid after a 1-token prefix
+    # word 0 names patches 0 and 1 (row 0, columns 0-1), word 2 patch 8 (row 2, column 2)
+    rows = [(0, kept, ([10, 11, 12], [13]), set(), [(0, {0, 1}), (2, {8})])]
+    hidden = torch.zeros(1, 1 + 9 + 4, 2)
+    hidden[0, 10] = torch.tensor([0.0, 0.25])  # the centres, (row, column) / (3 - 1)
+    hidden[0, 12] = torch.tensor([1.0, 1.0])
+    probe = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        probe.weight.copy_(torch.eye(2))
+        probe.bias.zero_()
+    assert scenes_lm_trials.position_loss(hidden, rows, 1, probe, 3).item() == 0.0
+    hidden[0, 12] = 0.0  # reads (0, 0) for (1, 1): squared error 2 over 4 numbers
+    assert scenes_lm_trials.position_loss(hidden, rows, 1, probe, 3).item() == pytest.approx(0.5)
 
 
 def test_lm_trials_curriculum_with_objects_keeps_them_whole(monkeypatch):

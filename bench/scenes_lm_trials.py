@@ -377,8 +377,10 @@ def _run(args) -> dict[str, Any]:
     readout = word_readout(ref, tokenizer, val_feats, val)
     print(f"held-out object patches whose nearest word is right: {readout}", flush=True)
     lm, head, embed = model.model.language_model, model.lm_head, model.get_input_embeddings()
-    probe = torch.nn.Linear(embed.weight.shape[1], 2)  # --position-supervision's row / column
-    opt = torch.optim.AdamW([*trainable, *probe.parameters()], lr=args.lr, weight_decay=0.01)
+    # --position-supervision's row / column probe (none otherwise: no draw from torch's RNG)
+    probe = torch.nn.Linear(embed.weight.shape[1], 2) if args.position_supervision else None
+    extra = [*probe.parameters()] if probe else []
+    opt = torch.optim.AdamW([*trainable, *extra], lr=args.lr, weight_decay=0.01)
     grid = round(feats.shape[1] ** 0.5)
     rng, vrng = random.Random(args.seed), random.Random(1)
     questions, qtypes = Questions(tokenizer), scenes_qa.QTYPES

@@ -307,10 +307,8 @@ def readout_loss(attentions, rows, labels, n_prefix: int) -> torch.Tensor:
     losses = []
     for r, (_, kept, _, _, targets) in enumerate(rows):
         m = n_prefix + len(kept)
-        for j in range(2):
-            if targets:
-                word = targets[min(j, len(targets) - 1)][0]
-                losses.append(-torch.log(att[r, j, at[r], m + word].clamp(min=1e-4)))
+        for j, word in enumerate((targets[0][0], targets[-1][0]) if targets else ()):
+            losses.append(-torch.log(att[r, j, at[r], m + word].clamp(min=1e-4)))
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture
+def bench_module(monkeypatch):
+    """``bench_module("name")`` imports bench/name.py as the scripts import each other
+    (bench/ on sys.path for the test only)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    return importlib.import_module
 
 
 def make_tiny_llava(

@@ -7,18 +7,13 @@ import math
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO
 
 from evocomp.config import TrainParams
 
 
 @pytest.fixture
-def ablation(monkeypatch):
-    """bench/ablation.py, imported as the script imports its helpers (bench/ on sys.path)."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import ablation
-
-    return ablation
+def ablation(bench_module):
+    return bench_module("ablation")
 
 
 def test_three_seeds_mean_stderr_and_per_seed(ablation):

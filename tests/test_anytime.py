@@ -160,11 +160,8 @@ def test_label_metrics_report_the_search_space(tmp_path):
 
 
 @pytest.fixture
-def anytime(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import anytime
-
-    return anytime
+def anytime(bench_module):
+    return bench_module("anytime")
 
 
 def test_bench_anytime_smoke(anytime, tiny_llava, tmp_path):

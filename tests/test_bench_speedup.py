@@ -8,20 +8,15 @@ import math
 
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
 
 RATIOS = ["0.500", "0.333", "0.222", "0.111"]
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    """The benchmark modules, imported as the scripts import each other (bench/ on sys.path)."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import _common
-    import speedup
-
-    return speedup, _common
+def bench(bench_module):
+    """The benchmark modules."""
+    return bench_module("speedup"), bench_module("_common")
 
 
 def tiny_shape(speedup):

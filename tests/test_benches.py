@@ -15,16 +15,13 @@ SEARCH = ["--population", "8", "--parents", "2", "--generations", "1"]
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    """The benchmark modules, imported as the scripts import each other (bench/ on sys.path)."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import _setup
-    import ablation
-    import label_quality
-    import label_throughput
-
+def bench(bench_module):
+    """The benchmark modules."""
     return SimpleNamespace(
-        setup=_setup, quality=label_quality, throughput=label_throughput, ablation=ablation
+        setup=bench_module("_setup"),
+        quality=bench_module("label_quality"),
+        throughput=bench_module("label_throughput"),
+        ablation=bench_module("ablation"),
     )
 
 

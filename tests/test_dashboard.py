@@ -406,14 +406,13 @@ def test_imbalance_refuses_invalid_values(at_real, monkeypatch, tmp_path, key, v
 
 
 @pytest.mark.postgres
-def test_queries_agree_on_sqlite_and_postgres(postgres_url, tmp_path, monkeypatch):
+def test_queries_agree_on_sqlite_and_postgres(postgres_url, tmp_path, bench_module):
     """The same synthetic store gives the same facts and run counts on both backends."""
     import streamlit as st
 
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    from dashboard_load import make_store
-
     from dashboards import data
+
+    make_store = bench_module("dashboard_load").make_store
 
     sqlite_url = f"sqlite:///{tmp_path / 'store.db'}"
     out = {}
@@ -487,10 +486,9 @@ def test_overlay_places_tokens_at_their_cells():
     assert soft_map([0.2, 0.9, 0.4], [[0, 0], [0, 0], [0, 1]]) == [[0.9, 0.4]]
 
 
-def test_bench_dashboard_load_smoke(tmp_path, monkeypatch):
+def test_bench_dashboard_load_smoke(tmp_path, bench_module):
     """bench/dashboard_load.py end to end on a tiny store (no timing assertions)."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import dashboard_load
+    dashboard_load = bench_module("dashboard_load")
 
     before = {k: v for k, v in os.environ.items() if k.startswith("EVOCOMP_")}
     out = tmp_path / "bench.json"

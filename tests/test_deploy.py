@@ -251,11 +251,8 @@ def test_cli_bad_input_is_one_line(world, bad_inputs, monkeypatch, change, match
 # ---- the benchmark's smoke run --------------------------------------------------------------------
 
 
-def test_deploy_speed_bench_smoke(monkeypatch, tmp_path):
-    from conftest import REPO
-
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import deploy_speed
+def test_deploy_speed_bench_smoke(bench_module, tmp_path):
+    deploy_speed = bench_module("deploy_speed")
 
     out = tmp_path / "bench_deploy.json"
     report = deploy_speed.main(

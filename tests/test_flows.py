@@ -308,10 +308,9 @@ def test_run_streamed_logs_each_line(tmp_path):
     assert Log.lines[1:] == ["one", "two"]
 
 
-def test_flow_overhead_bench_runs(prefect_api, tiny_llava, tmp_path, monkeypatch):
+def test_flow_overhead_bench_runs(prefect_api, tiny_llava, tmp_path, bench_module):
     """Smoke run of bench/flow_overhead.py (figures are for bench/, not for tests)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import flow_overhead
+    flow_overhead = bench_module("flow_overhead")
 
     out = tmp_path / "bench.json"
     argv = ["--samples", "4", "--repeats", "1", "--model", str(tiny_llava), "--out", str(out)]

@@ -156,11 +156,19 @@ def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
     assert not (ws / "models/mllm").exists()  # the shapes stage set did not run
 
 
-def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, monkeypatch):
-    """bench/scenes_lm_trials.py: every trial knob at once, on the tiny scenes model."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
+@pytest.fixture
+def scenes_lm_trials(bench_module):
+    return bench_module("scenes_lm_trials")
 
+
+@pytest.fixture
+def sp(bench_module):
+    """bench/scenes_spatial_probe.py."""
+    return bench_module("scenes_spatial_probe")
+
+
+def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, scenes_lm_trials):
+    """bench/scenes_lm_trials.py: every trial knob at once, on the tiny scenes model."""
     out, cache = tmp_path / "trial.json", tmp_path / "tokens.pt"
     flags = ["--model", str(scenes_model), "--layers", "2", "--heads", "2", "--steps", "4"]
     flags += ["--batch", "4", "--eval-every", "2", "--curriculum", "1", "--ramp", "2"]
@@ -184,13 +192,10 @@ def test_lm_trials_bench_runs_on_the_models_own_images(scenes_model, tmp_path, m
     assert feats.shape[:2] == (64, 36) and val_feats.shape[:2] == (16, 36)
 
 
-def test_lm_trials_where_question_names_the_objects_region(monkeypatch):
+def test_lm_trials_where_question_names_the_objects_region(scenes_lm_trials):
     """--where: "what is the <description> in ?" -> the region of that object's centre
     patch, asked instead of a benchmark question with probability p; the recipe's ask is
     restored after a trial (the smoke test above)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
     rng = random.Random(0)
     for _ in range(30):
         sc = scenes.make_scene(rng, 12)
@@ -204,22 +209,18 @@ def test_lm_trials_where_question_names_the_objects_region(monkeypatch):
     assert set(types) == {"where", "colour"} and 70 < types.count("where") < 130
 
 
-def test_lm_trials_description_targets_name_each_described_object(monkeypatch):
+def test_lm_trials_description_targets_name_each_described_object(scenes_lm_trials):
     """--description-supervision's targets: the last word of each description, and the
     patches of the object it names (a spatial question's two, each on its own)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
     rng, spatial = random.Random(0), 0
     for _ in range(200):
         sc = scenes.make_scene(rng, 12)
         for qtype in scenes_qa.QTYPES:
             qa = scenes_qa.make_question(sc, rng, qtype)
             words, targets = qa.question.split(), scenes_lm_trials.description_targets(sc, qa)
-            if qa.qtype != "spatial":
-                assert targets == ([] if not qa.relevant else [(targets[0][0], set(qa.relevant))])
-                if targets:  # a shape / colour word, "object(s)", a plural or a region word
-                    assert words[targets[0][0]] not in ("?", "the", "in", "are", "there")
+            if qa.qtype != "spatial":  # the phrase ends before "are there ?" or "?"
+                last = words.index("are" if qa.qtype == "count" else "?") - 1
+                assert targets == ([(last, set(qa.relevant))] if qa.relevant else [])
                 continue
             spatial += 1
             (a, pa), (b, pb) = targets
@@ -231,12 +232,9 @@ def test_lm_trials_description_targets_name_each_described_object(monkeypatch):
     assert spatial > 150
 
 
-def test_lm_trials_supervision_losses_reward_attention_on_the_target(monkeypatch):
+def test_lm_trials_supervision_losses_reward_attention_on_the_target(scenes_lm_trials):
     """Both auxiliary terms are -log(attention mass on the target): 0 when all of it is
     there, log(L) when it is spread evenly over L positions."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
     kept = torch.tensor([3, 7, 8])  # visual tokens at 2, 3, 4 after a 2-token prefix
     # suffix word 1 describes patches 7 and 8; 2 describes patch 3; the answer is predicted at 9
     rows = [(0, kept, ([10, 11, 12, 13], [14]), set(), [(1, {7, 8}), (2, {3})])]
@@ -256,12 +254,9 @@ def test_lm_trials_supervision_losses_reward_attention_on_the_target(monkeypatch
     assert read((even,), rows, labels, 2).item() == pytest.approx(math.log(L))
 
 
-def test_lm_trials_position_loss_reads_each_described_objects_centre(monkeypatch):
+def test_lm_trials_position_loss_reads_each_described_objects_centre(scenes_lm_trials):
     """--position-supervision: the probe's (row, column) at a description's last word against
     its object's centre on a 0-1 scale; 0 for a probe that reads it exactly."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
     kept = torch.arange(9)  # a 3 x 3 grid after a 1-token prefix
     # word 0 names patches 0 and 1 (row 0, columns 0-1), word 2 patch 8 (row 2, column 2)
     rows = [(0, kept, ([10, 11, 12], [13]), set(), [(0, {0, 1}), (2, {8})])]
@@ -277,11 +272,8 @@ def test_lm_trials_position_loss_reads_each_described_objects_centre(monkeypatch
     assert scenes_lm_trials.position_loss(hidden, rows, 1, probe, 3).item() == pytest.approx(0.5)
 
 
-def test_lm_trials_curriculum_with_objects_keeps_them_whole(monkeypatch):
+def test_lm_trials_curriculum_with_objects_keeps_them_whole(scenes_lm_trials):
     """--objects: curriculum rows hold the answer's patches and other objects whole."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
     args = scenes_lm_trials.parse_args(["--curriculum", "5", "--objects", "1"])
     rng, seen = random.Random(0), set()
     for _ in range(30):
@@ -295,11 +287,8 @@ def test_lm_trials_curriculum_with_objects_keeps_them_whole(monkeypatch):
     assert seen == {True, False}  # per row U(0, 1): some objects in, some out
 
 
-def test_lm_trials_word_readout_counts_each_patch(monkeypatch):
+def test_lm_trials_word_readout_counts_each_patch(scenes_lm_trials):
     """A patch equal to its colour + shape words reads right; a background-like one wrong."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
     from evocomp.mllm import tiny_llava
 
     tok = tiny_llava.build_tokenizer(scenes_qa.WORDS)
@@ -319,10 +308,7 @@ def test_lm_trials_word_readout_counts_each_patch(monkeypatch):
     assert scenes_lm_trials.word_readout(ref, tok, feats, [sc])["shape"] == (n - 1) / n
 
 
-def test_lm_trials_marker_leaves_every_tokens_nearest_word(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
+def test_lm_trials_marker_leaves_every_tokens_nearest_word(scenes_lm_trials):
     words = torch.randn(20, 32)
     ref = torch.nn.Module()
     ref.get_input_embeddings = lambda: torch.nn.Embedding.from_pretrained(words)
@@ -343,11 +329,8 @@ def test_lm_trials_marker_leaves_every_tokens_nearest_word(monkeypatch):
         scenes_lm_trials.marked(ref, 1.0, a)
 
 
-def test_lm_trials_question_first_rows(monkeypatch):
+def test_lm_trials_question_first_rows(scenes_lm_trials):
     """--question-at before / both: the question moved / copied before the image."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
     emb = torch.nn.Embedding(50, 4)
     feats = torch.randn(2, 9, 4)
     # suffixes: question words then the one-token assistant tag (20)
@@ -367,10 +350,7 @@ def test_lm_trials_question_first_rows(monkeypatch):
     assert labels[0, 8] == 12 and mask[0].sum() == 10
 
 
-def test_lm_trials_question_first_runs(scenes_model, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
+def test_lm_trials_question_first_runs(scenes_model, tmp_path, scenes_lm_trials):
     flags = ["--model", str(scenes_model), "--heads", "2", "--steps", "2", "--batch", "4"]
     flags += ["--eval-every", "2", "--question-at", "both", "--cache", str(tmp_path / "t.pt")]
     rep = scenes_lm_trials.main([*flags, "--out", str(tmp_path / "qf.json")])
@@ -378,10 +358,7 @@ def test_lm_trials_question_first_runs(scenes_model, tmp_path, monkeypatch):
     assert scenes_recipe.lm_batch.__module__ == "evocomp.mllm.scenes_recipe"  # restored
 
 
-def test_lm_trials_bench_refuses_a_model_that_is_not_a_scenes_reference(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_lm_trials
-
+def test_lm_trials_bench_refuses_a_model_that_is_not_a_scenes_reference(tmp_path, scenes_lm_trials):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(SystemExit) as e:
         scenes_lm_trials.parse_args(["--model", str(tmp_path)])
@@ -441,12 +418,9 @@ def test_packed_subset_rows_keep_every_questions_anchors():
     assert scenes_recipe._kept(sc, qas, rng, 144, "full").tolist() == list(range(144))
 
 
-def test_spatial_probe_reads_positions_and_not_noise(monkeypatch):
+def test_spatial_probe_reads_positions_and_not_noise(sp):
     """bench/scenes_spatial_probe.py: tokens that carry their column and row answer left-of
     and above from the two objects' mean tokens; tokens of noise do not."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_spatial_probe as sp
-
     rng = random.Random(0)
     images = [scenes.make_scene(rng, 12) for _ in range(300)]
     grid = torch.arange(144)
@@ -462,12 +436,9 @@ def test_spatial_probe_reads_positions_and_not_noise(monkeypatch):
         assert sp.probe(x, y, xv, yv, 300, 0)["held_out"] < 0.75, relation
 
 
-def test_spatial_probe_runs_on_a_scenes_model_only(scenes_model, tiny_llava, tmp_path, monkeypatch):
+def test_spatial_probe_runs_on_a_scenes_model_only(scenes_model, tiny_llava, tmp_path, sp):
     """bench/scenes_spatial_probe.py end to end on the tiny scenes model (both relations
     scored on its own images); a checkpoint of another recipe is a one-line parser error."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import scenes_spatial_probe as sp
-
     out = tmp_path / "probe.json"
     flags = ["--model", str(scenes_model), "--steps", "20", "--cache", str(tmp_path / "t.pt")]
     rep = sp.main([*flags, "--out", str(out)])

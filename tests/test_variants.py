@@ -230,14 +230,8 @@ def test_a_reference_model_trains_on_a_background_mix(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def heldout_variants(monkeypatch):
-    """bench/heldout_variants.py, imported as the scripts import each other (bench/ on sys.path)."""
-    from conftest import REPO
-
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import heldout_variants
-
-    return heldout_variants
+def heldout_variants(bench_module):
+    return bench_module("heldout_variants")
 
 
 def test_heldout_variants_bench(heldout_variants, tiny_llava, tmp_path):

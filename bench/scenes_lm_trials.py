@@ -29,10 +29,11 @@ retraining the vision tower: the model's aligned tokens of its own training and 
   heads of -log(attention mass, at the answer's position, on the patches the answer needs);
 - ``--description-supervision W`` (at ``--description-layer L``, 1-based, default 2): adds W x
   the mean over the first half of layer L's heads of -log(attention mass, at the last word of
-  each description the question holds, on the patches of the object(s) it describes): the
-  lookup hop itself, at the word where a causal LM has read the whole phrase (both objects of
-  a spatial question; the counted ones; an existence question's matches or near misses; a
-  position question's object at the region's word), leaving the answer's readout free;
+  each description the question holds (``scenes_qa.description_targets``), on the patches of
+  the object(s) it describes): the lookup hop itself, at the word where a causal LM has read
+  the whole phrase (both objects of a spatial question; the counted ones; an existence
+  question's matches or near misses; a position question's object at the region's word),
+  leaving the answer's readout free;
   ``--readout-supervision W`` (with it): adds W x -log(attention mass) of the last layer's
   heads 0 and 1, at the answer's position, on the last word of the question's first and
   second description (both on the one description of the other types);
@@ -249,35 +250,12 @@ def attention_loss(attentions, rows, labels, n_prefix: int, heads: int) -> torch
     return torch.stack(losses).mean()
 
 
-def _described(scene, words: list[str]) -> tuple[int, ...]:
-    """The patches of the one object of ``scene`` that the description ``words`` fit."""
-    d = (
-        next((w for w in words if w in scenes.SIZES), None),
-        next((w for w in words if w in scenes.COLOURS), None),
-        next((w for w in words if w in scenes.SHAPES), None),
-    )
-    fits = [o for o in scene.objects if scenes_qa._fits(o, d)]
-    return tuple(fits[0].patches) if len(fits) == 1 else ()
-
-
 def description_targets(scene, qa) -> list[tuple[int, set[int]]]:
-    """(index of a description's last word in the question, the patches it describes) for
-    ``--description-supervision``: the object(s) that phrase names, at the word where a
-    causal LM has read the whole phrase. Spatial questions name two objects."""
-    words = qa.question.split()
-    if qa.qtype == "spatial":
-        k = words.index("left" if "left" in words else "above")
-        out = [
-            (k - 1, _described(scene, words[2:k])),
-            (len(words) - 2, _described(scene, words[k + 2 :])),
-        ]
-    elif qa.qtype == "count":
-        out = [(len(words) - 4, tuple(qa.relevant))]
-    elif qa.qtype == "where":
-        out = [(len(words) - 3, tuple(qa.relevant))]
-    else:  # colour, shape, exists, position: the phrase ends right before "?"
-        out = [(len(words) - 2, tuple(qa.relevant))]
-    return [(i, set(ps)) for i, ps in out if ps]
+    """:func:`evocomp.data.scenes_qa.description_targets`, and ``--where``'s question ("what
+    is the <description> in ?"), whose phrase ends two words before "?"."""
+    if qa.qtype == "where":
+        return [(len(qa.question.split()) - 3, set(qa.relevant))]
+    return scenes_qa.description_targets(scene, qa)
 
 
 def description_loss(attentions, rows, n_prefix: int, layer: int, heads: int) -> torch.Tensor:
@@ -396,7 +374,7 @@ def _run(args) -> dict[str, Any]:
             g["lr"] = args.lr * lr_factor(step, args.steps, 50)
         if args.pack > 1 and step >= args.curriculum + args.ramp:
             mode = "full" if step % 2 == 0 else "subset"
-            rows = scenes_recipe.packed_rows(
+            rows, _ = scenes_recipe.packed_rows(
                 train, rng, weights, n, args.batch, args.pack, mode, questions
             )
             x, mask, labels, pos = scenes_recipe.packed_batch(rows, questions.prefix, feats, embed)

@@ -82,6 +82,11 @@ class MLLMParams(_Strict):
     lm_layers: int = Field(2, ge=1)
     vision_layers: int = Field(2, ge=1)
     vision_heads: int = Field(2, ge=1)
+    # scenes-vqa: weight of the *lookup* term (0: off): probes on LM layer lookup_layer's
+    # output, at the last word of each description that names one object, read that
+    # object's centre row / column, colour and shape (scenes_recipe.lookup_loss)
+    lookup_supervision: float = Field(0.0, ge=0)
+    lookup_layer: int = Field(1, ge=1)  # < lm_layers: a later layer must read the lookup
 
     @field_validator("prompt_template")
     @classmethod
@@ -94,6 +99,10 @@ class MLLMParams(_Strict):
     def _batches(self) -> MLLMParams:
         if self.align_batch_size > self.n_images:
             raise ValueError("mllm.align_batch_size must be <= mllm.n_images (images per step)")
+        if self.lookup_supervision and self.lookup_layer >= self.lm_layers:
+            raise ValueError(
+                "mllm.lookup_layer must be < mllm.lm_layers (a later layer reads the lookup)"
+            )
         return self
 
 

@@ -209,15 +209,16 @@ def test_lm_trials_where_question_names_the_objects_region(scenes_lm_trials):
     assert set(types) == {"where", "colour"} and 70 < types.count("where") < 130
 
 
-def test_lm_trials_description_targets_name_each_described_object(scenes_lm_trials):
-    """--description-supervision's targets: the last word of each description, and the
-    patches of the object it names (a spatial question's two, each on its own)."""
+def test_description_targets_name_each_described_object():
+    """The targets of the trials' --description-supervision and the recipe's lookup term:
+    the last word of each description, and the patches of the object it names (a spatial
+    question's two, each on its own)."""
     rng, spatial = random.Random(0), 0
     for _ in range(200):
         sc = scenes.make_scene(rng, 12)
         for qtype in scenes_qa.QTYPES:
             qa = scenes_qa.make_question(sc, rng, qtype)
-            words, targets = qa.question.split(), scenes_lm_trials.description_targets(sc, qa)
+            words, targets = qa.question.split(), scenes_qa.description_targets(sc, qa)
             if qa.qtype != "spatial":  # the phrase ends before "are there ?" or "?"
                 last = words.index("are" if qa.qtype == "count" else "?") - 1
                 assert targets == ([(last, set(qa.relevant))] if qa.relevant else [])
@@ -230,6 +231,111 @@ def test_lm_trials_description_targets_name_each_described_object(scenes_lm_tria
                 (o,) = [o for o in sc.objects if set(o.patches) == patches]
                 assert words[word] in (o.shape, "object")
     assert spatial > 150
+
+
+def test_lookups_name_one_object_each_at_its_phrase():
+    """The lookup term's targets: every phrase that names one object (a spatial question's
+    two, an attribute or position question's one, an existence yes with one match), never
+    a count or an existence no; the word is that object's shape, colour or region word."""
+    rng, seen = random.Random(5), {t: 0 for t in scenes_qa.QTYPES}
+    for _ in range(150):
+        sc = scenes.make_scene(rng, 12)
+        for qtype in scenes_qa.QTYPES:
+            qa = scenes_qa.make_question(sc, rng, qtype)
+            words, found = qa.question.split(), scenes_qa.lookups(sc, qa)
+            seen[qa.qtype] += len(found)
+            if qa.qtype == "count" or qa.answer == "no" and qa.qtype == "exists":
+                assert found == []
+            if qa.qtype == "spatial":
+                assert len(found) == 2 and set(found[0][1].patches) | set(
+                    found[1][1].patches
+                ) == set(qa.relevant)
+            if qa.qtype in ("colour", "shape", "position"):
+                assert len(found) == 1 and found[0][1].patches == qa.relevant
+                assert qa.answer in (found[0][1].colour, found[0][1].shape)
+            for w, o in found:
+                assert o in sc.objects
+                assert words[w] in (
+                    o.shape,
+                    o.colour,
+                    "object",
+                    *scenes_qa.ROWS,
+                    *scenes_qa.COLS,
+                    "centre",
+                )
+    assert seen["count"] == 0 and min(v for t, v in seen.items() if t != "count") > 40
+
+
+def test_lookup_targets_index_each_phrases_word_in_packed_and_single_rows():
+    """The (row, sequence index) of each lookup is its phrase's last word in the batch's
+    inputs, for packed rows (several questions after one image) and single ones."""
+    from evocomp.mllm import tiny_llava
+    from evocomp.mllm.recipe import Questions
+
+    tok = tiny_llava.build_tokenizer(scenes_qa.WORDS)
+    embed = torch.nn.Embedding(len(tok), 4)
+    q, rng = Questions(tok), random.Random(6)
+    scs = [scenes.make_scene(rng, 6) for _ in range(3)]
+    feats = torch.randn(3, 36, 4)
+    qas = [[scenes_qa.make_question(sc, rng, t) for t in scenes_qa.QTYPES] for sc in scs]
+    kept = [torch.tensor([0, 3, 4, 20, 35]), torch.arange(36), torch.arange(10)]
+    packed = [(i, kept[i], [q(qa) for qa in qas[i]]) for i in range(3)]
+    single = [(i, kept[i], q(qa)) for i in range(3) for qa in qas[i]]
+    flat = [qa for row in qas for qa in row]
+    n = 0
+    for rows, asked, batch in (
+        (packed, qas, scenes_recipe.packed_batch),
+        (single, flat, scenes_recipe.lm_batch),
+    ):
+        x = batch(rows, q.prefix, feats, embed)[0]
+        at, objs = scenes_recipe.lookup_targets(rows, asked, scs, len(q.prefix))
+        assert len(at) == sum(len(scenes_qa.lookups(scs[i], qa)) for i in range(3) for qa in qas[i])
+        for (r, c), o in zip(at, objs, strict=True):
+            (i,) = (embed.weight == x[r, c]).all(-1).nonzero()[0].tolist()
+            word = tok.convert_ids_to_tokens(i)
+            assert word in (o.shape, o.colour, "object", *scenes_qa.ROWS, *scenes_qa.COLS, "centre")
+            n += 1
+    assert n > 10
+
+
+def test_lookup_loss_is_zero_for_a_probe_that_reads_the_object():
+    """The lookup term: 10 x squared error of the centre + cross-entropy of colour and shape;
+    near 0 for a probe that reads them exactly, larger for a wrong colour."""
+    sc = scenes.make_scene(random.Random(7), 12)
+    o = sc.objects[0]
+    c0, r0, w, h = o.footprint
+    truth = torch.zeros(scenes_recipe.LOOKUP_OUT)
+    truth[:2] = torch.tensor([r0 + (h - 1) / 2, c0 + (w - 1) / 2]) / 11
+    C = len(scenes.COLOURS)
+    truth[2 + list(scenes.COLOURS).index(o.colour)] = 50.0
+    truth[2 + C + scenes.SHAPES.index(o.shape)] = 50.0
+    probe = torch.nn.Linear(1, scenes_recipe.LOOKUP_OUT)
+    with torch.no_grad():
+        probe.weight.zero_()
+        probe.bias.copy_(truth)
+    hidden = torch.zeros(1, 5, 1)
+    assert scenes_recipe.lookup_loss(hidden, [(0, 3)], [o], probe, 12).item() < 1e-6
+    with torch.no_grad():
+        probe.bias[2 : 2 + C] = probe.bias[2 : 2 + C].roll(1)  # the wrong colour at 50
+    assert scenes_recipe.lookup_loss(hidden, [(0, 3)], [o], probe, 12).item() == pytest.approx(50.0)
+    assert scenes_recipe.lookup_loss(hidden, [], [], probe, 12).item() == 0.0
+
+
+def test_scenes_reference_trains_with_the_lookup_term(tmp_path):
+    """mllm.lookup_supervision trains a 2-layer LM with the probe on layer 1, records the
+    term in config.json (a recipe without it records neither field) and is refused on the
+    last layer."""
+    logs: list[str] = []
+    params = MLLMParams(**{**TINY, "lm_layers": 2, "lookup_supervision": 1.0, "eval_every": 2})
+    out = train_scenes_reference(tmp_path / "ref", params, log=logs.append)
+    recipe = json.loads((out / "config.json").read_text())["evocomp"]["recipe"]
+    assert recipe["lookup_supervision"] == 1.0 and recipe["lookup_layer"] == 1
+    assert any("lookup term" in m for m in logs)
+    from evocomp.mllm.recipe import recipe_record
+
+    assert "lookup_layer" not in recipe_record(MLLMParams(**TINY), set())
+    with pytest.raises(ValueError, match="lookup_layer"):
+        MLLMParams(**{**TINY, "lookup_supervision": 1.0})  # 1 layer: nothing reads layer 1
 
 
 def test_lm_trials_supervision_losses_reward_attention_on_the_target(scenes_lm_trials):

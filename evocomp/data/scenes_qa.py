@@ -229,3 +229,52 @@ def make_question(scene: Scene, rng: random.Random, qtype: str | None = None) ->
     else:
         raise ValueError(f"unknown question type {qtype!r}; expected one of {QTYPES}")
     return qa or _count(scene, rng)
+
+
+# ---- where a question names its objects (for supervising the reference LM's lookups) ----------
+
+
+def _described(scene: Scene, words: list[str]) -> tuple[int, ...]:
+    """The patches of the one object of ``scene`` that the description ``words`` fit."""
+    d = (
+        next((w for w in words if w in SIZES), None),
+        next((w for w in words if w in COLOURS), None),
+        next((w for w in words if w in SHAPES), None),
+    )
+    fits = [o for o in scene.objects if _fits(o, d)]
+    return tuple(fits[0].patches) if len(fits) == 1 else ()
+
+
+def description_targets(scene: Scene, qa: QA) -> list[tuple[int, set[int]]]:
+    """(index of a description's last word in ``qa.question``'s words, the patches it names):
+    each phrase that picks out objects, at the word where a causal LM has read all of it.
+    A spatial question names two objects; a count question its counted ones; the others
+    one phrase, ending right before "?" (an existence question's matches or near misses,
+    a position question's region and the object in it)."""
+    words = qa.question.split()
+    if qa.qtype == "spatial":
+        k = words.index("left" if "left" in words else "above")
+        out = [
+            (k - 1, _described(scene, words[2:k])),
+            (len(words) - 2, _described(scene, words[k + 2 :])),
+        ]
+    elif qa.qtype == "count":
+        out = [(len(words) - 4, tuple(qa.relevant))]
+    else:
+        out = [(len(words) - 2, tuple(qa.relevant))]
+    return [(i, set(ps)) for i, ps in out if ps]
+
+
+def lookups(scene: Scene, qa: QA) -> list[tuple[int, Obj]]:
+    """(index of a description's last word, the one object it names) for each phrase of
+    ``qa`` that names exactly one object: a spatial question's two, an attribute or a
+    position question's one, an existence question's match when it is the only one."""
+    if qa.qtype == "count" or (qa.qtype == "exists" and qa.answer != "yes"):
+        return []
+    by_patches = {frozenset(o.patches): o for o in scene.objects}
+    out = []
+    for i, patches in description_targets(scene, qa):
+        o = by_patches.get(frozenset(patches))
+        if o is not None:
+            out.append((i, o))
+    return out

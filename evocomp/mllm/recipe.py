@@ -38,11 +38,13 @@ from evocomp.mllm.sequence import DEFAULT_TEMPLATE, encode_prompt
 
 
 def recipe_record(params: MLLMParams, exclude: set[str]) -> dict:
-    """The recipe a reference checkpoint's config.json records: ``params`` less ``exclude``, and
-    less a default background mix, so a model trained before ``mllm.backgrounds`` existed
-    keeps its id."""
-    default_mix = {"backgrounds"} if params.backgrounds is None else set()
-    return params.model_dump(exclude=exclude | default_mix)
+    """The recipe a reference checkpoint's config.json records: ``params`` less ``exclude``,
+    and less the fields added after models were committed, where they leave the recipe as it
+    was (a default background mix; the lookup term off), so those models keep their ids."""
+    unchanged = {"backgrounds"} if params.backgrounds is None else set()
+    if not params.lookup_supervision:
+        unchanged |= {"lookup_supervision", "lookup_layer"}
+    return params.model_dump(exclude=exclude | unchanged)
 
 
 def pixels(images: list) -> torch.Tensor:

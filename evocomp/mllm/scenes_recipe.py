@@ -26,6 +26,11 @@ which one is *large*. So alignment puts more than words into each visual token:
    each question sees only the image and its own words, so the image's tokens are computed
    once for K answers; 4-6x the answers per second, which took the held-out accuracy from
    0.46 in 48 min to 0.73 in 26: BENCHMARKS.md).
+3. *Lookup term* (``lookup_supervision`` > 0): at the last word of each phrase that names
+   one object ("the large red ring", "the top left"), linear probes on LM layer
+   ``lookup_layer``'s output read that object's centre and its colour and shape
+   (:func:`lookup_loss`): the lookup every answer but a count needs, asked for at the word
+   that completes it, where a later layer's answer reads it.
 
 The entry point is :func:`evocomp.mllm.scenes_reference.train_scenes_reference`.
 """
@@ -228,11 +233,65 @@ def packed_batch(rows, prefix: list[int], feats: torch.Tensor, embed):
     return x, mask, labels, pos
 
 
-def _forward(lm, head, x, mask, labels, pos):
-    h = lm(
-        inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False
-    ).last_hidden_state
-    return head(h[labels != -100]), labels[labels != -100]
+def _forward(lm, head, x, mask, labels, pos, layer: int | None = None):
+    """Answer logits and targets; with ``layer``, also that layer's output (B, L, D)."""
+    out = lm(
+        inputs_embeds=x,
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=False,
+        output_hidden_states=layer is not None,
+    )
+    h = out.last_hidden_state
+    logits, target = head(h[labels != -100]), labels[labels != -100]
+    return (logits, target) if layer is None else (logits, target, out.hidden_states[layer])
+
+
+# ---- the lookup term: each described object's whereabouts and attributes at its phrase ---------
+
+LOOKUP_OUT = 2 + len(scenes.COLOURS) + len(scenes.SHAPES)  # row, column, colour, shape
+
+
+def lookup_targets(rows, qas, images, n_prefix: int):
+    """Where each described object is named in a batch and which object: ``(row, sequence
+    index)`` pairs and the objects, for rows of :func:`lm_batch` (one (suffix, answer)) or
+    :func:`packed_batch` (a list of them) and their questions ``qas`` (one or a list per
+    row), at each one-object phrase's last word (:func:`scenes_qa.lookups`)."""
+    at, objs = [], []
+    for r, ((i, kept, qs), row_qas) in enumerate(zip(rows, qas, strict=True)):
+        if not isinstance(qs, list):
+            qs, row_qas = [qs], [row_qas]
+        s = n_prefix + len(kept)  # where the row's first question starts
+        for (suf, ans), qa in zip(qs, row_qas, strict=True):
+            for w, o in scenes_qa.lookups(images[i], qa):
+                at.append((r, s + w))
+                objs.append(o)
+            s += len(suf) + len(ans)
+    return at, objs
+
+
+def lookup_loss(hidden, at, objs, probe, grid: int) -> torch.Tensor:
+    """At each ``at`` of ``hidden`` (an LM layer's output), a linear ``probe`` reads the named
+    object's footprint centre (row, column in [0, 1]; squared error x 10, the alignment's
+    weight) and its colour and shape (cross-entropy): the lookup a question's answer needs,
+    asked for where the phrase is read. Without it the 2-layer LM left spatial questions at
+    chance; a 3-layer one told to *attend* to the described objects still answered a constant,
+    one also told to carry their centre answered 0.66-0.75 (BENCHMARKS.md)."""
+    if not at:
+        return hidden.sum() * 0.0
+    r, c = zip(*at, strict=True)
+    out = probe(hidden[list(r), list(c)])
+    centre = torch.tensor(
+        [[fr + (fh - 1) / 2, fc + (fw - 1) / 2] for fc, fr, fw, fh in (o.footprint for o in objs)]
+    ) / (grid - 1)
+    colour = torch.tensor([list(scenes.COLOURS).index(o.colour) for o in objs])
+    shape = torch.tensor([scenes.SHAPES.index(o.shape) for o in objs])
+    C = len(scenes.COLOURS)
+    return (
+        10 * F.mse_loss(out[:, :2], centre)
+        + F.cross_entropy(out[:, 2 : 2 + C], colour)
+        + F.cross_entropy(out[:, 2 + C :], shape)
+    )
 
 
 @torch.no_grad()
@@ -281,14 +340,16 @@ def ask(scene: scenes.Scene, rng: random.Random, weights: dict[str, float]):
 
 
 def packed_rows(images, rng: random.Random, weights, n: int, rows: int, pack: int, mode, questions):
-    """``rows`` packed rows for :func:`packed_batch`: a random image of ``images`` (scenes),
-    ``pack`` questions on it and the tokens they keep (:func:`_kept` over all of them)."""
-    out = []
+    """``rows`` packed rows for :func:`packed_batch` (a random image of ``images`` (scenes),
+    the tokens its questions keep (:func:`_kept` over all of them), ``pack`` questions on it)
+    and each row's questions (QA)."""
+    out, asked = [], []
     for _ in range(rows):
         i = rng.randrange(len(images))
         qas = [ask(images[i], rng, weights) for _ in range(pack)]
         out.append((i, _kept(images[i], qas, rng, n, mode), [questions(qa) for qa in qas]))
-    return out
+        asked.append(qas)
+    return out, asked
 
 
 def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMParams, log) -> dict:
@@ -296,6 +357,14 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
     lm, head = model.model.language_model, model.lm_head
     embed = model.get_input_embeddings()
     trainable = lm_trainable(model, params.qk_tied_init)
+    # the lookup term's probe, thrown away after training (none when off: no draw from
+    # torch's RNG, so a recipe without it trains as before)
+    probe = (
+        torch.nn.Linear(embed.weight.shape[1], LOOKUP_OUT) if params.lookup_supervision else None
+    )
+    if probe is not None:
+        trainable = [*trainable, *probe.parameters()]
+    layer = params.lookup_layer if probe is not None else None
     opt = torch.optim.AdamW(trainable, lr=params.lm_lr, weight_decay=0.01)
     rng, vrng = random.Random(params.seed), random.Random(params.seed + 1)
     questions = Questions(tokenizer)
@@ -316,17 +385,23 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
         mode = "full" if step % 2 else "subset"
         mode = "curriculum" if step < params.curriculum_steps else mode
         if pack > 1 and mode != "curriculum":  # batch_size images, pack questions each
-            rows = packed_rows(images, rng, weights, n, params.batch_size, pack, mode, questions)
+            rows, qas = packed_rows(
+                images, rng, weights, n, params.batch_size, pack, mode, questions
+            )
             batch = packed_batch(rows, questions.prefix, feats, embed)
         else:  # as many answers a step, one question per row
-            rows = []
+            rows, qas = [], []
             for _ in range(params.batch_size * pack):
                 i = rng.randrange(len(images))
-                qa = ask(images[i], rng, weights)
-                rows.append((i, _kept(images[i], [qa], rng, n, mode), questions(qa)))
+                qas.append(ask(images[i], rng, weights))
+                rows.append((i, _kept(images[i], qas[-1:], rng, n, mode), questions(qas[-1])))
             batch = lm_batch(rows, questions.prefix, feats, embed)
-        logits, target = _forward(lm, head, *batch)
+        logits, target, *hidden = _forward(lm, head, *batch, layer=layer)
         loss = F.cross_entropy(logits, target)
+        if probe is not None:
+            at, objs = lookup_targets(rows, qas, images, len(questions.prefix))
+            looked = lookup_loss(hidden[0], at, objs, probe, images[0].grid)
+            loss = loss + params.lookup_supervision * looked
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -335,7 +410,9 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
             acc = val_accuracy(lm, head, embed, questions.prefix, val, val_feats)
             weights = {t: 0.1 + 1.0 - acc.get(t, 0.0) for t in qtypes}
             log(
-                f"lm step {step + 1}: loss {loss.item():.4f}, held-out "
+                f"lm step {step + 1}: loss {loss.item():.4f}"
+                + ("" if probe is None else f" (lookup term {looked.item():.4f})")
+                + ", held-out "
                 + " ".join(f"{t} {a:.3f}" for t, a in acc.items())
                 + f" ({time.time() - t0:.0f} s)"
             )

@@ -23,6 +23,7 @@ from evocomp.data import scenes, scenes_qa
 from evocomp.data.synth import write_dataset
 from evocomp.mllm import scenes_recipe
 from evocomp.mllm.hf_llava import HFLlava
+from evocomp.mllm.recipe import recipe_record
 from evocomp.mllm.scenes_reference import train_scenes_reference
 from tests.dvc_helpers import BIN, copy_repo, git_workspace, sh
 
@@ -280,14 +281,14 @@ def test_lookup_targets_index_each_phrases_word_in_packed_and_single_rows():
     qas = [[scenes_qa.make_question(sc, rng, t) for t in scenes_qa.QTYPES] for sc in scs]
     kept = [torch.tensor([0, 3, 4, 20, 35]), torch.arange(36), torch.arange(10)]
     packed = [(i, kept[i], [q(qa) for qa in qas[i]]) for i in range(3)]
-    single = [(i, kept[i], q(qa)) for i in range(3) for qa in qas[i]]
-    flat = [qa for row in qas for qa in row]
+    single = [(i, kept[i], [q(qa)]) for i in range(3) for qa in qas[i]]  # one question a row
+    flat = [[qa] for row in qas for qa in row]
+    lm_rows = [(i, k, qs[0]) for i, k, qs in single]
     n = 0
-    for rows, asked, batch in (
-        (packed, qas, scenes_recipe.packed_batch),
-        (single, flat, scenes_recipe.lm_batch),
+    for rows, asked, x in (
+        (packed, qas, scenes_recipe.packed_batch(packed, q.prefix, feats, embed)[0]),
+        (single, flat, scenes_recipe.lm_batch(lm_rows, q.prefix, feats, embed)[0]),
     ):
-        x = batch(rows, q.prefix, feats, embed)[0]
         at, objs = scenes_recipe.lookup_targets(rows, asked, scs, len(q.prefix))
         assert len(at) == sum(len(scenes_qa.lookups(scs[i], qa)) for i in range(3) for qa in qas[i])
         for (r, c), o in zip(at, objs, strict=True):
@@ -331,8 +332,6 @@ def test_scenes_reference_trains_with_the_lookup_term(tmp_path):
     recipe = json.loads((out / "config.json").read_text())["evocomp"]["recipe"]
     assert recipe["lookup_supervision"] == 1.0 and recipe["lookup_layer"] == 1
     assert any("lookup term" in m for m in logs)
-    from evocomp.mllm.recipe import recipe_record
-
     assert "lookup_layer" not in recipe_record(MLLMParams(**TINY), set())
     with pytest.raises(ValueError, match="lookup_layer"):
         MLLMParams(**{**TINY, "lookup_supervision": 1.0})  # 1 layer: nothing reads layer 1

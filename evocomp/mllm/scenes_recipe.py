@@ -250,17 +250,16 @@ def _forward(lm, head, x, mask, labels, pos, layer: int | None = None):
 # ---- the lookup term: each described object's whereabouts and attributes at its phrase ---------
 
 LOOKUP_OUT = 2 + len(scenes.COLOURS) + len(scenes.SHAPES)  # row, column, colour, shape
+_COLOURS = list(scenes.COLOURS)  # the probe's colour classes, in the benchmark's order
 
 
 def lookup_targets(rows, qas, images, n_prefix: int):
     """Where each described object is named in a batch and which object: ``(row, sequence
-    index)`` pairs and the objects, for rows of :func:`lm_batch` (one (suffix, answer)) or
-    :func:`packed_batch` (a list of them) and their questions ``qas`` (one or a list per
-    row), at each one-object phrase's last word (:func:`scenes_qa.lookups`)."""
+    index)`` pairs and the objects, for :func:`packed_batch` rows (an :func:`lm_batch` row
+    is the packed row of its one question) and each row's questions ``qas``, at each
+    one-object phrase's last word (:func:`scenes_qa.lookups`)."""
     at, objs = [], []
     for r, ((i, kept, qs), row_qas) in enumerate(zip(rows, qas, strict=True)):
-        if not isinstance(qs, list):
-            qs, row_qas = [qs], [row_qas]
         s = n_prefix + len(kept)  # where the row's first question starts
         for (suf, ans), qa in zip(qs, row_qas, strict=True):
             for w, o in scenes_qa.lookups(images[i], qa):
@@ -284,9 +283,9 @@ def lookup_loss(hidden, at, objs, probe, grid: int) -> torch.Tensor:
     centre = torch.tensor(
         [[fr + (fh - 1) / 2, fc + (fw - 1) / 2] for fc, fr, fw, fh in (o.footprint for o in objs)]
     ) / (grid - 1)
-    colour = torch.tensor([list(scenes.COLOURS).index(o.colour) for o in objs])
+    colour = torch.tensor([_COLOURS.index(o.colour) for o in objs])
     shape = torch.tensor([scenes.SHAPES.index(o.shape) for o in objs])
-    C = len(scenes.COLOURS)
+    C = len(_COLOURS)
     return (
         10 * F.mse_loss(out[:, :2], centre)
         + F.cross_entropy(out[:, 2 : 2 + C], colour)
@@ -393,9 +392,9 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
             rows, qas = [], []
             for _ in range(params.batch_size * pack):
                 i = rng.randrange(len(images))
-                qas.append(ask(images[i], rng, weights))
-                rows.append((i, _kept(images[i], qas[-1:], rng, n, mode), questions(qas[-1])))
-            batch = lm_batch(rows, questions.prefix, feats, embed)
+                qas.append([ask(images[i], rng, weights)])
+                rows.append((i, _kept(images[i], qas[-1], rng, n, mode), [questions(qas[-1][0])]))
+            batch = lm_batch([(i, k, q) for i, k, (q,) in rows], questions.prefix, feats, embed)
         logits, target, *hidden = _forward(lm, head, *batch, layer=layer)
         loss = F.cross_entropy(logits, target)
         if probe is not None:

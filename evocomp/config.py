@@ -87,6 +87,10 @@ class MLLMParams(_Strict):
     # object's centre row / column, colour and shape (scenes_recipe.lookup_loss)
     lookup_supervision: float = Field(0.0, ge=0)
     lookup_layer: int = Field(1, ge=1)  # < lm_layers: a later layer must read the lookup
+    # scenes-vqa: weight of the *readout* term (0: off): where a spatial question's answer is
+    # predicted, a probe on layer lookup_layer + 1 reads both named objects' centres
+    # (scenes_recipe.readout_loss)
+    readout_supervision: float = Field(0.0, ge=0)
 
     @field_validator("prompt_template")
     @classmethod
@@ -99,7 +103,9 @@ class MLLMParams(_Strict):
     def _batches(self) -> MLLMParams:
         if self.align_batch_size > self.n_images:
             raise ValueError("mllm.align_batch_size must be <= mllm.n_images (images per step)")
-        if self.lookup_supervision and self.lookup_layer >= self.lm_layers:
+        if (self.lookup_supervision or self.readout_supervision) and (
+            self.lookup_layer >= self.lm_layers
+        ):
             raise ValueError(
                 "mllm.lookup_layer must be < mllm.lm_layers (a later layer reads the lookup)"
             )

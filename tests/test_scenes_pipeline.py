@@ -322,6 +322,52 @@ def test_lookup_loss_is_zero_for_a_probe_that_reads_the_object():
     assert scenes_recipe.lookup_loss(hidden, [], [], probe, 12).item() == 0.0
 
 
+def test_readout_targets_sit_where_each_spatial_answer_is_predicted():
+    """The readout term's targets: one per spatial question, at the token whose logits
+    predict its answer (the labels' first answer token is the next one), with the two
+    objects its phrases name, in order."""
+    from evocomp.mllm import tiny_llava
+    from evocomp.mllm.recipe import Questions
+
+    tok = tiny_llava.build_tokenizer(scenes_qa.WORDS)
+    embed = torch.nn.Embedding(len(tok), 4)
+    q, rng = Questions(tok), random.Random(8)
+    scs = [scenes.make_scene(rng, 6) for _ in range(4)]
+    feats = torch.randn(4, 36, 4)
+    qas = [
+        [scenes_qa.make_question(sc, rng, t) for t in ("spatial", "colour", "spatial")]
+        for sc in scs
+    ]
+    rows = [(i, torch.arange(0, 36, 1 + i), [q(qa) for qa in qas[i]]) for i in range(4)]
+    _, _, labels, _ = scenes_recipe.packed_batch(rows, q.prefix, feats, embed)
+    at, pairs = scenes_recipe.readout_targets(rows, qas, scs, len(q.prefix))
+    expected = [
+        tuple(o for _, o in scenes_qa.lookups(scs[i], qa))
+        for i in range(4)
+        for qa in qas[i]
+        if qa.qtype == "spatial" and len(scenes_qa.lookups(scs[i], qa)) == 2
+    ]
+    assert pairs == expected and len(pairs) >= 4
+    for r, c in at:  # the answer's first token is the label of the position after
+        assert labels[r, c - 1] == -100 and labels[r, c] != -100
+        assert tok.convert_ids_to_tokens(int(labels[r, c])) in ("yes", "no")
+
+
+def test_readout_loss_is_zero_for_a_probe_that_reads_both_centres():
+    sc = scenes.make_scene(random.Random(9), 12)
+    a, b = sc.objects[:2]
+    both = torch.cat([scenes_recipe._centres([a], 12), scenes_recipe._centres([b], 12)], 1)[0]
+    probe = torch.nn.Linear(1, 4)
+    with torch.no_grad():
+        probe.weight.zero_()
+        probe.bias.copy_(both)
+    hidden = torch.zeros(1, 5, 1)
+    assert scenes_recipe.readout_loss(hidden, [(0, 4)], [(a, b)], probe, 12).item() < 1e-9
+    swapped = scenes_recipe.readout_loss(hidden, [(0, 4)], [(b, a)], probe, 12).item()
+    assert swapped == pytest.approx(10 * ((both[:2] - both[2:]) ** 2).mean().item(), rel=1e-5)
+    assert scenes_recipe.readout_loss(hidden, [], [], probe, 12).item() == 0.0
+
+
 def test_scenes_reference_trains_with_the_lookup_term(tmp_path):
     """mllm.lookup_supervision trains a 2-layer LM with the probe on layer 1, records the
     term in config.json (a recipe without it records neither field) and is refused on the
@@ -333,8 +379,24 @@ def test_scenes_reference_trains_with_the_lookup_term(tmp_path):
     assert recipe["lookup_supervision"] == 1.0 and recipe["lookup_layer"] == 1
     assert any("lookup term" in m for m in logs)
     assert "lookup_layer" not in recipe_record(MLLMParams(**TINY), set())
+    assert "readout_supervision" not in recipe
     with pytest.raises(ValueError, match="lookup_layer"):
         MLLMParams(**{**TINY, "lookup_supervision": 1.0})  # 1 layer: nothing reads layer 1
+    with pytest.raises(ValueError, match="lookup_layer"):
+        MLLMParams(**{**TINY, "readout_supervision": 1.0})
+
+
+def test_scenes_reference_trains_with_the_readout_term(tmp_path):
+    """mllm.readout_supervision adds its term on the layer after the lookup's (here the
+    last of 2) and records itself and the lookup layer it is placed by."""
+    logs: list[str] = []
+    params = MLLMParams(
+        **{**TINY, "lm_layers": 2, "lookup_supervision": 1.0, "readout_supervision": 1.0}
+    )
+    out = train_scenes_reference(tmp_path / "ref", params, log=logs.append)
+    recipe = json.loads((out / "config.json").read_text())["evocomp"]["recipe"]
+    assert recipe["readout_supervision"] == 1.0 and recipe["lookup_layer"] == 1
+    assert any("readout term" in m for m in logs)
 
 
 def test_lm_trials_supervision_losses_reward_attention_on_the_target(scenes_lm_trials):

@@ -31,6 +31,10 @@ which one is *large*. So alignment puts more than words into each visual token:
    ``lookup_layer``'s output read that object's centre and its colour and shape
    (:func:`lookup_loss`): the lookup every answer but a count needs, asked for at the word
    that completes it, where a later layer's answer reads it.
+4. *Readout term* (``readout_supervision`` > 0): where a spatial question's answer is
+   predicted, a linear probe on the output of the layer after the lookup's reads both named
+   objects' centres (:func:`readout_loss`): the two lookups gathered where the comparison
+   is made, so the layers after it only have to compare.
 
 The entry point is :func:`evocomp.mllm.scenes_reference.train_scenes_reference`.
 """
@@ -233,18 +237,18 @@ def packed_batch(rows, prefix: list[int], feats: torch.Tensor, embed):
     return x, mask, labels, pos
 
 
-def _forward(lm, head, x, mask, labels, pos, layer: int | None = None):
-    """Answer logits and targets; with ``layer``, also that layer's output (B, L, D)."""
+def _forward(lm, head, x, mask, labels, pos, layers: tuple[int, ...] = ()):
+    """Answer logits and targets, then the output (B, L, D) of each of ``layers``."""
     out = lm(
         inputs_embeds=x,
         attention_mask=mask,
         position_ids=pos,
         use_cache=False,
-        output_hidden_states=layer is not None,
+        output_hidden_states=bool(layers),
     )
     h = out.last_hidden_state
     logits, target = head(h[labels != -100]), labels[labels != -100]
-    return (logits, target) if layer is None else (logits, target, out.hidden_states[layer])
+    return (logits, target, *(out.hidden_states[k] for k in layers))
 
 
 # ---- the lookup term: each described object's whereabouts and attributes at its phrase ---------
@@ -253,20 +257,47 @@ LOOKUP_OUT = 2 + len(scenes.COLOURS) + len(scenes.SHAPES)  # row, column, colour
 _COLOURS = list(scenes.COLOURS)  # the probe's colour classes, in the benchmark's order
 
 
-def lookup_targets(rows, qas, images, n_prefix: int):
-    """Where each described object is named in a batch and which object: ``(row, sequence
-    index)`` pairs and the objects, for :func:`packed_batch` rows (an :func:`lm_batch` row
-    is the packed row of its one question) and each row's questions ``qas``, at each
-    one-object phrase's last word (:func:`scenes_qa.lookups`)."""
-    at, objs = [], []
+def _questions(rows, qas, n_prefix: int):
+    """``(row, where the question starts, its suffix's length, image index, QA)`` for each
+    question of :func:`packed_batch` rows (an :func:`lm_batch` row is the packed row of its
+    one question) and each row's questions ``qas``."""
     for r, ((i, kept, qs), row_qas) in enumerate(zip(rows, qas, strict=True)):
         s = n_prefix + len(kept)  # where the row's first question starts
         for (suf, ans), qa in zip(qs, row_qas, strict=True):
-            for w, o in scenes_qa.lookups(images[i], qa):
-                at.append((r, s + w))
-                objs.append(o)
+            yield r, s, len(suf), i, qa
             s += len(suf) + len(ans)
+
+
+def lookup_targets(rows, qas, images, n_prefix: int):
+    """Where each described object is named in a batch and which object: ``(row, sequence
+    index)`` pairs and the objects, at each one-object phrase's last word
+    (:func:`scenes_qa.lookups`); rows and ``qas`` as for :func:`_questions`."""
+    at, objs = [], []
+    for r, s, _, i, qa in _questions(rows, qas, n_prefix):
+        for w, o in scenes_qa.lookups(images[i], qa):
+            at.append((r, s + w))
+            objs.append(o)
     return at, objs
+
+
+def readout_targets(rows, qas, images, n_prefix: int):
+    """Where each spatial question's answer is predicted (its suffix's last token: ``(row,
+    sequence index)``) and the two objects it names, in the question's order; rows and
+    ``qas`` as for :func:`_questions`."""
+    at, pairs = [], []
+    for r, s, n_suf, i, qa in _questions(rows, qas, n_prefix):
+        named = scenes_qa.lookups(images[i], qa) if qa.qtype == "spatial" else []
+        if len(named) == 2:
+            at.append((r, s + n_suf - 1))
+            pairs.append((named[0][1], named[1][1]))
+    return at, pairs
+
+
+def _centres(objs, grid: int) -> torch.Tensor:
+    """Each object's footprint centre (row, column) in [0, 1]: (len(objs), 2)."""
+    return torch.tensor(
+        [[fr + (fh - 1) / 2, fc + (fw - 1) / 2] for fc, fr, fw, fh in (o.footprint for o in objs)]
+    ).reshape(-1, 2) / (grid - 1)
 
 
 def lookup_loss(hidden, at, objs, probe, grid: int) -> torch.Tensor:
@@ -280,9 +311,7 @@ def lookup_loss(hidden, at, objs, probe, grid: int) -> torch.Tensor:
         return hidden.sum() * 0.0
     r, c = zip(*at, strict=True)
     out = probe(hidden[list(r), list(c)])
-    centre = torch.tensor(
-        [[fr + (fh - 1) / 2, fc + (fw - 1) / 2] for fc, fr, fw, fh in (o.footprint for o in objs)]
-    ) / (grid - 1)
+    centre = _centres(objs, grid)
     colour = torch.tensor([_COLOURS.index(o.colour) for o in objs])
     shape = torch.tensor([scenes.SHAPES.index(o.shape) for o in objs])
     C = len(_COLOURS)
@@ -291,6 +320,20 @@ def lookup_loss(hidden, at, objs, probe, grid: int) -> torch.Tensor:
         + F.cross_entropy(out[:, 2 : 2 + C], colour)
         + F.cross_entropy(out[:, 2 + C :], shape)
     )
+
+
+def readout_loss(hidden, at, pairs, probe, grid: int) -> torch.Tensor:
+    """At each ``at`` of ``hidden``, a linear ``probe`` (4 outputs) reads both objects of the
+    pair's centres (A's row and column, then B's; 10 x squared error, as the lookup's): a
+    spatial answer's comparison with its operands gathered. With the lookup term alone the
+    2-layer LM left left-of / above at chance on 2 seeds of 3 (BENCHMARKS.md)."""
+    if not at:
+        return hidden.sum() * 0.0
+    r, c = zip(*at, strict=True)
+    both = torch.cat(
+        [_centres([a for a, _ in pairs], grid), _centres([b for _, b in pairs], grid)], 1
+    )
+    return 10 * F.mse_loss(probe(hidden[list(r), list(c)]), both)
 
 
 @torch.no_grad()
@@ -361,9 +404,13 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
     probe = (
         torch.nn.Linear(embed.weight.shape[1], LOOKUP_OUT) if params.lookup_supervision else None
     )
-    if probe is not None:
-        trainable = [*trainable, *probe.parameters()]
-    layer = params.lookup_layer if probe is not None else None
+    # the readout term's probe, on the layer after the lookup's (created after the lookup's,
+    # so a recipe without it draws as before)
+    reader = torch.nn.Linear(embed.weight.shape[1], 4) if params.readout_supervision else None
+    trainable += [p for m in (probe, reader) if m is not None for p in m.parameters()]
+    layers = (params.lookup_layer,) * (probe is not None) + (params.lookup_layer + 1,) * (
+        reader is not None
+    )
     opt = torch.optim.AdamW(trainable, lr=params.lm_lr, weight_decay=0.01)
     rng, vrng = random.Random(params.seed), random.Random(params.seed + 1)
     questions = Questions(tokenizer)
@@ -395,12 +442,16 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
                 qas.append([ask(images[i], rng, weights)])
                 rows.append((i, _kept(images[i], qas[-1], rng, n, mode), [questions(qas[-1][0])]))
             batch = lm_batch([(i, k, q) for i, k, (q,) in rows], questions.prefix, feats, embed)
-        logits, target, *hidden = _forward(lm, head, *batch, layer=layer)
+        logits, target, *hidden = _forward(lm, head, *batch, layers=layers)
         loss = F.cross_entropy(logits, target)
         if probe is not None:
             at, objs = lookup_targets(rows, qas, images, len(questions.prefix))
             looked = lookup_loss(hidden[0], at, objs, probe, images[0].grid)
             loss = loss + params.lookup_supervision * looked
+        if reader is not None:
+            at, pairs = readout_targets(rows, qas, images, len(questions.prefix))
+            read = readout_loss(hidden[-1], at, pairs, reader, images[0].grid)
+            loss = loss + params.readout_supervision * read
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -411,6 +462,7 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
             log(
                 f"lm step {step + 1}: loss {loss.item():.4f}"
                 + ("" if probe is None else f" (lookup term {looked.item():.4f})")
+                + ("" if reader is None else f" (readout term {read.item():.4f})")
                 + ", held-out "
                 + " ".join(f"{t} {a:.3f}" for t, a in acc.items())
                 + f" ({time.time() - t0:.0f} s)"

@@ -93,9 +93,9 @@ def evaluate_variant(
                 params, prepared, Path(tmp) / "features", Path(tmp) / "no-labels", compressor,
                 mllm, Path(tmp) / "no-speed",
             )  # fmt: skip
-            row["compression"] = {
-                k: result[k] for k in ("prune_layer", "full", "ratios", "stderr", "ratios_l1", "stderr_l1")
-                if k in result
+            row["compression"] = {  # the later prune layer's keys: ratios_l1, or _l2 (3+ layers)
+                k: v for k, v in result.items()
+                if k in ("prune_layer", "full", "ratios", "stderr") or k.startswith(("ratios_l", "stderr_l"))
             }  # fmt: skip
     return row
 

@@ -300,6 +300,12 @@ def _centres(objs, grid: int) -> torch.Tensor:
     ).reshape(-1, 2) / (grid - 1)
 
 
+def _probed(hidden, at, probe) -> torch.Tensor:
+    """``probe`` applied to ``hidden`` (B, L, D) at each ``(row, sequence index)`` of ``at``."""
+    r, c = zip(*at, strict=True)
+    return probe(hidden[list(r), list(c)])
+
+
 def lookup_loss(hidden, at, objs, probe, grid: int) -> torch.Tensor:
     """At each ``at`` of ``hidden`` (an LM layer's output), a linear ``probe`` reads the named
     object's footprint centre (row, column in [0, 1]; squared error x 10, the alignment's
@@ -309,8 +315,7 @@ def lookup_loss(hidden, at, objs, probe, grid: int) -> torch.Tensor:
     one also told to carry their centre answered 0.66-0.75 (BENCHMARKS.md)."""
     if not at:
         return hidden.sum() * 0.0
-    r, c = zip(*at, strict=True)
-    out = probe(hidden[list(r), list(c)])
+    out = _probed(hidden, at, probe)
     centre = _centres(objs, grid)
     colour = torch.tensor([_COLOURS.index(o.colour) for o in objs])
     shape = torch.tensor([scenes.SHAPES.index(o.shape) for o in objs])
@@ -329,11 +334,10 @@ def readout_loss(hidden, at, pairs, probe, grid: int) -> torch.Tensor:
     2-layer LM left left-of / above at chance on 2 seeds of 3 (BENCHMARKS.md)."""
     if not at:
         return hidden.sum() * 0.0
-    r, c = zip(*at, strict=True)
     both = torch.cat(
         [_centres([a for a, _ in pairs], grid), _centres([b for _, b in pairs], grid)], 1
     )
-    return 10 * F.mse_loss(probe(hidden[list(r), list(c)]), both)
+    return 10 * F.mse_loss(_probed(hidden, at, probe), both)
 
 
 @torch.no_grad()

@@ -1,6 +1,10 @@
-"""How well the vision tower's tokens carry their object's size word: a linear probe fitted on
-frozen tokens of 1500 training-like scenes, its per-object accuracy (mean logits over the
-object's patches) on 500 fresh ones. argv: model dir | 'align:STEPS[:SIZEW]'."""
+"""How well a scenes vision tower's tokens carry their object's size word: a linear probe
+fitted (LBFGS) on frozen tokens of 1500 scenes, scored per object (mean logits over its
+patches) on 500 fresh ones, with the confusion matrix.
+
+    .venv/bin/python bench/scenes_size_probe.py models/scenes/mllm
+    .venv/bin/python bench/scenes_size_probe.py align:1500:3   # align a fresh tower: steps, layers
+"""
 
 import random
 import sys
@@ -14,88 +18,74 @@ from evocomp.data import scenes, scenes_qa
 from evocomp.mllm import scenes_recipe, tiny_llava
 from evocomp.mllm.recipe import pixels, visual
 
-torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
-arg = sys.argv[1]
 
-
-def scenes_of(seed, n):
+def scenes_of(seed: int, n: int):
     rng = random.Random(seed)
-    out = [scenes.make_scene(rng, 12) for _ in range(n)]
-    return [(scenes.render(s), s) for s in out]
+    return [(scenes.render(s), s) for s in (scenes.make_scene(rng, 12) for _ in range(n))]
 
 
-if arg.startswith("align:"):
+def tower(arg: str):
+    if not arg.startswith("align:"):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(arg)
     parts = arg.split(":")
-    steps = int(parts[1])
-    vl = int(parts[2]) if len(parts) > 2 else 3
+    steps, layers = int(parts[1]), int(parts[2]) if len(parts) > 2 else 3
     params = MLLMParams(
-        benchmark="scenes",
-        grid=12,
-        align_steps=steps,
-        vision_layers=vl,
-        vision_heads=4,
-        lm_layers=3,
-        lm_heads=4,
-        align_batch_size=32,
-    )
+        benchmark="scenes", grid=12, align_steps=steps, vision_layers=layers, vision_heads=4,
+        lm_layers=3, lm_heads=4, align_batch_size=32,
+    )  # fmt: skip
     tok = tiny_llava.build_tokenizer(scenes_qa.WORDS)
-    model = tiny_llava.build_model(tok, 0, 192, 16, 4, 3, vl, 4)
-    rng = random.Random(0)
-    data = [(scenes.render(s), s) for s in (scenes.make_scene(rng, 12) for _ in range(4000))]
+    model = tiny_llava.build_model(tok, 0, 192, 16, 4, 3, layers, 4)
     t0 = time.time()
-    scenes_recipe.align(model, tok, data, params, print)
-    print(f"align {steps} steps: {time.time() - t0:.0f} s")
-else:
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(arg)
-model.eval()
+    scenes_recipe.align(model, tok, scenes_of(0, 4000), params, print)
+    print(f"align {steps} steps, {layers} layers: {time.time() - t0:.0f} s")
+    return model
 
 
-def feats(data):
-    with torch.no_grad():
-        return torch.cat(
-            [
-                visual(model, pixels([d[0] for d in data[i : i + 128]]))
-                for i in range(0, len(data), 128)
-            ]
-        )
+def main(arg: str) -> None:
+    model = tower(arg).eval()
 
+    def feats(data):
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    visual(model, pixels([d[0] for d in data[i : i + 128]]))
+                    for i in range(0, len(data), 128)
+                ]
+            )
 
-tr, te = scenes_of(30000, 1500), scenes_of(40000, 500)
-ftr, fte = feats(tr), feats(te)
-X, y = [], []
-for (_, sc), f in zip(tr, ftr):
-    for o in sc.objects:
-        X.append(f[list(o.patches)])
-        y += [scenes.SIZES.index(o.size)] * len(o.patches)
-X, y = torch.cat(X), torch.tensor(y)
-probe = torch.nn.Linear(X.shape[1], 3)
-opt = torch.optim.LBFGS(probe.parameters(), max_iter=200)
-
-
-def closure():
-    opt.zero_grad()
-    l = F.cross_entropy(probe(X), y)
-    l.backward()
-    return l
-
-
-opt.step(closure)
-hit_o = hit_p = n_o = n_p = 0
-conf = torch.zeros(3, 3, dtype=torch.long)
-with torch.no_grad():
-    for (_, sc), f in zip(te, fte):
+    tr, te = scenes_of(30000, 1500), scenes_of(40000, 500)
+    xs, ys = [], []
+    for (_, sc), f in zip(tr, feats(tr), strict=True):
         for o in sc.objects:
-            lg = probe(f[list(o.patches)])
-            t = scenes.SIZES.index(o.size)
-            hit_p += (lg.argmax(-1) == t).sum().item()
-            n_p += len(o.patches)
-            pred = lg.mean(0).argmax().item()
-            hit_o += pred == t
-            n_o += 1
-            conf[t, pred] += 1
-print(
-    f"{arg}: size probe per-patch acc {hit_p / n_p:.3f}, per-object acc {hit_o / n_o:.3f} ({n_o} objects)"
-)
-print("confusion (rows truth small/medium/large):", conf.tolist())
+            xs.append(f[list(o.patches)])
+            ys += [scenes.SIZES.index(o.size)] * len(o.patches)
+    x, y = torch.cat(xs), torch.tensor(ys)
+    probe = torch.nn.Linear(x.shape[1], 3)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(probe(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    hits = total = 0
+    conf = torch.zeros(3, 3, dtype=torch.long)
+    with torch.no_grad():
+        for (_, sc), f in zip(te, feats(te), strict=True):
+            for o in sc.objects:
+                pred = probe(f[list(o.patches)]).mean(0).argmax().item()
+                truth = scenes.SIZES.index(o.size)
+                hits += pred == truth
+                total += 1
+                conf[truth, pred] += 1
+    print(f"{arg}: size probe per-object accuracy {hits / total:.3f} ({total} objects)")
+    print("confusion (rows: truth small / medium / large):", conf.tolist())
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main(sys.argv[1])

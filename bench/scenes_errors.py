@@ -50,4 +50,5 @@ def main(model: str, n: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    args = sys.argv[1:]
+    main(args[0] if args else "models/scenes/mllm", int(args[1]) if len(args) > 1 else 1200)

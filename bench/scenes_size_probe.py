@@ -88,4 +88,4 @@ def main(arg: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    main(sys.argv[1])
+    main(sys.argv[1] if len(sys.argv) > 1 else "models/scenes/mllm")

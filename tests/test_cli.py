@@ -53,6 +53,7 @@ def test_synth_prepare(tmp_path, monkeypatch):
             ("labels", "export", "--url", "postgresql+psycopg://u:secret@127.0.0.1:1/x"),
             "cannot connect",
         ),
+        (("labels", "export", "--paper", "--keep-ratio", "0.1"), "pass one budget"),
     ],
 )
 def test_user_errors_exit_2(tmp_path, monkeypatch, args, match):

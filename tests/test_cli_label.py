@@ -43,6 +43,8 @@ def test_help(command):
         (["--split", "dev"], "--split 'dev'"),
         (["--task-runner", "mpi"], "expected thread or dask"),
         (["--population", "4"], "parents must be"),
+        (["--keep-ratio", "1.5"], "label.keep_ratio: Input should be less than or equal to 1"),
+        (["--mode", "greedy"], "label.mode: Input should be 'paper' or 'budget'"),
         (["--model", "nope"], "nope: not a model checkpoint"),
         (["--data", "missing"], "prepared samples not found"),
         (["--ids", "missing.json"], "cannot read the ids file"),

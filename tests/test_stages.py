@@ -181,3 +181,45 @@ def test_oracle_ranking_prefers_label():
     row = SimpleNamespace(n_tokens=6, kept=[4, 1], soft=[0, 0.5, 0, 0.9, 1.0, 0])
     assert oracle_ranking(row).topk(3).indices.tolist() == [4, 1, 3]
     assert torch.equal(oracle_ranking(row).topk(1).indices, torch.tensor([4]))
+
+
+def test_label_sets_of_several_budgets_give_one_graded_target(world):
+    small = pd.read_parquet(world["root"] / "labels.parquet")
+    large = small.copy()  # a second budget: the small label plus two more tokens
+    large["kept"] = [sorted({*map(int, k), 0, 35}) for k in small["kept"]]
+    large["k"] = large["kept"].map(len)
+    large["soft"] = None
+    items = items_from_labels([small, large], world["fstore"])
+    first = next(iter(small.itertuples()))
+    item = items[first.split][0]
+    in_small, extra = set(map(int, first.kept)), {0, 35} - set(map(int, first.kept))
+    assert all(item.target[t] == 1.0 for t in in_small)
+    assert all(item.target[t] == 0.5 for t in extra)  # kept by one budget of two
+    assert float(item.target.sum()) == len(in_small) + 0.5 * len(extra)
+    assert item.soft is None  # one set without soft labels: no soft target
+    with pytest.raises(ValueError, match="cover different samples"):
+        items_from_labels([small, large.iloc[1:]], world["fstore"])
+
+
+def test_oracle_uses_the_label_searched_at_each_ratio(world):
+    from evocomp.evaluation.harness import Selector, oracle_ranking
+    from evocomp.tokens import keep_count
+
+    small = pd.read_parquet(world["root"] / "labels.parquet")
+    k = keep_count(1 / 3, 36)
+    at_k = small.copy()
+    at_k["kept"], at_k["k"], at_k["soft"] = [list(range(36 - k, 36))] * len(small), k, None
+    samples = world["samples"][:2]
+    feats = [world["fstore"].get(s.id) for s in samples]
+    sel = Selector(world["mllm"], {}, labels=[small, at_k])
+    scores = sel.scores("oracle", samples, feats)
+    assert [t.tolist() for t in sel.kept("oracle", 1 / 3, samples, feats, scores)] == [
+        list(range(36 - k, 36))
+    ] * 2  # the label searched at k, not the first set's ranking
+    by_id = small.set_index("sample_id")
+    k9 = keep_count(1 / 9, 36)
+    want = [
+        sorted(oracle_ranking(by_id.loc[s.id].rename(s.id)).topk(k9).indices.tolist())
+        for s in samples
+    ]
+    assert [t.tolist() for t in sel.kept("oracle", 1 / 9, samples, feats, scores)] == want

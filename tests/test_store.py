@@ -25,6 +25,7 @@ from evocomp.store import (
     LabelRecord,
     LabelRun,
     SampleRow,
+    budget_of,
     default_db_url,
     dispose_engines,
     ensure_dataset,
@@ -460,3 +461,27 @@ def test_workers_starting_together_migrate_a_new_store_once(backend, tmp_path, r
     for p in procs:
         p.join(timeout=60)
     assert results == ["ok"] * 4
+
+
+def test_export_keeps_one_budget(store_url: str, tmp_path: Path) -> None:
+    # A label at 48 tokens is not a deeper search of one at 16: runs of another budget never
+    # supersede a label, and an export that would mix budgets is refused.
+    engine, _ = seeded(store_url, n=2)
+    ninth = get_or_create_run(engine, "m", PARAMS | {"keep_ratio": 0.111}, "v1")
+    third = get_or_create_run(engine, "m", PARAMS | {"keep_ratio": 0.333}, "v1")
+    paper = get_or_create_run(engine, "m", PARAMS | {"mode": "paper", "keep_ratio": 0.333}, "v1")
+    for i in range(2):
+        write_label(engine, ninth, sid(i), record(i))
+        write_label(engine, third, sid(i), record(10 + i))
+    write_label(engine, paper, sid(0), record(20))
+    out = tmp_path / "labels.parquet"
+    assert export_labels(engine, out, budget=budget_of(PARAMS | {"keep_ratio": 0.111})) == 2
+    assert set(pd.read_parquet(out)["run_id"]) == {ninth}  # the later 1/3 run does not win
+    assert export_labels(engine, out, budget=budget_of({"mode": "budget", "keep_ratio": 1 / 3})) == 2
+    assert set(pd.read_parquet(out)["run_id"]) == {third}
+    assert export_labels(engine, out, budget=budget_of({"mode": "paper", "keep_ratio": 0.9})) == 1
+    before = out.read_bytes()
+    mixed = r"several budgets \(keep ratio 0.111, keep ratio 0.333, paper mode\)"
+    with pytest.raises(ValueError, match=mixed):
+        export_labels(engine, out)
+    assert out.read_bytes() == before  # nothing written

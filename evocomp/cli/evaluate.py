@@ -25,8 +25,10 @@ from evocomp.cli.common import (
 def evaluate(
     data: Path = typer.Option(Path("data/prepared")),
     features_dir: Path = typer.Option(Path("data/features"), "--features"),
-    labels: Path = typer.Option(
-        Path("data/labels/labels.parquet"), help="label set (its test split is the GA oracle)"
+    labels: list[Path] = typer.Option(
+        [Path("data/labels/labels.parquet")],
+        help="label set (its test split is the GA oracle); repeat for other budgets: the "
+        "oracle at a ratio uses the label searched at that ratio's k",
     ),
     compressor: Path = typer.Option(Path("models/compressor")),
     model: Path = typer.Option(None, help="checkpoint (default: mllm.checkpoint)"),

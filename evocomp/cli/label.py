@@ -34,7 +34,7 @@ from evocomp.cli.common import (
 )
 from evocomp.data.samples import SPLITS
 
-SEARCH_OVERRIDES = ("generations", "population", "parents", "seeds")
+SEARCH_OVERRIDES = ("generations", "population", "parents", "seeds", "mode", "keep_ratio")
 SMALL_RUN = 64  # fewer samples to search, and no PREFECT_API_URL: label in-process
 
 
@@ -100,6 +100,10 @@ def label(
     population: int = typer.Option(None, help="override label.population"),
     parents: int = typer.Option(None, help="override label.parents"),
     seeds: int = typer.Option(None, help="override label.seeds (independent searches per sample)"),
+    mode: str = typer.Option(None, help="override label.mode: paper or budget"),
+    keep_ratio: float = typer.Option(
+        None, help="override label.keep_ratio (budget mode: a label set at another keep ratio)"
+    ),
     in_process: bool = typer.Option(
         None,
         "--in-process/--prefect",
@@ -112,7 +116,8 @@ def label(
     """Label samples with the genetic search; skip those already labelled.
 
     A larger --generations/--population/--seeds makes a new run; its labels supersede the old
-    ones in the export.
+    ones in the export. Another --mode/--keep-ratio labels for another budget: the export holds
+    only labels of this run's budget (one label set per keep ratio, for `train --labels` x N).
     """
     from pydantic import ValidationError
 
@@ -121,7 +126,7 @@ def label(
     params = params_or_exit(params_path)
     writable_or_exit(out, metrics, fitness_plot)
     runner = task_runner or params.label.task_runner
-    given = (workers, generations, population, parents, seeds)
+    given = (workers, generations, population, parents, seeds, mode, keep_ratio)
     names = ("workers", *SEARCH_OVERRIDES)
     overrides = {k: v for k, v in zip(names, given, strict=True) if v is not None}
     try:

@@ -36,16 +36,29 @@ def upgrade(url: str = UrlOpt) -> None:
 def export(
     out: Path = typer.Option(Path("data/labels/labels.parquet")),
     model_id: str = typer.Option(None, help="only labels of this model id"),
+    paper: bool = typer.Option(False, "--paper", help="only paper-mode labels"),
+    keep_ratio: float = typer.Option(None, help="only budget-mode labels at this keep ratio"),
     url: str = UrlOpt,
 ) -> None:
-    """Write the frozen Parquet label set (latest run per sample wins) that DVC versions."""
-    from evocomp.store import export_labels, get_engine
+    """Write the frozen Parquet label set (latest run per sample wins) that DVC versions.
+
+    A label set holds one budget: where the store has labels of several, pick one with
+    --paper or --keep-ratio.
+    """
+    from evocomp.store import budget_of, export_labels, get_engine
     from evocomp.store import upgrade as migrate
 
+    if paper and keep_ratio is not None:
+        fail("--paper and --keep-ratio: pass one budget")
+    budget = None
+    if paper:
+        budget = budget_of({"mode": "paper"})
+    elif keep_ratio is not None:
+        budget = budget_of({"mode": "budget", "keep_ratio": keep_ratio})
     writable_or_exit(out)
     try:
         migrate(url)
-        n = export_labels(get_engine(url), out, model_id=model_id)
+        n = export_labels(get_engine(url), out, model_id=model_id, budget=budget)
     except USER_ERRORS as err:
         fail(str(err))
     typer.echo(f"wrote {n} labels to {out}")

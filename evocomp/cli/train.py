@@ -1,6 +1,7 @@
 """`evocomp train`: the compressor on the frozen label set (GHM-C + cosine separation).
 
 evocomp train --labels data/labels/labels.parquet --out models/compressor
+evocomp train --labels L_0.111.parquet --labels L_0.222.parquet ...   (one target, every budget)
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ SUMMARY_KEYS = (
     "val_loss",
     "val_precision",
     "label_set_hash",
+    "label_set_hashes",
 )
 
 
 def train(
-    labels: Path = typer.Option(Path("data/labels/labels.parquet"), help="frozen label set"),
+    labels: list[Path] = typer.Option(
+        [Path("data/labels/labels.parquet")],
+        help="frozen label set; repeat for the same samples at other budgets (one target: "
+        "the fraction of budgets keeping each token)",
+    ),
     features_dir: Path = typer.Option(
         Path("data/features"), "--features", help="feature cache root"
     ),

@@ -31,7 +31,7 @@ class Item:
     visual: Tensor  # (N, D) float, projected visual tokens
     grid_pos: Tensor  # (N, 2) long, (row, col)
     text: Tensor  # (T, D) float, question token embeddings
-    target: Tensor  # (N,) float, hard 0/1 label
+    target: Tensor  # (N,) float, hard 0/1 label (graded: the fraction of budgets keeping it)
     soft: Tensor | None = None  # (N,) float in [0, 1], how often the elite kept each token
 
 
@@ -92,14 +92,18 @@ def _check_items(items: Sequence[Item], dim: int, soft: bool, split: str) -> Non
 
 
 def _precision_at_label_k(logits: Tensor, batch: Batch) -> list[float]:
-    """Per item: fraction of the top-k predictions that are labelled kept, k = label size."""
+    """Per item: fraction of the top-k predictions that are labelled kept, k = label size.
+
+    With graded targets (several budgets) a token counts as labelled when any budget keeps it.
+    """
     out = []
     for row, label, valid in zip(logits, batch.hard, batch.visual_mask, strict=True):
-        k = int(label[valid].sum())
+        kept = label[valid] > 0
+        k = int(kept.sum())
         if k == 0:
             continue
         top = select_topk(row[valid], k=k)
-        out.append(float(label[valid][top].sum()) / k)
+        out.append(float(kept[top].sum()) / k)
     return out
 
 

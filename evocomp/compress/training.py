@@ -6,7 +6,7 @@ evocomp train --labels data/labels/labels.parquet --out models/compressor
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -19,41 +19,64 @@ from evocomp.features.cache import FeatureStore
 from evocomp.labelset import label_set_hash, load_label_set
 
 
-def items_from_labels(df: pd.DataFrame, fstore: FeatureStore) -> dict[str, list[Item]]:
-    """Items per split; refuses labels of another model or with mismatched token counts."""
-    other = sorted(set(df["model_id"]) - {fstore.model_id})
-    if other:
-        raise ValueError(
-            f"the label set was made with model {other[0]!r}, the features are of "
-            f"{fstore.model_id!r}: relabel with this model or point --model at that one"
-        )
-    out: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
-    for row in df.itertuples(index=False):
-        feats = fstore.get(row.sample_id)
-        n = feats.tokens.shape[0]
-        if int(row.n_tokens) != n:
+def items_from_labels(
+    df: pd.DataFrame | Sequence[pd.DataFrame], fstore: FeatureStore
+) -> dict[str, list[Item]]:
+    """Items per split; refuses labels of another model or with mismatched token counts.
+
+    Several label sets of the same samples (one per budget, ``evocomp label --keep-ratio``)
+    give one graded target per token: the fraction of the sets whose label keeps it (and the
+    mean of their soft labels), so tokens every budget keeps rank first, then those only the
+    larger budgets add -- one compressor ranks tokens for every ratio it is evaluated at.
+    """
+    dfs = [df] if isinstance(df, pd.DataFrame) else list(df)
+    if not dfs:
+        raise ValueError("no label set given")
+    for d in dfs:
+        other = sorted(set(d["model_id"]) - {fstore.model_id})
+        if other:
             raise ValueError(
-                f"sample {row.sample_id}: label has {row.n_tokens} tokens, features have {n}"
+                f"the label set was made with model {other[0]!r}, the features are of "
+                f"{fstore.model_id!r}: relabel with this model or point --model at that one"
             )
-        target = torch.zeros(n)
-        target[torch.as_tensor(list(row.kept), dtype=torch.long)] = 1.0
-        soft = (
-            torch.as_tensor(list(row.soft), dtype=torch.float32) if row.soft is not None else None
-        )
-        out.setdefault(row.split, []).append(
+    rows = [{r.sample_id: r for r in d.itertuples(index=False)} for d in dfs]
+    for i, other in enumerate(rows[1:], start=1):
+        if other.keys() != rows[0].keys():
+            missing = sorted(rows[0].keys() ^ other.keys())
+            raise ValueError(
+                f"label sets 1 and {i + 1} cover different samples (e.g. {missing[0]}, in one "
+                "only): label the same samples at every budget"
+            )
+    out: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
+    for sample_id in dfs[0]["sample_id"]:
+        feats = fstore.get(sample_id)
+        n = feats.tokens.shape[0]
+        targets, softs = [], []
+        for by_id in rows:
+            row = by_id[sample_id]
+            if int(row.n_tokens) != n:
+                raise ValueError(
+                    f"sample {sample_id}: label has {row.n_tokens} tokens, features have {n}"
+                )
+            target = torch.zeros(n)
+            target[torch.as_tensor(list(row.kept), dtype=torch.long)] = 1.0
+            targets.append(target)
+            if row.soft is not None:
+                softs.append(torch.as_tensor(list(row.soft), dtype=torch.float32))
+        out.setdefault(rows[0][sample_id].split, []).append(
             Item(
                 visual=feats.tokens,
                 grid_pos=feats.cells,
                 text=feats.text,
-                target=target,
-                soft=soft,
+                target=torch.stack(targets).mean(0),
+                soft=torch.stack(softs).mean(0) if len(softs) == len(rows) else None,
             )
         )
     return out
 
 
 def train_compressor(
-    labels: str | Path,
+    labels: str | Path | Sequence[str | Path],
     features: str | Path,
     info: dict,
     params: TrainParams,
@@ -61,9 +84,14 @@ def train_compressor(
     device: str = "cpu",
     log: Callable[[dict], None] | None = None,
 ) -> tuple[list[dict], dict]:
-    """Fit on the train split (early stopping on val), save to ``out``; ``(history, summary)``."""
-    df = load_label_set(labels)
-    items = items_from_labels(df, FeatureStore(features, info["model_id"]))
+    """Fit on the train split (early stopping on val), save to ``out``; ``(history, summary)``.
+
+    ``labels``: one label set, or several of the same samples at different budgets (see
+    :func:`items_from_labels`); the first one names the summary's ``label_set_hash``.
+    """
+    paths = [labels] if isinstance(labels, str | Path) else list(labels)
+    dfs = [load_label_set(p) for p in paths]
+    items = items_from_labels(dfs, FeatureStore(features, info["model_id"]))
     if not items["train"]:
         raise ValueError(f"{labels}: no train-split labels to train on")
     model, history = fit_compressor(
@@ -77,8 +105,10 @@ def train_compressor(
     )
     best = best_epoch(history, params.monitor)  # the epoch fit_compressor restored
     summary = {
-        "label_set": str(labels),
-        "label_set_hash": label_set_hash(df),
+        "label_set": str(paths[0]),
+        "label_set_hash": label_set_hash(dfs[0]),
+        "label_sets": [str(p) for p in paths],
+        "label_set_hashes": [label_set_hash(d) for d in dfs],
         "model_id": info["model_id"],
         "train_samples": len(items["train"]),
         "val_samples": len(items["val"]),

@@ -57,10 +57,15 @@ class Selector:
     """Kept sets (or merged embeddings) for one method on one batch of samples."""
 
     def __init__(self, mllm, info: dict, compressor=None, labels=None, seed: int = 0):
+        """``labels``: a label set (DataFrame) or several, one per budget; the oracle at a
+        ratio uses the label searched for that ratio's k where there is one, else the first
+        set's ranking (its kept tokens, then the elite's keep frequency)."""
         self.mllm, self.info, self.compressor, self.seed = mllm, info, compressor, seed
-        self.labels = (
-            {r.sample_id: r for r in labels.itertuples(index=False)} if labels is not None else {}
-        )
+        sets = [] if labels is None else [labels] if hasattr(labels, "itertuples") else labels
+        self.labels = {r.sample_id: r for r in sets[0].itertuples(index=False)} if sets else {}
+        self.labels_at_k = {
+            (r.sample_id, int(r.k)): r for df in sets for r in df.itertuples(index=False)
+        }
 
     def scores(self, method: str, samples: list[Sample], feats: list) -> list[torch.Tensor] | None:
         if method == "evocomp":
@@ -93,6 +98,11 @@ class Selector:
     ) -> list[torch.Tensor]:
         """Each sample's kept set at ``ratio`` of its own N."""
         ks = [keep_count(ratio, f.tokens.shape[0]) for f in feats]
+        if method == "oracle":  # the label searched at this k, where the budgets include it
+            scores = [
+                oracle_ranking(self.labels_at_k[(s.id, k)]) if (s.id, k) in self.labels_at_k else sc
+                for s, k, sc in zip(samples, ks, scores, strict=True)
+            ]
         if method == "sparsevlm":  # attention scores: FastV's top-k on the 1e-6 grid
             return [select("fastv", k, text_attn=sc) for sc, k in zip(scores, ks, strict=True)]
         if scores is not None:

@@ -61,7 +61,7 @@ def run_evaluation(
     params: Params,
     data: Path,
     features_dir: Path,
-    labels: Path,
+    labels: Path | list[Path],
     compressor_dir: Path,
     mllm,
     speed: Path,
@@ -90,9 +90,11 @@ def run_evaluation(
                 f"{compressor_dir} was trained on labels of model {extra['model_id']!r}, "
                 f"not {info['model_id']!r}: retrain it (`evocomp train`)"
             )
-    if "oracle" in methods:
-        label_df = load_label_set(labels)
-        label_df = label_df[label_df["split"] == "test"]
+    if "oracle" in methods:  # one label set per budget; the first ranks at other ratios
+        label_df = [
+            df[df["split"] == "test"]
+            for df in map(load_label_set, [labels] if isinstance(labels, Path) else labels)
+        ]
     prompt = mllm.encode(samples[0].question)
     n_text = len(prompt.prefix) + len(prompt.suffix)
 

@@ -176,7 +176,8 @@ def close_run(
     failures = [f for f in run["failures"] if f["sample_id"] in wanted]
     run["status"] = "failed" if failures else "done"
     db.finish_run(engine, run_id, run["status"])
-    exported = db.export_labels(engine, labels_out, model_id=model_id)
+    budget = db.budget_of(run["params"])  # a label set holds one budget (store/export.py)
+    exported = db.export_labels(engine, labels_out, model_id=model_id, budget=budget)
     write_json_atomic(metrics_out, label_metrics(labels_out, run["failed"]))
     if fitness_out:
         write_text_atomic(fitness_out, fitness_curve(engine, run_id))

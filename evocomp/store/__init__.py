@@ -28,7 +28,7 @@ from evocomp.store.engine import (
     session_scope,
     upgrade,
 )
-from evocomp.store.export import export_labels
+from evocomp.store.export import budget_of, export_labels
 from evocomp.store.flowruns import (
     beat_flow_run,
     finish_flow_run,
@@ -84,6 +84,7 @@ __all__ = [
     "LabelRecord",
     "LabelRun",
     "SampleRow",
+    "budget_of",
     "default_db_url",
     "dispose_engines",
     "ensure_dataset",

@@ -1,5 +1,9 @@
 """Frozen Parquet exports of the label store: one label per sample, the latest run winning.
 
+A label set holds one budget (:func:`budget_of`: paper mode, or budget mode at one keep ratio):
+a label at 48 tokens is not a deeper search of one at 16, so runs of other budgets never
+supersede it; each budget is exported to its own file (``evocomp label --keep-ratio``).
+
 The live database is never a DVC output; this file is (``data/labels/labels.parquet``). The
 same store always gives the same bytes: rows are sorted by sample id, the schema is fixed and
 nothing time-dependent is written.
@@ -47,8 +51,26 @@ SCHEMA = pa.schema(
 )
 
 
+def budget_of(params: dict[str, Any]) -> tuple[Any, ...]:
+    """What a run's labels are labels *of*: ``("paper",)`` or ``("budget", keep ratio)``."""
+    if params.get("mode", "paper") == "paper":
+        return ("paper",)
+    ratio = params.get("keep_ratio")
+    # to 3 decimals, as metrics key ratios (evocomp.tokens.ratio_key): 1/3 and 0.333 are one
+    return ("budget", None if ratio is None else round(float(ratio), 3))
+
+
+def _budget_name(budget: tuple[Any, ...]) -> str:
+    if budget == ("paper",):
+        return "paper mode"
+    return "budget mode" if budget[1] is None else f"keep ratio {budget[1]:g}"
+
+
 def _latest_labels(
-    session: Session, model_id: str | None, run_ids: Iterable[int] | None
+    session: Session,
+    model_id: str | None,
+    run_ids: Iterable[int] | None,
+    budget: tuple[Any, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per sample: its done label from the most recently created matching run."""
     stmt = (
@@ -74,6 +96,7 @@ def _latest_labels(
             Label.agreement,
             Label.n_groups,
             LabelRun.created_at.label("run_created_at"),
+            LabelRun.params.label("run_params"),
         )
         .join(LabelRun, Label.run_id == LabelRun.id)
         .join(SampleRow, Label.sample_id == SampleRow.id)
@@ -84,12 +107,24 @@ def _latest_labels(
     if run_ids is not None:
         stmt = stmt.where(Label.run_id.in_([int(r) for r in run_ids]))
     best: dict[str, tuple[tuple[Any, int], dict[str, Any]]] = {}
+    seen: set[tuple[Any, ...]] = set()
     for row in session.execute(stmt).mappings():
+        # Filtered here, not in SQL: JSON operators differ between SQLite and PostgreSQL.
+        row_budget = budget_of(row["run_params"])
+        if budget is not None and row_budget != budget:
+            continue
+        seen.add(row_budget)
         # Run ids break creation-time ties (SQLite's CURRENT_TIMESTAMP has 1 s resolution).
         rank = (row["run_created_at"], row["run_id"])
         current = best.get(row["sample_id"])
         if current is None or rank > current[0]:
             best[row["sample_id"]] = (rank, dict(row))
+    if len(seen) > 1:
+        names = ", ".join(sorted(_budget_name(b) for b in seen))
+        raise ValueError(
+            f"the store holds labels of several budgets ({names}); export one "
+            "(`evocomp labels export --paper` or `--keep-ratio R`)"
+        )
     # Sorted in Python, not SQL: PostgreSQL collations would order strings differently.
     return [best[sid][1] for sid in sorted(best)]
 
@@ -122,17 +157,19 @@ def export_labels(
     out_path: str | os.PathLike[str],
     model_id: str | None = None,
     run_ids: Iterable[int] | None = None,
+    budget: tuple[Any, ...] | None = None,
 ) -> int:
     """Write the done labels to a Parquet file, one row per sample; return the row count.
 
     When a sample has labels in several (matching) runs, the most recently created run wins,
-    so a deeper re-search supersedes older labels. The file is replaced atomically.
+    so a deeper re-search supersedes older labels. ``budget`` (:func:`budget_of`) keeps only
+    runs of that budget. The file is replaced atomically.
     """
     if isinstance(bind, Session):
-        rows = _latest_labels(bind, model_id, run_ids)
+        rows = _latest_labels(bind, model_id, run_ids, budget)
     else:
         with Session(bind) as session:
-            rows = _latest_labels(session, model_id, run_ids)
+            rows = _latest_labels(session, model_id, run_ids, budget)
     table = pa.Table.from_pylist([_to_record(r) for r in rows], schema=SCHEMA)
     _write_atomic(table, Path(out_path))
     return table.num_rows

@@ -291,6 +291,7 @@ def run_summary(bind: Bind, run_id: int) -> dict[str, Any]:
             "run_id": run.id,
             "model_id": run.model_id,
             "params_hash": run.params_hash,
+            "params": run.params,
             "code_version": run.code_version,
             "status": run.status,
         }

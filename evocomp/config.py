@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -176,6 +176,10 @@ class LabelParams(SearchParams):
     # A worker's claim on a sample lapses this long after its last heartbeat (every third of
     # it): a killed worker's samples are taken over by the run's other workers after that.
     lease_seconds: float = Field(30.0, gt=0)
+    # Other keep ratios to label, each as its own label set (``evocomp label --keep-ratio R``;
+    # dvc.yaml's scenes_label_budget@R): the compressor trains on all of them
+    # (``train --labels`` x N) and the oracle at R uses the label searched at R.
+    budgets: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = ()
 
     def search(self) -> SearchParams:
         fields = SearchParams.model_fields.keys()

@@ -134,7 +134,13 @@ def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
     params["profiles"]["scenes"] = {
         "prepare": {"source": "data/raw/scenes-vqa", "n_images": 24},
         "mllm": {"checkpoint": "models/scenes/mllm", **tiny},
-        "label": {"keep_ratio": 0.111, "population": 12, "parents": 4, "generations": 2},
+        "label": {
+            "keep_ratio": 0.111,
+            "population": 12,
+            "parents": 4,
+            "generations": 2,
+            "budgets": [0.222, 0.333],
+        },
         "train": {"epochs": 3, "patience": 2},
         "evaluate": {"ratios": [0.333, 0.222, 0.111]},
     }
@@ -146,6 +152,16 @@ def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
     assert "scenes-vqa" in mllm["evaluated_on"] and set(mllm["ratios"]) >= {"0.111"}
     labels = json.loads((ws / "metrics/scenes/labels.json").read_text())
     assert "never_worse_than_best_heuristic" in labels
+    # a label set per evaluated budget (one run each in the store), all three train the scorer
+    at = {
+        r: json.loads((ws / f"metrics/scenes/labels_{r}.json").read_text())
+        for r in ("0.222", "0.333")
+    }
+    fractions = [labels["mean_kept_fraction"]] + [at[r]["mean_kept_fraction"] for r in at]
+    assert fractions == sorted(fractions) and len(set(fractions)) == 3
+    train = json.loads((ws / "metrics/scenes/train.json").read_text())
+    assert len(set(train["label_set_hashes"])) == 3
+    assert train["label_set_hash"] == labels["label_set_hash"]
     ev = json.loads((ws / "metrics/scenes/eval.json").read_text())
     assert set(ev["ratios"]) == {"0.333", "0.222", "0.111"}
     assert {"evocomp", "divprune", "fastv"} <= set(ev["ratios"]["0.111"])

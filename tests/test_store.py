@@ -477,7 +477,9 @@ def test_export_keeps_one_budget(store_url: str, tmp_path: Path) -> None:
     out = tmp_path / "labels.parquet"
     assert export_labels(engine, out, budget=budget_of(PARAMS | {"keep_ratio": 0.111})) == 2
     assert set(pd.read_parquet(out)["run_id"]) == {ninth}  # the later 1/3 run does not win
-    assert export_labels(engine, out, budget=budget_of({"mode": "budget", "keep_ratio": 1 / 3})) == 2
+    assert (
+        export_labels(engine, out, budget=budget_of({"mode": "budget", "keep_ratio": 1 / 3})) == 2
+    )
     assert set(pd.read_parquet(out)["run_id"]) == {third}
     assert export_labels(engine, out, budget=budget_of({"mode": "paper", "keep_ratio": 0.9})) == 1
     before = out.read_bytes()

@@ -177,8 +177,8 @@ class LabelParams(SearchParams):
     # it): a killed worker's samples are taken over by the run's other workers after that.
     lease_seconds: float = Field(30.0, gt=0)
     # Other keep ratios to label, each as its own label set (``evocomp label --keep-ratio R``;
-    # dvc.yaml's scenes_label_budget@R): the compressor trains on all of them
-    # (``train --labels`` x N) and the oracle at R uses the label searched at R.
+    # dvc.yaml's scenes_label_budget@R): the evaluation's oracle at R is the label searched
+    # at R (``evaluate --labels`` x N); ``train --labels`` x N can train on them all.
     budgets: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = ()
 
     def search(self) -> SearchParams:

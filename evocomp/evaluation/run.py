@@ -61,7 +61,7 @@ def run_evaluation(
     params: Params,
     data: Path,
     features_dir: Path,
-    labels: Path | list[Path],
+    labels: str | Path | list[Path],
     compressor_dir: Path,
     mllm,
     speed: Path,
@@ -93,7 +93,7 @@ def run_evaluation(
     if "oracle" in methods:  # one label set per budget; the first ranks at other ratios
         label_df = [
             df[df["split"] == "test"]
-            for df in map(load_label_set, [labels] if isinstance(labels, Path) else labels)
+            for df in map(load_label_set, [labels] if isinstance(labels, str | Path) else labels)
         ]
     prompt = mllm.encode(samples[0].question)
     n_text = len(prompt.prefix) + len(prompt.suffix)

@@ -165,7 +165,7 @@ def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
     ev = json.loads((ws / "metrics/scenes/eval.json").read_text())
     assert set(ev["ratios"]) == {"0.333", "0.222", "0.111"}
     assert {"evocomp", "divprune", "fastv"} <= set(ev["ratios"]["0.111"])
-    assert all("oracle" in ev["ratios"][r] for r in ev["ratios"])  # each ratio's own label
+    assert all("oracle" in ev["ratios"][r] for r in ev["ratios"])  # per-ratio label: test_stages
     data = json.loads((ws / "data/raw/scenes-vqa/dataset.json").read_text())
     assert len(data) == 24 and data[0]["metadata"]["grid"] == [6, 6]
     shown = json.loads(sh([str(BIN / "dvc"), "metrics", "show", "--json"], ws, env))

@@ -96,7 +96,6 @@ def _latest_labels(
             Label.agreement,
             Label.n_groups,
             LabelRun.created_at.label("run_created_at"),
-            LabelRun.params.label("run_params"),
         )
         .join(LabelRun, Label.run_id == LabelRun.id)
         .join(SampleRow, Label.sample_id == SampleRow.id)
@@ -106,14 +105,18 @@ def _latest_labels(
         stmt = stmt.where(LabelRun.model_id == model_id)
     if run_ids is not None:
         stmt = stmt.where(Label.run_id.in_([int(r) for r in run_ids]))
+    # Each run's budget, read once per run (its params are JSON: SQLite and PostgreSQL differ
+    # in JSON operators, so the budget is compared here and the labels filtered by run id).
+    runs = select(LabelRun.id, LabelRun.params)
+    if model_id is not None:
+        runs = runs.where(LabelRun.model_id == model_id)
+    run_budget = {run_id: budget_of(params) for run_id, params in session.execute(runs)}
+    if budget is not None:
+        stmt = stmt.where(Label.run_id.in_([r for r, b in run_budget.items() if b == budget]))
     best: dict[str, tuple[tuple[Any, int], dict[str, Any]]] = {}
     seen: set[tuple[Any, ...]] = set()
     for row in session.execute(stmt).mappings():
-        # Filtered here, not in SQL: JSON operators differ between SQLite and PostgreSQL.
-        row_budget = budget_of(row["run_params"])
-        if budget is not None and row_budget != budget:
-            continue
-        seen.add(row_budget)
+        seen.add(run_budget[row["run_id"]])
         # Run ids break creation-time ties (SQLite's CURRENT_TIMESTAMP has 1 s resolution).
         rank = (row["run_created_at"], row["run_id"])
         current = best.get(row["sample_id"])

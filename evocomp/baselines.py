@@ -109,22 +109,46 @@ def _divprune(tokens: torch.Tensor, k: int) -> torch.Tensor:
     """
     unit = _unit(tokens)
     n = unit.shape[0]
-    dist = 1.0 - unit @ unit.T  # (N, N)
-    taken = torch.zeros(n, dtype=torch.bool)
     if n == 1:
         return torch.zeros(1, dtype=torch.long)
+    dist = 1.0 - unit @ unit.T  # (N, N)
     first_scores = dist.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).min(dim=0).values
-    first = _argmax(first_scores)
-    picks = [first]
-    taken[first] = True
-    min_dist = dist[first].clone()  # (N,) distance to the selected set
-    for _ in range(k - 1):
-        # -inf on taken tokens: duplicates (distance 0) must never be re-picked.
+    return _max_min(dist, [_argmax(first_scores)], k)
+
+
+def _max_min(dist: torch.Tensor, picks: list[int], k: int) -> torch.Tensor:
+    """``picks``, then DivPrune's greedy max-min steps until there are ``k`` (pick order)."""
+    taken = torch.zeros(dist.shape[0], dtype=torch.bool)
+    taken[picks] = True
+    min_dist = dist[picks].min(dim=0).values  # (N,) distance to the selected set
+    for _ in range(k - len(picks)):
+        # -1 on taken tokens: duplicates (distance 0) must never be re-picked.
         nxt = _argmax(min_dist.masked_fill(taken, -1.0))  # distances are >= 0
         picks.append(nxt)
         taken[nxt] = True
         min_dist = torch.minimum(min_dist, dist[nxt])
     return torch.tensor(picks, dtype=torch.long)
+
+
+def divprune_fill(tokens: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+    """``kept`` plus DivPrune's max-min picks from them, ``k`` in all, ascending.
+
+    How ``evocomp_fill`` spends a budget larger than the compressor's training labels: the
+    compressor ranks what the answer needs within its labels' size; beyond it its scores
+    were trained towards 0 for every token, and covering the rest of the image beats an
+    arbitrary order (BENCHMARKS.md, scenes-vqa Compression).
+    """
+    picks = [int(t) for t in kept]
+    if len(picks) > k:
+        raise ValueError(f"divprune_fill: {len(picks)} kept tokens, more than k={k}")
+    if not picks or len(picks) == k:
+        return (
+            torch.tensor(sorted(picks), dtype=torch.long)
+            if picks
+            else _divprune(tokens, k).sort().values
+        )
+    unit = _unit(tokens)
+    return _max_min(1.0 - unit @ unit.T, picks, k).sort().values
 
 
 def dart_pivots(k: int) -> int:

@@ -126,7 +126,7 @@ class RuntimeParams(_Strict):
 # here so a typo in params.yaml is refused when it is read, not half-way through a stage.
 LABEL_HEURISTICS = ("random", "pooling", "fastv", "visionzip", "divprune", "dart")
 EVAL_METHODS = ("random", "pooling", "fastv", "sparsevlm", "visionzip", "prumerge", "divprune",
-                "dart", "evocomp", "oracle")  # fmt: skip
+                "dart", "evocomp", "evocomp_fill", "oracle")  # fmt: skip
 
 
 def _known(names: tuple[str, ...], known: tuple[str, ...], key: str) -> tuple[str, ...]:
@@ -153,6 +153,11 @@ class SearchParams(_Strict):
     early_stop_patience: int | None = Field(None, ge=1)  # generations without improvement
     seeds: int = Field(1, ge=1)  # independent searches per sample (agreement = confidence)
     seed: int = 0
+    # The label's per-token soft target (the compressor fits it when train.soft_labels):
+    # elite = how often the final population's best sets keep each token; elimination = the
+    # token's rank when the label is shrunk one least-costly token at a time (k - 1 more
+    # forwards per sample; evocomp.search.worth).
+    soft_target: Literal["elite", "elimination"] = "elite"
 
     @field_validator("heuristics")
     @classmethod

@@ -94,6 +94,19 @@ def test_divprune_picks_one_per_cluster_first():
     assert len({int(i) // 5 for i in select("divprune", 5, tokens=tokens)}) == 4
 
 
+def test_divprune_fill_keeps_the_given_tokens_and_covers_other_clusters():
+    from evocomp.baselines import divprune_fill
+
+    tokens = _clusters(4, 5)  # cluster c = tokens 5c .. 5c+4
+    kept = divprune_fill(tokens, torch.tensor([0, 1]), 5)
+    assert kept.tolist() == sorted(kept.tolist()) and len(set(kept.tolist())) == 5
+    assert {0, 1} <= set(kept.tolist())
+    assert sorted({int(i) // 5 for i in kept}) == [0, 1, 2, 3]  # one token of every other cluster
+    assert divprune_fill(tokens, torch.tensor([7, 2]), 2).tolist() == [2, 7]  # nothing to fill
+    with pytest.raises(ValueError, match="more than k"):
+        divprune_fill(tokens, torch.tensor([0, 1, 2]), 2)
+
+
 def test_dart_keeps_pivots_and_drops_their_duplicates():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(20, 16, generator=g)

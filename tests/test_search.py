@@ -427,3 +427,20 @@ def test_ties_go_by_a_stable_hash_not_to_the_first_candidate():
     assert runs[0].kept == runs[1].kept and runs[0].loss == 0.25  # noise below the grid: no say
     seeds = {tuple(v.tolist()) for v in hsets.values()}
     assert tuple(runs[0].kept) not in seeds and runs[0].kept != list(range(12))
+
+
+def test_elimination_order_drops_the_least_costly_token_first():
+    from evocomp.search.worth import elimination_order, rank_target
+
+    worth = torch.zeros(10)
+    worth[3], worth[7], worth[1] = 5.0, 2.0, 0.5
+
+    def loss(rows: torch.Tensor) -> torch.Tensor:  # the worth of the tokens a row lacks
+        return torch.stack([worth.sum() - worth[r].sum() for r in rows])
+
+    order, forwards = elimination_order([9, 7, 5, 3, 1], loss)
+    assert order == [5, 9, 1, 7, 3] and forwards == 4  # ties (5, 9: worth 0): lower index first
+    assert rank_target(order, 10) == pytest.approx(
+        [0.0, 0.6, 0.0, 1.0, 0.0, 0.2, 0.0, 0.8, 0.0, 0.4]
+    )
+    assert elimination_order([4], loss) == ([4], 0)

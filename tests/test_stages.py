@@ -21,6 +21,7 @@ from evocomp.labeling.sample import label_and_store, label_sample
 from evocomp.labeling.steps import register_samples
 from evocomp.mllm.hf_llava import HFLlava, checkpoint_info
 from evocomp.store import export_labels, get_engine, get_or_create_run, upgrade
+from evocomp.tolerance import loss_on_grid
 
 SMALL = SearchParams(population=8, parents=4, generations=2)
 
@@ -102,6 +103,8 @@ def test_train_and_refuse_mismatch(world, tiny_llava, tmp_path, monitor):
     _, extra = load_compressor(tmp_path / "comp")
     assert extra["best_epoch"] == best["epoch"]
     assert summary["label_set_hash"] and summary["model_id"] == info["model_id"]
+    labels = pd.read_parquet(world["root"] / "labels.parquet")
+    assert extra["label_keep_ratio"] == round(float((labels.k / labels.n_tokens).mean()), 4)
     other = FeatureStore(world["root"] / "features", "another-model")
     df = pd.read_parquet(world["root"] / "labels.parquet")
     with pytest.raises(ValueError, match="made with model"):
@@ -161,6 +164,26 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
     assert "full" in result["latency_seconds"]
     json.dumps(result)
     assert "oracle" in print_table(result)
+    # evocomp_fill: the compressor's own top-k up to its labels' size, so the same kept sets
+    # (and answers) as evocomp at every ratio at or below it
+    label_ratio = load_compressor(tmp_path / "comp")[1]["label_keep_ratio"]
+    for r, row in result["ratios"].items():
+        if float(r) <= label_ratio:
+            assert row["evocomp_fill"] == row["evocomp"]
+    config = tmp_path / "comp" / "config.json"
+    meta = json.loads(config.read_text())
+    del meta["extra"]["label_keep_ratio"]  # a compressor trained before the field existed
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not record its labels' keep ratio"):
+        run_evaluation(
+            params,
+            world["root"] / "prepared",
+            world["root"] / "features",
+            world["root"] / "labels.parquet",
+            tmp_path / "comp",
+            world["mllm"],
+            tmp_path / "x.json",
+        )
     with pytest.raises(FileNotFoundError, match="no compressor"):
         run_evaluation(
             params,
@@ -223,3 +246,31 @@ def test_oracle_uses_the_label_searched_at_each_ratio(world):
         for s in samples
     ]
     assert [t.tolist() for t in sel.kept("oracle", 1 / 9, samples, feats, scores)] == want
+
+
+def test_elimination_soft_target_ranks_the_label_by_worth(world):
+    """soft_target elimination: the same label, its tokens ranked 1/k..1 by backward
+    elimination through the model (the last one dropped is worth most), 0 elsewhere; k - 1
+    forwards more than the elite's target; the same on a second run."""
+    s = world["samples"][2]
+    feats = world["fstore"].get(s.id)
+    p = SMALL.model_copy(update={"mode": "budget"})
+    elite = label_sample(world["mllm"], s, feats, p).result
+    lab = label_sample(world["mllm"], s, feats, p.model_copy(update={"soft_target": "elimination"}))
+    r = lab.result
+    assert r.kept == elite.kept and r.loss == elite.loss  # the search itself is untouched
+    assert r.n_forwards == elite.n_forwards + r.k - 1
+    soft = torch.tensor(r.soft)
+    assert sorted(soft[r.kept].tolist()) == pytest.approx([(i + 1) / r.k for i in range(r.k)])
+    assert soft.sum() == pytest.approx(sum((i + 1) / r.k for i in range(r.k)))  # 0 elsewhere
+    prompt = world["mllm"].encode(s.question, s.answer)
+    costs = world["mllm"].subset_loss(
+        prompt, feats.tokens, torch.tensor([[t for t in r.kept if t != x] for x in r.kept])
+    )
+    on_grid = [loss_on_grid(c) for c in costs.tolist()]
+    first = int(torch.argmin(soft.masked_fill(soft == 0, 2.0)))  # ranked 1/k: dropped first
+    assert on_grid[r.kept.index(first)] == min(on_grid)  # the cheapest token to lose
+    again = label_sample(
+        world["mllm"], s, feats, p.model_copy(update={"soft_target": "elimination"})
+    )
+    assert again.result.soft == r.soft

@@ -34,7 +34,9 @@ from evocomp.cli.common import (
 )
 from evocomp.data.samples import SPLITS
 
-SEARCH_OVERRIDES = ("generations", "population", "parents", "seeds", "mode", "keep_ratio")
+SEARCH_OVERRIDES = (
+    "generations", "population", "parents", "seeds", "mode", "keep_ratio", "soft_target"
+)  # fmt: skip
 SMALL_RUN = 64  # fewer samples to search, and no PREFECT_API_URL: label in-process
 
 
@@ -104,6 +106,11 @@ def label(
     keep_ratio: float = typer.Option(
         None, help="override label.keep_ratio (budget mode: a label set at another keep ratio)"
     ),
+    soft_target: str = typer.Option(
+        None,
+        help="override label.soft_target: elite (the final population's keep frequency) or "
+        "elimination (each label token's worth rank)",
+    ),
     in_process: bool = typer.Option(
         None,
         "--in-process/--prefect",
@@ -126,7 +133,7 @@ def label(
     params = params_or_exit(params_path)
     writable_or_exit(out, metrics, fitness_plot)
     runner = task_runner or params.label.task_runner
-    given = (workers, generations, population, parents, seeds, mode, keep_ratio)
+    given = (workers, generations, population, parents, seeds, mode, keep_ratio, soft_target)
     names = ("workers", *SEARCH_OVERRIDES)
     overrides = {k: v for k, v in zip(names, given, strict=True) if v is not None}
     try:

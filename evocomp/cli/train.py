@@ -29,6 +29,7 @@ SUMMARY_KEYS = (
     "val_precision",
     "label_set_hash",
     "label_set_hashes",
+    "label_keep_ratio",
 )
 
 

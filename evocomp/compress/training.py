@@ -109,6 +109,9 @@ def train_compressor(
         "label_set_hash": label_set_hash(dfs[0]),
         "label_sets": [str(p) for p in paths],
         "label_set_hashes": [label_set_hash(d) for d in dfs],
+        # the share of its tokens a label keeps (the first set's mean k / N): the size up to
+        # which the compressor's ranking was trained; `evocomp_fill` fills beyond it
+        "label_keep_ratio": round(float((dfs[0]["k"] / dfs[0]["n_tokens"]).mean()), 4),
         "model_id": info["model_id"],
         "train_samples": len(items["train"]),
         "val_samples": len(items["val"]),

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from evocomp.baselines import select, visionzip_merge
+from evocomp.baselines import divprune_fill, select, visionzip_merge
 from evocomp.compress.fit import Item, collate
 from evocomp.compress.model import select_topk
 from evocomp.data.samples import Sample, sample_seed
@@ -56,11 +56,24 @@ def oracle_ranking(label_row) -> torch.Tensor:
 class Selector:
     """Kept sets (or merged embeddings) for one method on one batch of samples."""
 
-    def __init__(self, mllm, info: dict, compressor=None, labels=None, seed: int = 0):
+    def __init__(
+        self,
+        mllm,
+        info: dict,
+        compressor=None,
+        labels=None,
+        seed: int = 0,
+        label_ratio: float | None = None,
+    ):
         """``labels``: a label set (DataFrame) or several, one per budget; the oracle at a
         ratio uses the label searched for that ratio's k where there is one, else the first
-        set's ranking (its kept tokens, then the elite's keep frequency)."""
+        set's ranking (its kept tokens, then the elite's keep frequency).
+
+        ``label_ratio``: the keep ratio of the compressor's training labels (its
+        ``label_keep_ratio``); ``evocomp_fill`` keeps the compressor's top tokens up to it and
+        fills the rest by DivPrune's max-min diversity from them."""
         self.mllm, self.info, self.compressor, self.seed = mllm, info, compressor, seed
+        self.label_ratio = label_ratio
         sets = [] if labels is None else [labels] if hasattr(labels, "itertuples") else labels
         self.labels = {r.sample_id: r for r in sets[0].itertuples(index=False)} if sets else {}
         self.labels_at_k = {
@@ -68,7 +81,7 @@ class Selector:
         }
 
     def scores(self, method: str, samples: list[Sample], feats: list) -> list[torch.Tensor] | None:
-        if method == "evocomp":
+        if method in ("evocomp", "evocomp_fill"):
             items = [Item(f.tokens, f.cells, f.text, torch.zeros(f.tokens.shape[0])) for f in feats]
             b = collate(items)
             with torch.no_grad():
@@ -103,6 +116,15 @@ class Selector:
                 oracle_ranking(self.labels_at_k[(s.id, k)]) if (s.id, k) in self.labels_at_k else sc
                 for s, k, sc in zip(samples, ks, scores, strict=True)
             ]
+        if method == "evocomp_fill":  # ranked up to the label's size, then diversity
+            if self.label_ratio is None:
+                raise ValueError("evocomp_fill needs the compressor's label_keep_ratio")
+            return [
+                divprune_fill(
+                    f.tokens, select_topk(sc, k=min(k, keep_count(self.label_ratio, len(sc)))), k
+                )
+                for f, sc, k in zip(feats, scores, ks, strict=True)
+            ]
         if method == "sparsevlm":  # attention scores: FastV's top-k on the 1e-6 grid
             return [select("fastv", k, text_attn=sc) for sc, k in zip(scores, ks, strict=True)]
         if scores is not None:
@@ -135,11 +157,12 @@ def evaluate_methods(
     batch: int = 64,
     max_new_tokens: int = 8,
     progress=None,
+    label_ratio: float | None = None,
 ) -> dict:
     """Accuracy of every method at every ratio (plus full), per question type."""
     if not samples:
         raise ValueError("no test samples to evaluate")
-    sel = Selector(mllm, info, compressor, labels, seed)
+    sel = Selector(mllm, info, compressor, labels, seed, label_ratio)
     hits: dict[str, list[bool]] = defaultdict(list)
     n_visual: list[int] = []  # each sample's N
     by_type: dict[tuple[str, str], list[bool]] = defaultdict(list)

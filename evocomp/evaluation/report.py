@@ -39,15 +39,16 @@ def print_table(result: dict) -> str:
     present = list(next(iter(result["ratios"].values())))
     order = EvaluateParams.model_fields["methods"].default
     methods = [m for m in order if m in present] + [m for m in present if m not in order]
+    width = max(len(m) for m in methods) + 4  # room for the "_l2" suffix
     lines = [
         f"full-token accuracy {result['full']:.3f} on {result['samples']} test samples "
         f"(prune layer {result['prune_layer']}); cells: accuracy (retention %); standard "
         f"errors up to {max_stderr(result):.3f}",
-        f"{'method':<11}" + "".join(f"{'keep ' + r:>18}" for r in ratios),
+        f"{'method':<{width}}" + "".join(f"{'keep ' + r:>18}" for r in ratios),
     ]
     for m in methods:
         lines.append(
-            f"{m:<11}"
+            f"{m:<{width}}"
             + "".join(
                 f"{result['ratios'][r][m]:>10.3f} ({result['retention'][r][m]:5.1f})"
                 for r in ratios
@@ -61,7 +62,7 @@ def print_table(result: dict) -> str:
         for m in [m for m in methods if m in next(iter(accs.values()))]:
             ret = result[f"retention_l{layer}"]
             lines.append(
-                f"{m + '_l' + layer:<11}"
+                f"{m + '_l' + layer:<{width}}"
                 + "".join(f"{accs[r][m]:>10.3f} ({ret[r][m]:5.1f})" for r in ratios)
             )
     return "\n".join(lines)

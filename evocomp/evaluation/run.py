@@ -82,9 +82,16 @@ def run_evaluation(
         raise ValueError(f"{data}: the test split is empty")
     fstore = ensure_features(mllm, samples, features_dir, params.runtime.batch_size)
     methods = list(p.methods)
-    compressor, label_df = None, None
-    if "evocomp" in methods:
+    compressor, label_df, label_ratio = None, None, None
+    if {"evocomp", "evocomp_fill"} & set(methods):
         compressor, extra = load_compressor(compressor_dir)
+        label_ratio = extra.get("label_keep_ratio")
+        if "evocomp_fill" in methods and label_ratio is None:
+            raise ValueError(
+                f"{compressor_dir} does not record its labels' keep ratio (trained before "
+                "evocomp_fill existed): retrain it (`evocomp train`) or drop evocomp_fill "
+                "from evaluate.methods"
+            )
         if extra.get("model_id") not in (None, info["model_id"]):
             raise ValueError(
                 f"{compressor_dir} was trained on labels of model {extra['model_id']!r}, "
@@ -103,6 +110,7 @@ def run_evaluation(
         raw = evaluate_methods(
             mllm, info, samples, fstore, p.ratios, which, compressor, labels_df, layer, p.seed,
             progress=(lambda done, total: progress(phase, done, total)) if progress else None,
+            label_ratio=label_ratio,
         )  # fmt: skip
         return summarise(raw, p.ratios, which, info, n_text, layer)
 
@@ -119,7 +127,7 @@ def run_evaluation(
             result[f"{key}_l{other}"] = alt[key]
         if "evocomp" in selectors:  # kept for readers of earlier eval.json files
             result[f"evocomp_l{other}"] = {r: alt["ratios"][r]["evocomp"] for r in alt["ratios"]}
-    selector = Selector(mllm, info, compressor, label_df, p.seed)
+    selector = Selector(mllm, info, compressor, label_df, p.seed, label_ratio)
     result["latency_seconds"] = _latency(mllm, info, samples, fstore, selector, p.ratios, methods)
     result["model_id"] = info["model_id"]
     if speed.is_file():

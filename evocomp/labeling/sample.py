@@ -9,6 +9,7 @@ and ``evocomp label --in-process`` both call it per sample (through
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from evocomp.config import SearchParams
 from evocomp.data.samples import Sample, sample_seed
 from evocomp.features.cache import Features
 from evocomp.search import SearchResult, SearchSpace, search
+from evocomp.search.worth import elimination_order, rank_target
 from evocomp.store.records import LabelRecord
 from evocomp.tolerance import loss_on_grid
 
@@ -64,6 +66,13 @@ def label_sample(
         methods=params.heuristics,
     )
     result = search(space, fitness, params, seed, heuristic_sets=hsets, progress=progress)
+    if params.soft_target == "elimination":
+        order, forwards = elimination_order(result.kept, fitness)
+        result = dataclasses.replace(
+            result,
+            soft=rank_target(order, result.n_tokens),
+            n_forwards=result.n_forwards + forwards,
+        )
     full = loss_on_grid(fitness(torch.arange(space.n_tokens)[None])[0])  # as the search's
     if not math.isfinite(full) or not math.isfinite(result.loss):
         raise ValueError(f"sample {sample.id}: non-finite loss (full {full}, label {result.loss})")

@@ -65,4 +65,5 @@ def test_the_method_lists_agree_with_the_code():
 
     assert set(NEEDS) == set(HEURISTICS)  # every named heuristic is implemented
     assert set(MERGERS) <= set(EVAL_METHODS)
-    assert set(EVAL_METHODS) == {*HEURISTICS, "sparsevlm", "prumerge", "evocomp", "oracle"}
+    learned = {"evocomp", "evocomp_fill", "oracle"}
+    assert set(EVAL_METHODS) == {*HEURISTICS, "sparsevlm", "prumerge", *learned}

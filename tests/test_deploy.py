@@ -268,3 +268,40 @@ def test_deploy_speed_bench_smoke(bench_module, tmp_path):
     assert set(data["prefill_speedup"]) == {"0.333"} and data["command"].split()[1].startswith(
         "bench/"
     )
+
+
+def test_fill_keeps_what_the_evaluations_evocomp_fill_keeps(world, tmp_path):
+    """compress_model(fill=True): the compressor's top tokens up to its labels' keep ratio,
+    then DivPrune's picks: the kept sets of `evocomp evaluate`'s evocomp_fill; a compressor
+    that does not record the ratio is refused."""
+    import shutil
+
+    mllm = world.mllm
+    with pytest.raises(ModelError, match="does not record its labels' keep ratio"):
+        compress_model(mllm.model, world.processor, world.compressor, 1 / 3, fill=True)
+    comp = shutil.copytree(world.compressor, tmp_path / "comp")
+    meta = json.loads((comp / "config.json").read_text())
+    meta["extra"]["label_keep_ratio"] = 0.1111
+    (comp / "config.json").write_text(json.dumps(meta))
+    compressor, _ = load_compressor(comp)
+    sel = Selector(mllm, {"grid": mllm.grid}, compressor, label_ratio=0.1111)
+    samples = world.test[:2]
+    feats = [world.fstore.get(s.id) for s in samples]
+    scores = sel.scores("evocomp_fill", samples, feats)
+    want = sel.kept("evocomp_fill", 1 / 3, samples, feats, scores)
+    top = sel.kept("evocomp", 1 / 9, samples, feats, scores)
+    for s, w, t in zip(samples, want, top, strict=True):
+        with compress_model(mllm.model, world.processor, comp, 1 / 3, fill=True) as handle:
+            hf_generate(world, [s])
+        kept = handle.last.kept[0]
+        assert torch.equal(kept, w) and set(t.tolist()) <= set(kept.tolist())
+        assert kept.numel() == keep_count(1 / 3, mllm.n_tokens)
+
+
+def test_cli_fill_refuses_a_compressor_without_its_label_ratio(world):
+    s = world.test[0]
+    res = cli(
+        "--model", str(world.mllm.path), "--compressor", str(world.compressor),
+        "--image", str(s.image), "--question", s.question, "--fill",
+    )  # fmt: skip
+    assert res.exit_code == 2 and "does not record its labels' keep ratio" in res.output

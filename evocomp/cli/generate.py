@@ -35,6 +35,11 @@ def generate(
     model: Path = typer.Option(None, help="checkpoint (default: mllm.checkpoint)"),
     compressor: Path = typer.Option(Path("models/compressor"), help="from `evocomp train`"),
     keep_ratio: float = typer.Option(0.333, help="fraction of the visual tokens kept, (0, 1]"),
+    fill: bool = typer.Option(
+        False,
+        help="beyond the compressor's training labels' keep ratio, keep DivPrune's max-min "
+        "picks from its top tokens (evaluate's evocomp_fill)",
+    ),
     prompt_template: str = typer.Option(
         None, help="the prompt template the labels were made with (default: the checkpoint's)"
     ),
@@ -69,7 +74,7 @@ def generate(
         # Checks that read no weights first: a wrong checkpoint or compressor fails in a second.
         config = checkpoint_config(checkpoint)
         model_id = checkpoint_id(checkpoint, prompt_template)
-        TokenScorer(compressor, config.text_config.hidden_size, model_id)
+        TokenScorer(compressor, config.text_config.hidden_size, model_id, fill=fill)
         mllm, processor, model_id = load_checkpoint(checkpoint, device, dtype, prompt_template)
         handle = compress_model(
             mllm,
@@ -78,6 +83,7 @@ def generate(
             keep_ratio,
             prompt_template=prompt_template,
             model_id=model_id,
+            fill=fill,
         )
         inputs = processor(images=picture, text=handle.prompt(question), return_tensors="pt")
         inputs = inputs.to(mllm.device)

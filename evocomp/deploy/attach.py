@@ -184,6 +184,7 @@ def compress_model(
     prune_layer: int = 0,
     prompt_template: str | None = None,
     model_id: str | None = None,
+    fill: bool = False,
 ) -> CompressedModel:
     """Make ``model.generate()`` keep only the compressor's top-k visual tokens per image.
 
@@ -206,9 +207,13 @@ def compress_model(
             (default: the checkpoint's own, as :mod:`evocomp.mllm.prompts` resolves it).
         model_id: the checkpoint's content id, checked against the one the compressor was
             trained for (default: computed when the model was loaded from a local folder).
+        fill: beyond the compressor's training labels' keep ratio, keep DivPrune's max-min
+            picks from its top tokens instead of its next scores (``evocomp_fill`` of
+            ``evocomp evaluate``; :class:`evocomp.deploy.scorer.TokenScorer`).
 
     Raises:
-        ModelError: a family without a hook, or a compressor trained for another model.
+        ModelError: a family without a hook, or a compressor trained for another model
+            (or, with ``fill``, one that does not record its labels' keep ratio).
         ValueError: a bad keep ratio, ``prune_layer`` != 0, or a compressor already attached.
         FileNotFoundError: no compressor in ``compressor_dir``.
     """
@@ -227,6 +232,7 @@ def compress_model(
         hidden_size=model.config.text_config.hidden_size,
         model_id=model_id or model_id_of(model, prompt_template),
         device=model.device,
+        fill=fill,
     )
     template = template_of(model, processor, prompt_template)
     return CompressedModel(model, processor, scorer, keep_ratio, template)

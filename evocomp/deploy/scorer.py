@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from evocomp.baselines import divprune_fill
 from evocomp.compress.fit import Item, collate
 from evocomp.compress.model import load_compressor, select_topk
 from evocomp.errors import ModelError
@@ -27,10 +28,14 @@ class TokenScorer:
         model_id: the checkpoint's content id (``evocomp.mllm.hf_llava.checkpoint_id``); when
             both it and the compressor's recorded id are known they must agree.
         device: where the compressor runs (the model's device).
+        fill: keep the compressor's top tokens only up to its training labels' keep ratio
+            (``label_keep_ratio``) and the rest by DivPrune's max-min diversity from them
+            (``evocomp_fill`` in ``evocomp evaluate``); False: its top k.
 
     Raises:
         FileNotFoundError: no compressor in ``directory``.
-        ModelError: a compressor trained for another model.
+        ModelError: a compressor trained for another model, or ``fill`` with a compressor
+            that does not record its labels' keep ratio.
     """
 
     def __init__(
@@ -39,9 +44,16 @@ class TokenScorer:
         hidden_size: int,
         model_id: str | None = None,
         device: str | torch.device = "cpu",
+        fill: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.compressor, self.extra = load_compressor(self.directory, device)
+        self.label_ratio = self.extra.get("label_keep_ratio") if fill else None
+        if fill and self.label_ratio is None:
+            raise ModelError(
+                f"{self.directory} does not record its labels' keep ratio (trained before "
+                "fill existed): retrain it (`evocomp train`) to keep tokens with fill"
+            )
         self.device = torch.device(device)
         trained_for = self.extra.get("model_id")
         if model_id is not None and trained_for not in (None, model_id):
@@ -64,7 +76,8 @@ class TokenScorer:
         ratio: float,
         grids: list[tuple[int, int] | torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """Kept token indices per image, ascending: the top ``keep_count(ratio, N)`` scores.
+        """Kept token indices per image, ascending: the top ``keep_count(ratio, N)`` scores
+        (with ``fill``: the top ones up to the labels' size, then DivPrune's picks).
 
         Args:
             visual: per image, its projected visual tokens ``(N, D)``.
@@ -101,7 +114,13 @@ class TokenScorer:
         ]
         b = collate(items, device=self.device)
         logits = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask).logits
-        return [
-            select_topk(row[: v.shape[0]], k=keep_count(ratio, v.shape[0])).cpu()
-            for row, v in zip(logits, visual, strict=True)
-        ]
+        out = []
+        for row, v in zip(logits, visual, strict=True):
+            n = v.shape[0]
+            k = keep_count(ratio, n)
+            if self.label_ratio is None:
+                out.append(select_topk(row[:n], k=k).cpu())
+                continue
+            top = select_topk(row[:n], k=min(k, keep_count(self.label_ratio, n))).cpu()
+            out.append(divprune_fill(v.float().cpu(), top, k))
+        return out

@@ -134,19 +134,17 @@ def divprune_fill(tokens: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Ten
     """``kept`` plus DivPrune's max-min picks from them, ``k`` in all, ascending.
 
     How ``evocomp_fill`` spends a budget larger than the compressor's training labels: the
-    compressor ranks what the answer needs within its labels' size; beyond it its scores
-    were trained towards 0 for every token, and covering the rest of the image beats an
-    arbitrary order (BENCHMARKS.md, scenes-vqa Compression).
+    compressor learnt to rank tokens within its labels' size; beyond it, its next scores
+    order tokens no label ranked, and the fill covers the rest of the image instead
+    (BENCHMARKS.md, scenes-vqa Compression: both rules are reported).
     """
     picks = [int(t) for t in kept]
     if len(picks) > k:
         raise ValueError(f"divprune_fill: {len(picks)} kept tokens, more than k={k}")
-    if not picks or len(picks) == k:
-        return (
-            torch.tensor(sorted(picks), dtype=torch.long)
-            if picks
-            else _divprune(tokens, k).sort().values
-        )
+    if not picks:
+        return _divprune(tokens, k).sort().values
+    if len(picks) == k:
+        return torch.tensor(sorted(picks), dtype=torch.long)
     unit = _unit(tokens)
     return _max_min(1.0 - unit @ unit.T, picks, k).sort().values
 

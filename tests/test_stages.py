@@ -129,14 +129,16 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
     )
     params = Params()
     seen: list[tuple[str, int, int]] = []
-    result = run_evaluation(
-        params,
-        world["root"] / "prepared",
-        world["root"] / "features",
-        world["root"] / "labels.parquet",
-        tmp_path / "comp",
-        world["mllm"],
-        tmp_path / "no-bench.json",
+
+    def evaluate(compressor: str, **kw) -> dict:
+        root = world["root"]
+        return run_evaluation(
+            params, root / "prepared", root / "features", root / "labels.parquet",
+            tmp_path / compressor, world["mllm"], tmp_path / "no-bench.json", **kw,
+        )  # fmt: skip
+
+    result = evaluate(
+        "comp",
         progress=lambda phase, done, total: seen.append((phase, done, total)),
     )
     n_test = result["samples"]  # progress reached every test sample at both pruning positions
@@ -175,25 +177,9 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
     del meta["extra"]["label_keep_ratio"]  # a compressor trained before the field existed
     config.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="does not record its labels' keep ratio"):
-        run_evaluation(
-            params,
-            world["root"] / "prepared",
-            world["root"] / "features",
-            world["root"] / "labels.parquet",
-            tmp_path / "comp",
-            world["mllm"],
-            tmp_path / "x.json",
-        )
+        evaluate("comp")
     with pytest.raises(FileNotFoundError, match="no compressor"):
-        run_evaluation(
-            params,
-            world["root"] / "prepared",
-            world["root"] / "features",
-            world["root"] / "labels.parquet",
-            tmp_path / "missing",
-            world["mllm"],
-            tmp_path / "x.json",
-        )
+        evaluate("missing")
 
 
 def test_oracle_ranking_prefers_label():

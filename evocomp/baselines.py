@@ -139,11 +139,9 @@ def divprune_fill(tokens: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Ten
     (BENCHMARKS.md, scenes-vqa Compression: both rules are reported).
     """
     picks = [int(t) for t in kept]
-    if len(picks) > k:
-        raise ValueError(f"divprune_fill: {len(picks)} kept tokens, more than k={k}")
-    if not picks:
-        return _divprune(tokens, k).sort().values
-    if len(picks) == k:
+    if not 0 < len(picks) <= k:
+        raise ValueError(f"divprune_fill: {len(picks)} kept tokens, not 1..k={k}")
+    if len(picks) == k:  # nothing to fill: no N x N distances
         return torch.tensor(sorted(picks), dtype=torch.long)
     unit = _unit(tokens)
     return _max_min(1.0 - unit @ unit.T, picks, k).sort().values

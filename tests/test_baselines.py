@@ -103,8 +103,9 @@ def test_divprune_fill_keeps_the_given_tokens_and_covers_other_clusters():
     assert {0, 1} <= set(kept.tolist())
     assert sorted({int(i) // 5 for i in kept}) == [0, 1, 2, 3]  # one token of every other cluster
     assert divprune_fill(tokens, torch.tensor([7, 2]), 2).tolist() == [2, 7]  # nothing to fill
-    with pytest.raises(ValueError, match="more than k"):
-        divprune_fill(tokens, torch.tensor([0, 1, 2]), 2)
+    for bad in ([0, 1, 2], []):
+        with pytest.raises(ValueError, match="not 1..k"):
+            divprune_fill(tokens, torch.tensor(bad, dtype=torch.long), 2)
 
 
 def test_dart_keeps_pivots_and_drops_their_duplicates():

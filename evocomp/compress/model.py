@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from evocomp.baselines import divprune_fill
 from evocomp.tokens import keep_count
 
 # Logit given to padded visual positions: finite (no NaN in BCE or sigmoid), sigmoid ~ 0, and far
@@ -168,6 +169,14 @@ def select_topk(logits: Tensor, k: int | None = None, ratio: float | None = None
     if not 1 <= k <= N:
         raise ValueError(f"select_topk: k={k} is outside 1..{N} (number of tokens)")
     return logits.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def select_topk_filled(logits: Tensor, tokens: Tensor, k: int, label_ratio: float) -> Tensor:
+    """``evocomp_fill``: the top logits up to ``keep_count(label_ratio, N)`` (the size of the
+    labels the compressor learnt to rank), then DivPrune's max-min picks from them, ``k`` in
+    all, ascending. ``logits``: (N,); ``tokens``: (N, D)."""
+    top = select_topk(logits, k=min(k, keep_count(label_ratio, logits.shape[-1])))
+    return divprune_fill(tokens, top.cpu(), k)
 
 
 def save_compressor(model: TokenCompressor, directory: str | Path, extra: dict[str, Any]) -> None:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from evocomp.baselines import divprune_fill
 from evocomp.compress.fit import Item, collate
-from evocomp.compress.model import load_compressor, select_topk
+from evocomp.compress.model import load_compressor, select_topk, select_topk_filled
 from evocomp.errors import ModelError
 from evocomp.tokens import grid_positions, grid_shape, keep_count
 
@@ -114,13 +113,15 @@ class TokenScorer:
         ]
         b = collate(items, device=self.device)
         logits = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask).logits
-        out = []
-        for row, v in zip(logits, visual, strict=True):
-            n = v.shape[0]
-            k = keep_count(ratio, n)
-            if self.label_ratio is None:
-                out.append(select_topk(row[:n], k=k).cpu())
-                continue
-            top = select_topk(row[:n], k=min(k, keep_count(self.label_ratio, n))).cpu()
-            out.append(divprune_fill(v.float().cpu(), top, k))
-        return out
+        if self.label_ratio is None:
+            return [
+                select_topk(row[: v.shape[0]], k=keep_count(ratio, v.shape[0])).cpu()
+                for row, v in zip(logits, visual, strict=True)
+            ]
+        return [
+            select_topk_filled(
+                row[: v.shape[0]].cpu(), v.float().cpu(), keep_count(ratio, v.shape[0]),
+                self.label_ratio,
+            )
+            for row, v in zip(logits, visual, strict=True)
+        ]  # fmt: skip

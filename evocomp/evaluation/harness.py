@@ -15,9 +15,9 @@ from collections import defaultdict
 
 import torch
 
-from evocomp.baselines import divprune_fill, select, visionzip_merge
+from evocomp.baselines import select, visionzip_merge
 from evocomp.compress.fit import Item, collate
-from evocomp.compress.model import select_topk
+from evocomp.compress.model import select_topk, select_topk_filled
 from evocomp.data.samples import Sample, sample_seed
 from evocomp.evaluation.answers import is_correct
 from evocomp.evaluation.guided import MERGERS, prumerge, rater_scores
@@ -120,9 +120,7 @@ class Selector:
             if self.label_ratio is None:
                 raise ValueError("evocomp_fill needs the compressor's label_keep_ratio")
             return [
-                divprune_fill(
-                    f.tokens, select_topk(sc, k=min(k, keep_count(self.label_ratio, len(sc)))), k
-                )
+                select_topk_filled(sc, f.tokens, k, self.label_ratio)
                 for f, sc, k in zip(feats, scores, ks, strict=True)
             ]
         if method == "sparsevlm":  # attention scores: FastV's top-k on the 1e-6 grid

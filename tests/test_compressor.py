@@ -332,3 +332,13 @@ def test_trained_compressor_beats_random_on_held_out_items():
         train, val, params.model_copy(update={"use_text": False, "epochs": 30})
     )
     assert _precision(blind, test) < 0.45
+
+
+def test_near_chance_warns_only_near_a_random_ranking():
+    from evocomp.cli.train import near_chance
+
+    msg = near_chance({"val_precision": 0.132, "val_precision_chance": 0.111})
+    assert msg and "0.132" in msg and "0.111" in msg and "\n" not in msg
+    assert near_chance({"val_precision": 0.331, "val_precision_chance": 0.111}) is None
+    # no validation split: nothing to compare
+    assert near_chance({"val_precision": None, "val_precision_chance": None}) is None

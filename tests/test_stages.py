@@ -105,6 +105,9 @@ def test_train_and_refuse_mismatch(world, tiny_llava, tmp_path, monitor):
     assert summary["label_set_hash"] and summary["model_id"] == info["model_id"]
     labels = pd.read_parquet(world["root"] / "labels.parquet")
     assert extra["label_keep_ratio"] == round(float((labels.k / labels.n_tokens).mean()), 4)
+    # a random ranking's precision, the yardstick printed beside val_precision
+    val = labels[labels.split == "val"]
+    assert summary["val_precision_chance"] == pytest.approx(float((val.k / val.n_tokens).mean()))
     other = FeatureStore(world["root"] / "features", "another-model")
     df = pd.read_parquet(world["root"] / "labels.parquet")
     with pytest.raises(ValueError, match="made with model"):

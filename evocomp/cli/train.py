@@ -27,6 +27,7 @@ SUMMARY_KEYS = (
     "best_epoch",
     "val_loss",
     "val_precision",
+    "val_precision_chance",
     "label_set_hash",
     "label_set_hashes",
     "label_keep_ratio",
@@ -80,5 +81,23 @@ def train(
     typer.echo(
         f"compressor -> {out}: best epoch {summary['best_epoch']} "
         f"(monitor {params.train.monitor}), val loss {summary['val_loss']}, "
-        f"val precision {summary['val_precision']}"
+        f"val precision {summary['val_precision']} (chance {summary['val_precision_chance']})"
+    )
+    warning = near_chance(summary)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+def near_chance(summary: dict) -> str | None:
+    """A one-line warning when the kept epoch ranks validation tokens at most 1.5x as well as
+    chance (measured: a scenes compressor on 228 labels kept its first epoch at precision 0.13
+    against chance 0.11 and kept 0.355 at keep 1/9, its two other
+    seeds 0.840 and 0.905)."""
+    p, chance = summary.get("val_precision"), summary.get("val_precision_chance")
+    if p is None or not chance or p > 1.5 * chance:
+        return None
+    return (
+        f"the kept epoch's validation precision {p:.3f} is near chance ({chance:.3f}): the "
+        "compressor barely ranks tokens; label more samples, or early-stop on "
+        "train.monitor: precision"
     )

@@ -91,8 +91,7 @@ def train(
 def near_chance(summary: dict) -> str | None:
     """A one-line warning when the kept epoch ranks validation tokens at most 1.5x as well as
     chance (measured: a scenes compressor on 228 labels kept its first epoch at precision 0.13
-    against chance 0.11 and kept 0.355 at keep 1/9, its two other
-    seeds 0.840 and 0.905)."""
+    against chance 0.11 and kept 0.355 at keep 1/9, its two other seeds 0.840 and 0.905)."""
     p, chance = summary.get("val_precision"), summary.get("val_precision_chance")
     if p is None or not chance or p > 1.5 * chance:
         return None

@@ -24,5 +24,9 @@ done
 for f in ${FRACS:-0.25 0.5}; do for s in 0 1 2; do
   train_eval "${f}_$s" "$WORK/labels_$f.parquet" "$WORK/params_$s.yaml" $HERE "$WORK"
 done; done
+# the 1/4 split's seed 0 (which kept its chance-level first epoch) early-stopped on
+# validation precision instead
+trial_params "$WORK/params_precision_0.yaml" 0 "monitor='precision'" evocomp,evocomp_fill
+train_eval 0.25_precision_0 "$WORK/labels_0.25.parquet" "$WORK/params_precision_0.yaml" $HERE "$WORK"
 python metrics/scenes/trials/summary.py metrics/scenes/trials/data_size 0.25 0.5
 python metrics/scenes/trials/summary.py metrics/scenes/trials/soft_target elite  # all 914

@@ -340,5 +340,17 @@ def test_near_chance_warns_only_near_a_random_ranking():
     msg = near_chance({"val_precision": 0.132, "val_precision_chance": 0.111})
     assert msg and "0.132" in msg and "0.111" in msg and "\n" not in msg
     assert near_chance({"val_precision": 0.331, "val_precision_chance": 0.111}) is None
+    assert near_chance({"val_precision": 0.15, "val_precision_chance": 0.1})  # 1.5x: warns
     # no validation split: nothing to compare
     assert near_chance({"val_precision": None, "val_precision_chance": None}) is None
+
+
+def test_chance_precision_counts_the_items_val_precision_counts():
+    from evocomp.compress.training import chance_precision
+
+    a, b, empty = make_items(3, 0, N=24, k=6)
+    b.target[:] = 0.0
+    b.target[:3] = 1.0  # keeps 3 of 24
+    empty.target[:] = 0.0  # keeps nothing: val precision skips it, so does chance
+    assert chance_precision([a, b, empty]) == pytest.approx((6 / 24 + 3 / 24) / 2)
+    assert chance_precision([empty]) is None and chance_precision([]) is None

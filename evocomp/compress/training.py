@@ -129,7 +129,9 @@ def train_compressor(
 
 
 def chance_precision(items: Sequence[Item]) -> float | None:
-    """Expected top-k precision of a random ranking: the mean share of its tokens a label keeps
-    (``None`` without items). A compressor near it has learnt next to nothing to rank by."""
-    shares = [int((it.target > 0).sum()) / it.target.numel() for it in items]
+    """Expected top-k precision of a random ranking: the mean share of its tokens a label keeps,
+    over the items that keep any (as ``val_precision`` counts them); ``None`` without such
+    items. A compressor near it has learnt next to nothing to rank by."""
+    kept = [int((it.target > 0).sum()) for it in items]
+    shares = [k / it.target.numel() for k, it in zip(kept, items, strict=True) if k]
     return sum(shares) / len(shares) if shares else None

@@ -113,15 +113,14 @@ class TokenScorer:
         ]
         b = collate(items, device=self.device)
         logits = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask).logits
-        if self.label_ratio is None:
-            return [
-                select_topk(row[: v.shape[0]], k=keep_count(ratio, v.shape[0])).cpu()
-                for row, v in zip(logits, visual, strict=True)
-            ]
         return [
-            select_topk_filled(
-                row[: v.shape[0]].cpu(), v.float().cpu(), keep_count(ratio, v.shape[0]),
-                self.label_ratio,
-            )
+            self._kept(row[: v.shape[0]], v, keep_count(ratio, v.shape[0]))
             for row, v in zip(logits, visual, strict=True)
-        ]  # fmt: skip
+        ]
+
+    def _kept(self, logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """One image's kept indices: the top ``k`` logits, or with ``fill`` the evaluation's
+        ``evocomp_fill`` rule (:func:`evocomp.compress.model.select_topk_filled`)."""
+        if self.label_ratio is None:
+            return select_topk(logits, k=k).cpu()
+        return select_topk_filled(logits.cpu(), tokens.float().cpu(), k, self.label_ratio)

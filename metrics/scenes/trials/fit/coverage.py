@@ -7,7 +7,7 @@ import json, collections, torch, pandas as pd
 from evocomp.compress.model import load_compressor, select_topk
 from evocomp.features.cache import FeatureStore
 from evocomp.mllm.checkpoint import checkpoint_info
-from evocomp.baselines import _divprune as divprune
+from evocomp.baselines import select
 torch.set_num_threads(1)
 info = checkpoint_info("models/scenes/mllm", None)
 fs = FeatureStore("data/scenes/features", info["model_id"])
@@ -23,10 +23,7 @@ for r in d.itertuples():
         lg = comp(f.tokens[None], f.cells[None], None, f.text[None]).logits[0]
     sets = {"evocomp": set(select_topk(lg, k=16).tolist()),
             "label": set(lab.loc[r.id].kept.tolist())}
-    try:
-        sets["divprune"] = set(divprune(f.tokens, 16).tolist())
-    except Exception as e:
-        pass
+    sets["divprune"] = set(select("divprune", 16, tokens=f.tokens).tolist())
     q = m["qtype"]; stats[q]["n"] += 1
     for name, S in sets.items():
         stats[q][name + "_anchor"] += all(min(o["patches"]) in S for o in need)

@@ -6,9 +6,15 @@ answer loss and exact match with the compressor's top 16 on the validation split
 Needs the scenes pipeline's outputs (`dvc repro scenes_evaluate`).
   .venv/bin/python metrics/scenes/trials/fit/study.py ghm_cos '{"epochs": 20}'
   .venv/bin/python metrics/scenes/trials/fit/study.py bce '{"epochs": 20, "loss": "bce"}'
-(the logs here: their stdout; the first field names the run)."""
-import sys, json, copy, time
-import torch, yaml
+(the logs here: their stdout; the first field names the run).
+The loop is written out rather than calling evocomp.compress.fit.fit_compressor because the
+probe needs the model after every epoch, which fit_compressor neither exposes nor keeps (it
+restores its best epoch)."""
+import json
+import os
+import sys
+
+import torch
 from evocomp.config import load_params
 from evocomp.mllm.loader import load_mllm
 from evocomp.features.cache import FeatureStore
@@ -23,7 +29,8 @@ from evocomp.mllm.checkpoint import checkpoint_info
 torch.set_num_threads(2)
 name, overrides = sys.argv[1], json.loads(sys.argv[2])
 split = sys.argv[3] if len(sys.argv) > 3 else "val"
-import os; os.environ["EVOCOMP_PROFILE"] = "scenes"; params = load_params("params.yaml")
+os.environ["EVOCOMP_PROFILE"] = "scenes"
+params = load_params("params.yaml")
 tp = params.train.model_copy(update=overrides)
 mllm = load_mllm("models/scenes/mllm")
 info = checkpoint_info(mllm.path, None)

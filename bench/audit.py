@@ -79,7 +79,9 @@ def wrong_labels(engine, latest: pd.DataFrame, mllm, data: Path, features: Path)
         params = SearchParams(**{k: v for k, v in run_params.items() if k in fields})
         sample, feats = samples[sid], fstore.get(sid)
         sets = noise.noisy_sets(sample, feats, kept, hlosses, params, mllm.grid)
-        out.append({"label_id": label_id} | noise.noisy_losses(mllm, sample, feats, sets))
+        out.append(
+            {"label_id": label_id} | noise.noisy_losses(mllm, sample, feats, sets, params.objective)
+        )
         if i % 200 == 0 or i == len(ids):
             print(f"  wrong labels: {i}/{len(ids)} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return pd.DataFrame(out)

@@ -158,6 +158,12 @@ class SearchParams(_Strict):
     # token's rank when the label is shrunk one least-costly token at a time (k - 1 more
     # forwards per sample; evocomp.search.worth).
     soft_target: Literal["elite", "elimination"] = "elite"
+    # What a candidate is scored on: answer = the mean cross-entropy of the sample's answer
+    # (the paper); distill = the mean KL divergence of the next-token distribution at the
+    # answer's positions from the all-token one (answer-blind on a one-token answer: a set
+    # that makes the model *surer* of the gold answer than all tokens do scores worse, not
+    # better; README, Configuration).
+    objective: Literal["answer", "distill"] = "answer"
 
     @field_validator("heuristics")
     @classmethod

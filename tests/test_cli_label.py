@@ -46,6 +46,7 @@ def test_help(command):
         (["--keep-ratio", "1.5"], "label.keep_ratio: Input should be less than or equal to 1"),
         (["--mode", "greedy"], "label.mode: Input should be 'paper' or 'budget'"),
         (["--soft-target", "gain"], "label.soft_target: Input should be 'elite' or 'elimination'"),
+        (["--objective", "kl"], "label.objective: Input should be 'answer' or 'distill'"),
         (["--model", "nope"], "nope: not a model checkpoint"),
         (["--data", "missing"], "prepared samples not found"),
         (["--ids", "missing.json"], "cannot read the ids file"),

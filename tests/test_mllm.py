@@ -36,6 +36,37 @@ def test_batched_subset_loss_equals_single(mllm, scene, P):
     assert len(set(batched.tolist())) > 1 or P == 1  # the subset changes the loss
 
 
+def test_distill_loss_is_the_kl_from_all_tokens(mllm, scene):
+    """``reference``: the mean KL divergence from the all-token answer distribution: zero
+    for all tokens, positive for a subset, batched == single, and by hand for one row."""
+    img, qa = scene
+    v = mllm.visual_tokens([img])[0]
+    p = mllm.encode(qa.question, qa.answer + " extra words")  # several answer positions
+    ref = mllm.answer_logprobs(p, v)
+    assert ref.shape == (len(p.answer), len(mllm.tokenizer))
+    torch.testing.assert_close(ref.exp().sum(-1), torch.ones(len(p.answer)))
+    everything = torch.arange(36)[None]
+    assert float(mllm.subset_loss(p, v, everything, reference=ref)[0]) < 1e-5
+    g = torch.Generator().manual_seed(0)
+    kept = torch.stack([torch.randperm(36, generator=g)[:12].sort().values for _ in range(5)])
+    kl = mllm.subset_loss(p, v, kept, reference=ref)
+    single = torch.cat([mllm.subset_loss(p, v, kept[i : i + 1], reference=ref) for i in range(5)])
+    torch.testing.assert_close(kl, single, rtol=1e-4, atol=1e-6)
+    assert (kl > 1e-4).all()
+    # by hand: the subset as the all-token sequence with the dropped tokens masked out
+    x = torch.cat([mllm._ids(p.prefix), v, mllm._ids(p.suffix + p.answer)])[None]
+    mask = torch.ones(1, x.shape[1], dtype=torch.long)
+    drop = torch.ones(36, dtype=torch.bool)
+    drop[kept[0]] = False
+    mask[0, len(p.prefix) : len(p.prefix) + 36][drop] = 0
+    h = mllm.lm(
+        inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(x.shape[1])[None]
+    ).last_hidden_state
+    logq = mllm.model.lm_head(h[0, -len(p.answer) - 1 : -1]).float().log_softmax(-1)
+    by_hand = (ref.exp() * (ref - logq.detach())).sum(-1).mean()
+    torch.testing.assert_close(kl[0], by_hand, rtol=1e-4, atol=1e-5)
+
+
 def test_subset_equals_masking_the_dropped_tokens(mllm, scene):
     """Removing tokens == masking them out (same original positions): the subset really is what is seen."""
     img, qa = scene

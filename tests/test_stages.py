@@ -263,3 +263,31 @@ def test_elimination_soft_target_ranks_the_label_by_worth(world):
         world["mllm"], s, feats, p.model_copy(update={"soft_target": "elimination"})
     )
     assert again.result.soft == r.soft
+
+
+def test_distill_objective_scores_the_kl_from_all_tokens(world):
+    """objective distill: all tokens score 0, the label and every heuristic are scored by
+    their KL divergence from the all-token answer distribution (not the answer's CE), the
+    label is never worse than the best heuristic, and the run gets its own key while the
+    default objective keeps the key the store had before the field existed."""
+    from evocomp.search.ga import ALGORITHM_VERSION, run_spec
+
+    s = world["samples"][2]
+    feats = world["fstore"].get(s.id)
+    p = SMALL.model_copy(update={"mode": "budget", "objective": "distill"})
+    lab = label_sample(world["mllm"], s, feats, p)
+    r = lab.result
+    assert lab.full_loss == 0.0 and r.loss >= 0.0
+    assert r.loss <= min(r.heuristic_losses.values())
+    prompt = world["mllm"].encode(s.question, s.answer)
+    ref = world["mllm"].answer_logprobs(prompt, feats.tokens)
+    kept = torch.tensor([r.kept])
+    kl = world["mllm"].subset_loss(prompt, feats.tokens, kept, reference=ref)[0]
+    ce = world["mllm"].subset_loss(prompt, feats.tokens, kept)[0]
+    assert r.loss == loss_on_grid(kl) and r.loss != loss_on_grid(ce)
+    answer = p.model_copy(update={"objective": "answer"})
+    assert "objective" not in run_spec(answer)  # old stores' runs keep their keys
+    assert run_spec(answer) == answer.model_dump(mode="json", exclude={"objective"}) | {
+        "algorithm": ALGORITHM_VERSION
+    }
+    assert run_spec(p)["objective"] == "distill"

@@ -27,6 +27,7 @@ from evocomp.baselines import heuristic_sets
 from evocomp.config import SearchParams
 from evocomp.data.samples import Sample, sample_seed
 from evocomp.features.cache import Features
+from evocomp.labeling.sample import fitness_fn
 from evocomp.search import SearchSpace
 from evocomp.search.operators import repair
 from evocomp.tolerance import loss_on_grid
@@ -87,12 +88,14 @@ def noisy_sets(
     return out
 
 
-def noisy_losses(mllm, sample: Sample, feats: Features, sets: dict[str, list[int]]):
-    """The answer loss of each set (on the search's loss grid), one batched forward."""
+def noisy_losses(
+    mllm, sample: Sample, feats: Features, sets: dict[str, list[int]], objective: str = "answer"
+):
+    """The loss of each set under the label run's ``objective`` (on the search's loss grid),
+    one batched forward."""
     kinds = list(sets)
-    prompt = mllm.encode(sample.question, sample.answer)
     idx = torch.tensor([sets[k] for k in kinds], dtype=torch.long)
-    losses = mllm.subset_loss(prompt, feats.tokens, idx, feats.layout, feats.extra)
+    losses = fitness_fn(mllm, sample, feats, objective)(idx)
     return {k: loss_on_grid(float(v)) for k, v in zip(kinds, losses.tolist(), strict=True)}
 
 

@@ -35,7 +35,8 @@ from evocomp.cli.common import (
 from evocomp.data.samples import SPLITS
 
 SEARCH_OVERRIDES = (
-    "generations", "population", "parents", "seeds", "mode", "keep_ratio", "soft_target"
+    "generations", "population", "parents", "seeds", "mode", "keep_ratio", "soft_target",
+    "objective",
 )  # fmt: skip
 SMALL_RUN = 64  # fewer samples to search, and no PREFECT_API_URL: label in-process
 
@@ -111,6 +112,11 @@ def label(
         help="override label.soft_target: elite (the final population's keep frequency) or "
         "elimination (each label token's worth rank)",
     ),
+    objective: str = typer.Option(
+        None,
+        help="override label.objective: answer (the answer's cross-entropy) or distill (KL "
+        "divergence from the all-token answer distribution)",
+    ),
     in_process: bool = typer.Option(
         None,
         "--in-process/--prefect",
@@ -133,7 +139,17 @@ def label(
     params = params_or_exit(params_path)
     writable_or_exit(out, metrics, fitness_plot)
     runner = task_runner or params.label.task_runner
-    given = (workers, generations, population, parents, seeds, mode, keep_ratio, soft_target)
+    given = (
+        workers,
+        generations,
+        population,
+        parents,
+        seeds,
+        mode,
+        keep_ratio,
+        soft_target,
+        objective,
+    )
     names = ("workers", *SEARCH_OVERRIDES)
     overrides = {k: v for k, v in zip(names, given, strict=True) if v is not None}
     try:

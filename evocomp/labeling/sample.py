@@ -48,13 +48,7 @@ def label_sample(
     t0 = time.perf_counter()
     feats.check(sample.id)
     space = SearchSpace.build(feats.nearest, None, params)  # groups and k, once
-    prompt = mllm.encode(sample.question, sample.answer)
-    if not prompt.answer:
-        raise ValueError(f"sample {sample.id}: the answer {sample.answer!r} encodes to no tokens")
-
-    def fitness(idx: torch.Tensor) -> torch.Tensor:
-        return mllm.subset_loss(prompt, feats.tokens, idx, feats.layout, feats.extra)
-
+    fitness = fitness_fn(mllm, sample, feats, params.objective)
     seed = sample_seed(params.seed, sample.id)
     hsets = heuristic_sets(
         space.k,
@@ -85,6 +79,24 @@ def label_sample(
         heuristic_kept={m: sorted(idx.tolist()) for m, idx in hsets.items()},
         group_words=list(words),
     )
+
+
+def fitness_fn(
+    mllm, sample: Sample, feats: Features, objective: str = "answer"
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss ``(P,)`` of P kept-index rows ``(P, k)`` that the search minimises
+    (``label.objective``): the answer's mean cross-entropy, or (``distill``) the mean KL
+    divergence from the all-token distribution at the answer's positions."""
+    prompt = mllm.encode(sample.question, sample.answer)
+    if not prompt.answer:
+        raise ValueError(f"sample {sample.id}: the answer {sample.answer!r} encodes to no tokens")
+    args = (feats.tokens, feats.layout, feats.extra)
+    reference = mllm.answer_logprobs(prompt, *args) if objective == "distill" else None
+
+    def fitness(idx: torch.Tensor) -> torch.Tensor:
+        return mllm.subset_loss(prompt, feats.tokens, idx, *args[1:], reference=reference)
+
+    return fitness
 
 
 def to_record(lab: Labelled) -> LabelRecord:

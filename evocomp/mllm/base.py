@@ -73,14 +73,27 @@ class MLLM(Protocol):
         kept: torch.Tensor,
         layout: torch.Tensor | None = None,
         extra: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean answer cross-entropy ``(P,)`` for P kept-index rows ``(P, k)``, one forward.
 
         ``layout``: the image's :attr:`ImageTokens.layout` (None: the model's default image).
         Tokens a family must always feed (LLaVA-NeXT's ``image_newline``) are added by the
         adapter; ``kept`` indexes the selectable tokens only. ``extra``: the image's
-        :attr:`ImageTokens.extra` (needed by a family that has them).
+        :attr:`ImageTokens.extra` (needed by a family that has them). ``reference``: the
+        log-probabilities of :meth:`answer_logprobs`; given, each row's loss is the mean KL
+        divergence from them over the answer's positions instead (``label.objective: distill``).
         """
+
+    def answer_logprobs(
+        self,
+        prompt: Prompt,
+        visual: torch.Tensor,
+        layout: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-probabilities ``(n_ans, V)`` of the next token at each of the answer's positions
+        with every visual token kept (teacher-forced on the prompt's answer)."""
 
     def generate(
         self,

@@ -195,17 +195,43 @@ class HFAdapter(ImageBlock, PrunedDecoding):
         layout=None,
         extra=None,
         max_rows: int = 64,
+        reference: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean answer cross-entropy per row of ``kept (P, k)``; rows share one forward (chunked by max_rows)."""
+        """Mean answer cross-entropy per row of ``kept (P, k)``; rows share one forward (chunked
+        by max_rows). ``reference``: log-probabilities ``(n_ans, V)`` at the answer's positions
+        (:meth:`answer_logprobs`): the mean KL divergence from them instead."""
+        ans = torch.tensor(prompt.answer, device=self.device)
+        losses = []
+        for logits in self._answer_logits(prompt, visual, kept, layout, extra, max_rows):
+            if reference is None:
+                ce = F.cross_entropy(
+                    logits.transpose(1, 2), ans.expand(len(logits), -1), reduction="none"
+                )
+                losses.append(ce.mean(1))
+            else:
+                ref = reference.to(self.device).expand_as(logits)
+                kl = F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="none")
+                losses.append(kl.sum(-1).mean(1).clamp_min(0.0))  # >= 0 up to float noise
+        return torch.cat(losses).cpu()
+
+    @torch.no_grad()
+    def answer_logprobs(self, prompt: Prompt, visual: torch.Tensor, layout=None, extra=None):
+        """Log-probabilities ``(n_ans, V)`` of the next token at each answer position, every
+        visual token kept (teacher-forced on ``prompt.answer``)."""
+        everything = torch.arange(visual.shape[0])[None]
+        (logits,) = self._answer_logits(prompt, visual, everything, layout, extra, 1)
+        return logits[0].log_softmax(-1).cpu()
+
+    def _answer_logits(self, prompt, visual, kept, layout, extra, max_rows):
+        """Logits ``(P', n_ans, V)`` at the answer's positions, one chunk of ``kept``'s rows at
+        a time."""
         self.check_visual(visual, layout)
         if not prompt.answer:
             raise ValueError("subset_loss needs a non-empty answer")
         vis = self._visual(visual, extra)
         kept = kept.to(self.device)
         pre, tail = self._ids(prompt.prefix), self._ids(prompt.suffix + prompt.answer)
-        ans = torch.tensor(prompt.answer, device=self.device)
         n_ans = len(prompt.answer)
-        losses = []
         for rows in kept.split(max_rows):
             emb, cols = self._block_rows(vis[rows], rows, layout)
             P, k = cols.shape
@@ -225,10 +251,7 @@ class HFAdapter(ImageBlock, PrunedDecoding):
                 use_cache=False,
                 **self._deep_kwargs(deep, image),
             ).last_hidden_state
-            logits = self.model.lm_head(h[:, -n_ans - 1 : -1]).float()  # (P, n_ans, V)
-            ce = F.cross_entropy(logits.transpose(1, 2), ans.expand(P, -1), reduction="none")
-            losses.append(ce.mean(1))
-        return torch.cat(losses).cpu()
+            yield self.model.lm_head(h[:, -n_ans - 1 : -1]).float()  # (P, n_ans, V)
 
     def _prompt_rows(self, questions, visual, kept, vis_pos=None, layouts=None, extras=None):
         """``inputs_embeds (B, L, D)`` (+ extras as channels: :meth:`_split`), ``attention_mask

@@ -81,7 +81,11 @@ class SearchResult:
 
 def run_spec(params: SearchParams) -> dict:
     """What identifies a label run besides the model: the search params and algorithm version."""
-    return params.model_dump(mode="json") | {"algorithm": ALGORITHM_VERSION}
+    # the default objective is left out, so the runs of stores made before it existed keep
+    # their keys (and their labels are found, not searched again)
+    default = {"objective"} if params.objective == "answer" else None
+    spec = params.model_dump(mode="json", exclude=default)
+    return spec | {"algorithm": ALGORITHM_VERSION}
 
 
 def _jaccard(a: Key, b: Key) -> float:

@@ -20,7 +20,10 @@ settings, each recording its anytime trace (best loss so far after every generat
 - ``no_seeding``: the heuristics' sets do not seed the population (still scored, for the
   comparison, so they still cost their forwards);
 - ``early_stop``: stop after ``--patience`` generations without improvement;
-- ``half_population``: population and parents halved (24 and 6).
+- ``half_population``: population and parents halved (24 and 6);
+- ``warm_start``: the label's search with a trained compressor's pick (``--compressor``,
+  default the benchmark's committed one, trained on the pipeline's own split, never on these
+  images) as one more seed of the initial population (``label.warm_start``).
 
 A *forward* here is one candidate scored: one sequence through the LLM (``n_evals``; a
 generation's candidates run as one batched call, which label records count as
@@ -71,7 +74,7 @@ from _setup import (  # noqa: E402
 
 from evocomp.config import SearchParams, parse_params  # noqa: E402
 from evocomp.files import check_writable, write_text_atomic  # noqa: E402
-from evocomp.labeling.sample import Labelled, label_sample  # noqa: E402
+from evocomp.labeling.sample import Labelled, check_warm_start, label_sample  # noqa: E402
 
 # setting -> its search params, from the label section's
 SETTINGS: dict[str, Callable[[SearchParams, argparse.Namespace], SearchParams]] = {
@@ -87,6 +90,7 @@ SETTINGS: dict[str, Callable[[SearchParams, argparse.Namespace], SearchParams]] 
     "half_population": lambda p, a: p.model_copy(
         update={"population": max(3, p.population // 2), "parents": max(2, p.parents // 2)}
     ),
+    "warm_start": lambda p, a: p.model_copy(update={"warm_start": str(a.compressor)}),
 }
 REQUIRED = ("label", "reference")
 FRACTIONS = (0.25, 0.5, 1.0, 2.0, 5.0)  # of the label run's forwards, per sample
@@ -283,6 +287,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=3, help="early_stop: generations")
     p.add_argument("--tolerance", type=float, help="scales (default: audit.min_margin)")
     p.add_argument("--step", type=int, default=8, help="curve: a point every STEP forwards")
+    p.add_argument("--compressor", type=Path, help="warm_start: default models/[scenes/]compressor")
     p.add_argument("--out", type=Path, help="default: metrics/[scenes/]bench_anytime.json")
     p.add_argument("--plot", type=Path, help="default: plots/[scenes/]anytime.csv")
     args = p.parse_args(argv)
@@ -299,6 +304,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.profile is None and args.benchmark == "scenes":
         args.profile = "scenes"
     sub = Path("scenes") if args.benchmark == "scenes" else Path()
+    args.compressor = args.compressor or REPO / "models" / sub / "compressor"
+    if "warm_start" in args.settings and not (args.compressor / "config.json").is_file():
+        p.error(
+            f"--compressor {args.compressor}: no compressor there (train one with `evocomp "
+            "train`, or leave warm_start out of --settings)"
+        )
     args.out = args.out or REPO / "metrics" / sub / "bench_anytime.json"
     args.plot = args.plot or REPO / "plots" / sub / "anytime.csv"
     check_device(p, args)
@@ -331,6 +342,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.model, args.samples, args.seed, args.device, args.cache, benchmark=args.benchmark
     )
     params = {name: SETTINGS[name](base, args) for name in args.settings}
+    if "warm_start" in params:  # a compressor of another model: one error, not 40 failures
+        try:
+            check_warm_start(str(args.compressor), ws.mllm.model_id)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(
+                f"--compressor: {err} (or leave warm_start out of --settings)"
+            ) from None
     rows, failed = run_all(ws, params, floor, tol)
     if not rows:
         raise SystemExit(f"every sample failed, e.g. {failed[0]}")

@@ -164,6 +164,10 @@ class SearchParams(_Strict):
     # that makes the model *surer* of the gold answer than all tokens do scores worse, not
     # better; README, Configuration).
     objective: Literal["answer", "distill"] = "answer"
+    # A trained compressor's folder: its top tokens for each sample join the initial
+    # population (warm start, e.g. labelling new data with the deployed compressor). The
+    # run key holds the compressor's content, not this path (evocomp.search.ga.run_spec).
+    warm_start: str | None = None
 
     @field_validator("heuristics")
     @classmethod

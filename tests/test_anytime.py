@@ -172,12 +172,21 @@ def test_bench_anytime_smoke(anytime, tiny_llava, tmp_path):
     out, plot = tmp_path / "a.json", tmp_path / "plots" / "anytime.csv"
     argv = ["--model", str(tiny_llava), "--samples", "2", "--cache", str(tmp_path / "cache"),
             "--params", str(params), "--threads", "1", "--out", str(out), "--plot", str(plot)]  # fmt: skip
-    report = anytime.main(argv)
+    # warm_start needs a compressor of this model: one of another is refused before any search
+    from evocomp.compress.model import CompressorConfig, TokenCompressor, save_compressor
+
+    foreign = tmp_path / "foreign"
+    save_compressor(TokenCompressor(CompressorConfig(dim=64)), foreign, {"model_id": "mllm-x"})
+    with pytest.raises(SystemExit, match="--compressor: .* trained for model 'mllm-x'"):
+        anytime.main([*argv, "--compressor", str(foreign)])
+    assert not out.exists()
+    cold = [n for n in anytime.SETTINGS if n != "warm_start"]
+    report = anytime.main([*argv, "--settings", ",".join(cold)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(report))
     assert data["command"].split()[1].startswith("bench/") and data["samples"] == 2
     settings = data["settings"]
-    assert set(settings) == set(anytime.SETTINGS)
+    assert set(settings) == set(cold)
     label, ref = settings["label"], settings["reference"]
     assert label["params"]["generations"] == 2 and ref["params"]["generations"] == 14
     assert settings["half_population"]["params"]["population"] == 4

@@ -47,6 +47,7 @@ def test_help(command):
         (["--mode", "greedy"], "label.mode: Input should be 'paper' or 'budget'"),
         (["--soft-target", "gain"], "label.soft_target: Input should be 'elite' or 'elimination'"),
         (["--objective", "kl"], "label.objective: Input should be 'answer' or 'distill'"),
+        (["--warm-start", "nowhere"], "no compressor at"),
         (["--model", "nope"], "nope: not a model checkpoint"),
         (["--data", "missing"], "prepared samples not found"),
         (["--ids", "missing.json"], "cannot read the ids file"),

@@ -275,6 +275,32 @@ def test_heuristics_are_scored_in_the_first_call_within_the_population():
         assert sorted(int(groups[t]) for t in r.kept) == list(range(6))  # still one per group
 
 
+@pytest.mark.parametrize("mode", ["paper", "budget"])
+@pytest.mark.parametrize("heuristics", [True, False])
+def test_warm_start_sets_seed_the_population_and_are_no_heuristic(mode, heuristics):
+    """A warm-start set (a compressor's pick) joins the first generation whether or not the
+    heuristics seed it: with no generation to evolve, a warm start at the optimum makes the
+    label; it is scored in the first call and not reported as a heuristic."""
+    from evocomp.search.ga import search
+
+    groups = _groups([12, 8, 6, 4, 3, 2, 1], 0)
+    k = 12 if mode == "budget" else None
+    planted = _planted(groups, mode, k, 3)
+    params = SearchParams(mode=mode, generations=0, seed_with_heuristics=heuristics)
+    space = SearchSpace.build(groups, k, params)
+    other = {"random": torch.tensor(sorted(_planted(groups, mode, k, 4)))}
+    warm = {"compressor": torch.tensor(sorted(planted))}
+    fitness = Recorder(_miss_loss(planted))
+    r = search(space, fitness, params, 0, other, warm_sets=warm)
+    assert r.kept == sorted(planted) and r.loss == 0.0
+    assert sorted(planted) in fitness.calls[0].tolist() and len(fitness.calls) == 1
+    assert set(r.heuristic_losses) == {"random"}
+    cold = search(space, _miss_loss(planted), params, 0, other)
+    assert cold.loss > 0.0  # 48 random candidates of this space miss the optimum
+    with pytest.raises(ValueError, match="warm-start set 'compressor' must hold"):
+        search(space, fitness, params, 0, other, warm_sets={"compressor": torch.tensor([0, 1])})
+
+
 # ---- the result ---------------------------------------------------------------------------
 
 
@@ -408,7 +434,7 @@ def test_a_new_search_algorithm_version_keys_a_new_label_run(monkeypatch):
 
     before = params_hash(search.run_spec(PAPER))
     version = search.ALGORITHM_VERSION
-    spec = PAPER.model_dump(mode="json", exclude={"objective"})  # the default objective: left out
+    spec = PAPER.model_dump(mode="json", exclude={"objective", "warm_start"})  # defaults: left out
     assert search.run_spec(PAPER) == spec | {"algorithm": version}
     monkeypatch.setattr(search, "ALGORITHM_VERSION", version + 1)
     assert params_hash(search.run_spec(PAPER)) != before

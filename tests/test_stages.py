@@ -15,6 +15,7 @@ from evocomp.compress.training import items_from_labels, train_compressor
 from evocomp.config import Params, SearchParams, TrainParams
 from evocomp.data.prepared import load_prepared, write_prepared
 from evocomp.data.readers import read_dataset
+from evocomp.errors import ModelError
 from evocomp.features.cache import FeatureStore
 from evocomp.features.compute import ensure_features
 from evocomp.labeling.sample import label_and_store, label_sample
@@ -265,6 +266,61 @@ def test_elimination_soft_target_ranks_the_label_by_worth(world):
     assert again.result.soft == r.soft
 
 
+@pytest.mark.parametrize("mode", ["paper", "budget"])
+def test_warm_start_seeds_the_search_with_the_compressor_pick(world, tiny_llava, tmp_path, mode):
+    """label.warm_start: the compressor's pick (budget: its top k; paper: its best-scored
+    member of each group) is scored in the search's first generation and never beaten by
+    the label, is no heuristic, and the run key holds the compressor's content: the same
+    bytes elsewhere key the same run, other weights another; a compressor of another model
+    or none at all is refused before any search."""
+    import shutil
+
+    from evocomp.compress.model import keep_logits
+    from evocomp.labeling.sample import check_warm_start, warm_start_sets
+    from evocomp.search import SearchSpace
+    from evocomp.search.ga import run_spec
+
+    info = checkpoint_info(tiny_llava)
+    comp = tmp_path / "comp"
+    train_compressor(
+        world["root"] / "labels.parquet", world["root"] / "features", info,
+        TrainParams(epochs=2, patience=2), comp,
+    )  # fmt: skip
+    s, mllm = world["samples"][3], world["mllm"]
+    feats = world["fstore"].get(s.id)
+    p = SMALL.model_copy(update={"mode": mode, "warm_start": str(comp)})
+    space = SearchSpace.build(feats.nearest, None, p)
+    (pick,) = warm_start_sets(mllm, feats, space, p).values()
+    model, _ = load_compressor(comp)
+    logits = keep_logits(model, feats.tokens, feats.cells, feats.text)
+    if mode == "budget":
+        assert set(pick.tolist()) == set(logits.topk(space.k).indices.tolist())
+    else:  # one token per group, the group's best-scored
+        assert sorted(space.group_of[t] for t in pick.tolist()) == list(range(len(space.members)))
+        assert all(logits[t] == logits[m].max() for t, m in zip(pick, space.members, strict=True))
+    r = label_sample(mllm, s, feats, p).result
+    seeded = loss_on_grid(mllm.subset_loss(mllm.encode(s.question, s.answer), feats.tokens,
+                                           pick.sort().values[None])[0])  # fmt: skip
+    assert r.loss <= seeded and "compressor" not in r.heuristic_losses
+    assert r.trace[0]["best"] <= seeded  # in generation 0 already
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(comp, copy)
+    key = run_spec(p)["warm_start"]
+    assert key.startswith("compressor-") and str(comp) not in json.dumps(run_spec(p))
+    assert run_spec(p.model_copy(update={"warm_start": str(copy)}))["warm_start"] == key
+    (copy / "model.safetensors").write_bytes(
+        (comp / "model.safetensors").read_bytes()[:-4] + b"\0" * 4
+    )
+    assert run_spec(p.model_copy(update={"warm_start": str(copy)}))["warm_start"] != key
+    meta = json.loads((comp / "config.json").read_text())
+    meta["extra"]["model_id"] = "mllm-another"
+    (copy / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="trained for model 'mllm-another'"):
+        check_warm_start(str(copy), mllm.model_id)
+    with pytest.raises(FileNotFoundError, match="no compressor at"):
+        check_warm_start(str(tmp_path / "nothing"), mllm.model_id)
+
+
 def test_distill_objective_scores_the_kl_from_all_tokens(world):
     """objective distill: all tokens score 0, the label and every heuristic are scored by
     their KL divergence from the all-token answer distribution (not the answer's CE), the
@@ -287,7 +343,7 @@ def test_distill_objective_scores_the_kl_from_all_tokens(world):
     assert r.loss == loss_on_grid(kl) and r.loss != loss_on_grid(ce)
     answer = p.model_copy(update={"objective": "answer"})
     assert "objective" not in run_spec(answer)  # old stores' runs keep their keys
-    assert run_spec(answer) == answer.model_dump(mode="json", exclude={"objective"}) | {
-        "algorithm": ALGORITHM_VERSION
-    }
+    assert run_spec(answer) == answer.model_dump(
+        mode="json", exclude={"objective", "warm_start"}
+    ) | {"algorithm": ALGORITHM_VERSION}
     assert run_spec(p)["objective"] == "distill"

@@ -36,7 +36,7 @@ from evocomp.data.samples import SPLITS
 
 SEARCH_OVERRIDES = (
     "generations", "population", "parents", "seeds", "mode", "keep_ratio", "soft_target",
-    "objective",
+    "objective", "warm_start",
 )  # fmt: skip
 SMALL_RUN = 64  # fewer samples to search, and no PREFECT_API_URL: label in-process
 
@@ -117,6 +117,11 @@ def label(
         help="override label.objective: answer (the answer's cross-entropy) or distill (KL "
         "divergence from the all-token answer distribution)",
     ),
+    warm_start: Path = typer.Option(
+        None,
+        help="override label.warm_start: a trained compressor (folder) whose top tokens seed "
+        "each sample's search, e.g. the deployed one when labelling new data",
+    ),
     in_process: bool = typer.Option(
         None,
         "--in-process/--prefect",
@@ -139,17 +144,11 @@ def label(
     params = params_or_exit(params_path)
     writable_or_exit(out, metrics, fitness_plot)
     runner = task_runner or params.label.task_runner
+    warm = str(warm_start.resolve()) if warm_start else None  # the workers' cwd may differ
     given = (
-        workers,
-        generations,
-        population,
-        parents,
-        seeds,
-        mode,
-        keep_ratio,
-        soft_target,
-        objective,
-    )
+        workers, generations, population, parents, seeds, mode, keep_ratio, soft_target,
+        objective, warm,
+    )  # fmt: skip
     names = ("workers", *SEARCH_OVERRIDES)
     overrides = {k: v for k, v in zip(names, given, strict=True) if v is not None}
     try:

@@ -8,6 +8,7 @@ serves every budget. Training is in :mod:`evocomp.compress.fit`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -171,6 +172,14 @@ def select_topk(logits: Tensor, k: int | None = None, ratio: float | None = None
     return logits.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
+@torch.no_grad()
+def keep_logits(model: TokenCompressor, visual: Tensor, cells: Tensor, text: Tensor) -> Tensor:
+    """One image's keep-logits ``(N,)`` from its tokens ``(N, D)``, their cells ``(N, 2)``
+    and the question's embeddings ``(T, D)``: a batch of one, as the evaluation scores it."""
+    out = model(visual.float()[None], cells.long()[None], None, text.float()[None])
+    return out.logits[0]
+
+
 def select_topk_filled(logits: Tensor, tokens: Tensor, k: int, label_ratio: float) -> Tensor:
     """``evocomp_fill``: the top logits up to ``keep_count(label_ratio, N)`` (the size of the
     labels the compressor learnt to rank), then DivPrune's max-min picks from them, ``k`` in
@@ -197,6 +206,21 @@ def save_compressor(model: TokenCompressor, directory: str | Path, extra: dict[s
     tmp_c.write_text(meta + "\n")
     os.replace(tmp_w, directory / WEIGHTS_FILE)
     os.replace(tmp_c, directory / CONFIG_FILE)
+
+
+def compressor_id(directory: str | Path) -> str:
+    """Content id of a saved compressor: sha256 of its config and weights (what its scores
+    depend on), as ``compressor-<12 hex>``."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(
+                f"no compressor at {directory}: {directory / name} is missing "
+                "(train one with `evocomp train`)"
+            )
+        h.update(name.encode() + b"\0" + (directory / name).read_bytes())
+    return f"compressor-{h.hexdigest()[:12]}"
 
 
 def load_compressor(

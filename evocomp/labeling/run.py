@@ -22,6 +22,7 @@ from evocomp.config import LabelParams
 from evocomp.data.samples import Sample
 from evocomp.features.cache import FeatureStore
 from evocomp.labeling.progress import Meter
+from evocomp.labeling.sample import check_warm_start
 from evocomp.labeling.selection import select_samples
 from evocomp.labeling.steps import (
     Batch,
@@ -77,6 +78,8 @@ def pending(job: LabelJob) -> list[Sample]:
     ref = model_ref(job.model, job.device, job.dtype, job.prompt_template)
     db_url = job.db_url or db.default_db_url()
     db.upgrade(db_url)
+    if job.params.warm_start is not None:  # a missing or foreign compressor: now, not per sample
+        check_warm_start(job.params.warm_start, ref.model_id)
     p_hash = db.params_hash(run_spec(job.params.search()))
     done = db.labelled_sample_ids(db.get_engine(db_url), ref.model_id, p_hash)
     return [s for s in job.samples() if s.id not in done]

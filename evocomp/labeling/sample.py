@@ -10,21 +10,31 @@ and ``evocomp label --in-process`` both call it per sample (through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from evocomp.baselines import heuristic_sets
+from evocomp.compress.model import (
+    TokenCompressor,
+    compressor_id,
+    keep_logits,
+    load_compressor,
+    select_topk,
+)
 from evocomp.config import SearchParams
 from evocomp.data.samples import Sample, sample_seed
+from evocomp.errors import ModelError
 from evocomp.features.cache import Features
 from evocomp.search import SearchResult, SearchSpace, search
 from evocomp.search.worth import elimination_order, rank_target
 from evocomp.store.records import LabelRecord
-from evocomp.tolerance import loss_on_grid
+from evocomp.tolerance import loss_on_grid, scores_on_grid
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,8 @@ def label_sample(
         seed=seed,
         methods=params.heuristics,
     )
-    result = search(space, fitness, params, seed, heuristic_sets=hsets, progress=progress)
+    warm = warm_start_sets(mllm, feats, space, params)
+    result = search(space, fitness, params, seed, hsets, progress, warm_sets=warm)
     if params.soft_target == "elimination":
         order, forwards = elimination_order(result.kept, fitness)
         result = dataclasses.replace(
@@ -79,6 +90,41 @@ def label_sample(
         heuristic_kept={m: sorted(idx.tolist()) for m, idx in hsets.items()},
         group_words=list(words),
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _warm_compressor(directory: str, content: str, model_id: str) -> TokenCompressor:
+    """The warm-start compressor, loaded once per content in this process (a compressor
+    retrained in place has another ``content`` and is loaded again)."""
+    model, extra = load_compressor(directory)
+    if extra.get("model_id") not in (None, model_id):
+        raise ModelError(
+            f"label.warm_start {directory} was trained for model {extra['model_id']!r}, not "
+            f"{model_id!r}: train a compressor on this model's labels (`evocomp train`)"
+        )
+    return model
+
+
+def check_warm_start(directory: str, model_id: str) -> None:
+    """Raise FileNotFoundError (no compressor there) or ModelError (one of another model)."""
+    where = str(Path(directory).resolve())
+    _warm_compressor(where, compressor_id(where), model_id)
+
+
+def warm_start_sets(mllm, feats: Features, space: SearchSpace, params: SearchParams) -> dict:
+    """``{"compressor": indices}``: the ``label.warm_start`` compressor's pick for the sample,
+    a candidate of the label's size (budget mode: its top k; paper mode: its best-scored
+    member of each group), or ``{}`` without a warm start."""
+    if params.warm_start is None:
+        return {}
+    where = str(Path(params.warm_start).resolve())
+    model = _warm_compressor(where, compressor_id(where), mllm.model_id)
+    logits = keep_logits(model, feats.tokens, feats.cells, feats.text)
+    if params.mode == "budget":
+        return {"compressor": select_topk(logits, k=space.k)}
+    score = scores_on_grid(logits).tolist()  # ties to the lower index, on every machine
+    best = [max(m, key=lambda t: (score[t], -t)) for m in space.members]
+    return {"compressor": torch.tensor(best)}
 
 
 def fitness_fn(

@@ -118,16 +118,25 @@ def _breed(tb, parents: list, n: int, cx_prob: float, rng: random.Random, seen) 
 
 
 def run_once(
-    space, scorer: Scorer, params: SearchParams, seed: int, sets: dict[str, Key], progress
+    space,
+    scorer: Scorer,
+    params: SearchParams,
+    seed: int,
+    sets: dict[str, Key],
+    progress,
+    warm: dict[str, Key] | None = None,
 ) -> Run:
     """One GA run from ``seed``: ``sets`` (the heuristics' candidates) seed the population when
-    ``params.seed_with_heuristics``; ``progress(gen, best_loss)`` after every generation."""
+    ``params.seed_with_heuristics``, ``warm`` (a compressor's) always, after them;
+    ``progress(gen, best_loss)`` after every generation."""
     rng = random.Random(seed)
     tb = _toolbox(space, params, rng)
     n_parents = min(params.parents, params.population - 1)  # keep >= 1 offspring slot
     n_offspring = params.population - n_parents
 
-    seeds = _seed_individuals(sets, space, params, rng) if params.seed_with_heuristics else []
+    warm = warm or {}
+    seeding = (sets if params.seed_with_heuristics else {}) | warm
+    seeds = _seed_individuals(seeding, space, params, rng)
     population, seen = [], set()
     for s in seeds:
         if key_of(s) not in seen:
@@ -135,7 +144,7 @@ def run_once(
             population.append(creator.EvoIndividual(s))
     # Heuristic sets outside the population are scored in the same call: keep that call
     # within `population` rows by shrinking the random fill.
-    extra = [key for key in dict.fromkeys(sets.values()) if key not in seen]
+    extra = [key for key in dict.fromkeys([*sets.values(), *warm.values()]) if key not in seen]
     room = max(2, params.population - len(extra))
     size = space.size
     everything = functools.cache(space.enumerate)  # listed once, and only for small spaces

@@ -81,11 +81,31 @@ class SearchResult:
 
 def run_spec(params: SearchParams) -> dict:
     """What identifies a label run besides the model: the search params and algorithm version."""
-    # the default objective is left out, so the runs of stores made before it existed keep
-    # their keys (and their labels are found, not searched again)
-    default = {"objective"} if params.objective == "answer" else None
+    # the defaults of fields added later are left out, so the runs of stores made before
+    # they existed keep their keys (and their labels are found, not searched again)
+    default = {"warm_start"} | ({"objective"} if params.objective == "answer" else set())
     spec = params.model_dump(mode="json", exclude=default)
+    if params.warm_start is not None:  # the compressor's content, wherever it lies
+        from evocomp.compress.model import compressor_id
+
+        spec["warm_start"] = compressor_id(params.warm_start)
     return spec | {"algorithm": ALGORITHM_VERSION}
+
+
+def _keys(
+    kind: str, given: dict[str, torch.Tensor] | None, space, n: int, mode: str
+) -> dict[str, Key]:
+    """Named candidate sets as sorted keys, each checked to hold ``space.k`` distinct tokens."""
+    out: dict[str, Key] = {}
+    for name, s in (given or {}).items():
+        key = tuple(int(t) for t in torch.as_tensor(s).flatten().tolist())
+        if len(set(key)) != space.k or len(key) != space.k or not all(0 <= t < n for t in key):
+            raise ValueError(
+                f"{kind} set {name!r} must hold {space.k} distinct indices in 0..{n - 1} "
+                f"(the label size in {mode} mode), got {len(key)} ({len(set(key))} distinct)"
+            )
+        out[name] = tuple(sorted(key))
+    return out
 
 
 def _jaccard(a: Key, b: Key) -> float:
@@ -143,6 +163,7 @@ def search(
     seed: int,
     heuristic_sets: dict[str, torch.Tensor] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    warm_sets: dict[str, torch.Tensor] | None = None,
 ) -> SearchResult:
     """The GA over one sample's space: the lowest-loss candidate ever scored, and its history.
 
@@ -156,6 +177,9 @@ def search(
         heuristic_sets: ``{name: (k,) indices}`` (G indices in paper mode), scored in the
             first call; they seed the population when ``params.seed_with_heuristics``.
         progress: called as ``progress(gen, best_loss)`` after every generation of every run.
+        warm_sets: ``{name: indices}`` like ``heuristic_sets`` (a trained compressor's picks,
+            ``label.warm_start``): they always seed the population, after the heuristics',
+            and are not reported as heuristic losses.
 
     The result's ``trace`` is the anytime curve of the search: after every generation, the
     candidates scored and fitness_fn calls spent so far, and the best loss seen so far: how
@@ -163,15 +187,8 @@ def search(
     random choice, so no label.
     """
     n = len(space.group_of)
-    sets: dict[str, Key] = {}
-    for name, s in (heuristic_sets or {}).items():
-        key = tuple(int(t) for t in torch.as_tensor(s).flatten().tolist())
-        if len(set(key)) != space.k or len(key) != space.k or not all(0 <= t < n for t in key):
-            raise ValueError(
-                f"heuristic set {name!r} must hold {space.k} distinct indices in 0..{n - 1} "
-                f"(the label size in {params.mode} mode), got {len(key)} ({len(set(key))} distinct)"
-            )
-        sets[name] = tuple(sorted(key))
+    sets = _keys("heuristic", heuristic_sets, space, n, params.mode)
+    warm = _keys("warm-start", warm_sets, space, n, params.mode)
 
     scorer = Scorer(fitness_fn, space.k, salt=seed)
     run_seeds = [seed] + [sample_seed(seed, f"run-{i}") for i in range(1, params.seeds)]
@@ -188,7 +205,7 @@ def search(
             progress(gen, best)
 
     runs = [
-        run_once(space, scorer, params, s, sets, functools.partial(traced, i))
+        run_once(space, scorer, params, s, sets, functools.partial(traced, i), warm)
         for i, s in enumerate(run_seeds)
     ]
     top = min(runs, key=lambda r: r.rank)

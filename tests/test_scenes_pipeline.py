@@ -12,6 +12,7 @@ import math
 import random
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -172,6 +173,23 @@ def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
     files = {f for rev in shown.values() for f in rev.get("data", {})}
     assert "metrics/scenes/eval.json" in files and "metrics/scenes/labels.json" in files
     assert not (ws / "models/mllm").exists()  # the shapes stage set did not run
+    # new data labelled warm-started from the trained compressor: a run of its own, keyed by
+    # the compressor's content; its labels are never worse than the compressor's own pick
+    sh([str(BIN / "evocomp"), "--profile", "scenes", "label", "--in-process",
+        "--data", "data/scenes/prepared", "--features", "data/scenes/features",
+        "--split", "test", "--warm-start", "models/scenes/compressor",
+        "--out", "warm.parquet", "--metrics", "warm.json"], ws, env)  # fmt: skip
+    from sqlalchemy import create_engine, text
+
+    with create_engine(f"sqlite:///{ws / 'data/evocomp.db'}").connect() as conn:
+        runs = [json.loads(r[0]) for r in conn.execute(text("SELECT params FROM label_runs"))]
+    warm = [r for r in runs if "warm_start" in r]
+    assert len(warm) == 1 and warm[0]["warm_start"].startswith("compressor-")
+    assert (
+        len(pd.read_parquet(ws / "warm.parquet"))
+        == json.loads((ws / "warm.json").read_text())["samples"]
+        > 0
+    )
 
 
 @pytest.fixture

@@ -144,10 +144,9 @@ def label(
     params = params_or_exit(params_path)
     writable_or_exit(out, metrics, fitness_plot)
     runner = task_runner or params.label.task_runner
-    warm = str(warm_start.resolve()) if warm_start else None  # the workers' cwd may differ
     given = (
         workers, generations, population, parents, seeds, mode, keep_ratio, soft_target,
-        objective, warm,
+        objective, warm_start and str(warm_start),
     )  # fmt: skip
     names = ("workers", *SEARCH_OVERRIDES)
     overrides = {k: v for k, v in zip(names, given, strict=True) if v is not None}
@@ -155,6 +154,8 @@ def label(
         lp = LabelParams(**params.label.model_dump() | overrides)
     except ValidationError as err:
         fail("; ".join(_pydantic_msg(e) for e in err.errors()))
+    if lp.warm_start is not None:  # absolute: a Dask worker's working directory may differ
+        lp = lp.model_copy(update={"warm_start": str(Path(lp.warm_start).resolve())})
     if runner not in ("thread", "dask"):
         fail(f"--task-runner {runner!r}: expected thread or dask")
     from flows.label import api_url, run_label

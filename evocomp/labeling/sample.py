@@ -21,8 +21,8 @@ import torch
 
 from evocomp.baselines import heuristic_sets
 from evocomp.compress.model import (
+    WEIGHTS_FILE,
     TokenCompressor,
-    compressor_id,
     keep_logits,
     load_compressor,
     select_topk,
@@ -93,9 +93,10 @@ def label_sample(
 
 
 @functools.lru_cache(maxsize=4)
-def _warm_compressor(directory: str, content: str, model_id: str) -> TokenCompressor:
-    """The warm-start compressor, loaded once per content in this process (a compressor
-    retrained in place has another ``content`` and is loaded again)."""
+def _load_warm(directory: str, stamp: tuple[int, int], model_id: str) -> TokenCompressor:
+    """Loaded once per file state in this process: ``stamp`` (the weights' mtime and size,
+    a stat, not a read of the weights per sample) changes when a compressor is retrained in
+    place, and it is loaded again."""
     model, extra = load_compressor(directory)
     if extra.get("model_id") not in (None, model_id):
         raise ModelError(
@@ -105,10 +106,14 @@ def _warm_compressor(directory: str, content: str, model_id: str) -> TokenCompre
     return model
 
 
-def check_warm_start(directory: str, model_id: str) -> None:
-    """Raise FileNotFoundError (no compressor there) or ModelError (one of another model)."""
-    where = str(Path(directory).resolve())
-    _warm_compressor(where, compressor_id(where), model_id)
+def check_warm_start(directory: str, model_id: str) -> TokenCompressor:
+    """The ``label.warm_start`` compressor; raises FileNotFoundError (no compressor there) or
+    ModelError (one of another model)."""
+    where = Path(directory).resolve()
+    weights = where / WEIGHTS_FILE
+    stat = weights.stat() if weights.is_file() else None
+    stamp = (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)  # load_compressor says why
+    return _load_warm(str(where), stamp, model_id)
 
 
 def warm_start_sets(mllm, feats: Features, space: SearchSpace, params: SearchParams) -> dict:
@@ -117,8 +122,7 @@ def warm_start_sets(mllm, feats: Features, space: SearchSpace, params: SearchPar
     member of each group), or ``{}`` without a warm start."""
     if params.warm_start is None:
         return {}
-    where = str(Path(params.warm_start).resolve())
-    model = _warm_compressor(where, compressor_id(where), mllm.model_id)
+    model = check_warm_start(params.warm_start, mllm.model_id)
     logits = keep_logits(model, feats.tokens, feats.cells, feats.text)
     if params.mode == "budget":
         return {"compressor": select_topk(logits, k=space.k)}

@@ -126,6 +126,7 @@ def runs(url: str) -> pd.DataFrame:
             LabelRun.id.label("run_id"),
             LabelRun.model_id,
             LabelRun.params_hash,
+            LabelRun.params,
             LabelRun.code_version,
             LabelRun.status,
             LabelRun.note,
@@ -133,6 +134,12 @@ def runs(url: str) -> pd.DataFrame:
             LabelRun.finished_at,
         ).order_by(LabelRun.id),
     )
+    # what a reader needs to tell runs apart, from the run's params (``search.ga.run_spec``:
+    # ``objective`` is absent at its default, ``warm_start`` holds the compressor's hash)
+    spec = header.pop("params").map(lambda p: p if isinstance(p, dict) else {})
+    header.insert(3, "mode", spec.map(lambda p: p.get("mode")))
+    header.insert(4, "objective", spec.map(lambda p: p.get("objective", "answer")))
+    header.insert(5, "warm_start", spec.map(lambda p: (p.get("warm_start") or "")[:12] or None))
     counts = _frame(
         url,
         select(

@@ -149,7 +149,7 @@ def real(tiny_llava, shapes_data, tmp_path_factory):
     failed = next(s for s in samples if s not in chosen)
     write_failure(engine, first, failed.id, "ValueError: a planted failure")
     finish_run(engine, first, "done")
-    deeper = SMALL.model_copy(update={"seeds": 2, "generations": 3})
+    deeper = SMALL.model_copy(update={"seeds": 2, "generations": 3, "objective": "distill"})
     second = get_or_create_run(engine, mllm.model_id, deeper.model_dump(mode="json"), "test")
     for s in chosen[:2]:
         label_and_store(mllm, s, fstore.get(s.id), deeper, engine, second)
@@ -244,6 +244,9 @@ def test_overview_shows_the_runs(at_real):
     assert runs.loc[first, "done"] == 6 and runs.loc[first, "failed"] == 1
     assert runs.loc[first, "pending"] == at_real["n_samples"] - 6
     assert runs.loc[second, "done"] == 2
+    # what tells the runs apart: the second scores the distillation objective
+    assert list(runs.loc[[first, second], "objective"]) == ["answer", "distill"]
+    assert set(runs["mode"]) == {SMALL.mode} and runs["warm_start"].isna().all()
     assert runs.loc[first, "suspects"] == len(
         {k for k in expected_suspects(engine) if k[0] == first}
     )
@@ -400,6 +403,28 @@ def test_imbalance_refuses_invalid_values(at_real, monkeypatch, tmp_path, key, v
     assert any(message in e.value and "Refused" in e.value for e in at.error)
     assert not [b for b in at.button if b.key == "w-write"]  # nothing to click
     assert path.read_text() == original
+
+
+def test_runs_name_a_warm_start_by_its_compressor_hash(tmp_path):
+    """A warm-started run's key holds its compressor's content hash (``search.ga.run_spec``);
+    the runs table shows its head, and an old run without the newer fields reads as the
+    defaults."""
+    import streamlit as st
+
+    from dashboards import data
+    from evocomp.search.ga import run_spec
+    from evocomp.store import get_or_create_run
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    engine = get_engine(url)
+    spec = run_spec(SearchParams(mode="budget"))
+    old = get_or_create_run(engine, "m", spec, "test")
+    warm = get_or_create_run(engine, "m", spec | {"warm_start": "ab" * 32}, "test")
+    st.cache_data.clear()
+    runs = data.runs(url).set_index("run_id")
+    assert pd.isna(runs.loc[old, "warm_start"]) and runs.loc[warm, "warm_start"] == "ab" * 6
+    assert list(runs["objective"]) == ["answer", "answer"] and set(runs["mode"]) == {"budget"}
 
 
 # ---- PostgreSQL ---------------------------------------------------------------------------

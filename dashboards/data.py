@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from evocomp.audit import facts
+from evocomp.config import SearchParams
 from evocomp.errors import StoreError
 from evocomp.store import (
     Dataset,
@@ -136,9 +137,10 @@ def runs(url: str) -> pd.DataFrame:
     )
     # what a reader needs to tell runs apart, from the run's params (``search.ga.run_spec``:
     # ``objective`` is absent at its default, ``warm_start`` holds the compressor's hash)
-    spec = header.pop("params").map(lambda p: p if isinstance(p, dict) else {})
+    spec = header.pop("params")
+    objective = SearchParams.model_fields["objective"].default
     header.insert(3, "mode", spec.map(lambda p: p.get("mode")))
-    header.insert(4, "objective", spec.map(lambda p: p.get("objective", "answer")))
+    header.insert(4, "objective", spec.map(lambda p: p.get("objective", objective)))
     header.insert(5, "warm_start", spec.map(lambda p: (p.get("warm_start") or "")[:12] or None))
     counts = _frame(
         url,

@@ -412,18 +412,27 @@ def test_runs_name_a_warm_start_by_its_compressor_hash(tmp_path):
     import streamlit as st
 
     from dashboards import data
+    from evocomp.compress.model import (
+        CompressorConfig,
+        TokenCompressor,
+        compressor_id,
+        save_compressor,
+    )
     from evocomp.search.ga import run_spec
     from evocomp.store import get_or_create_run
 
+    save_compressor(TokenCompressor(CompressorConfig(dim=64)), tmp_path / "c", {"model_id": "m"})
     url = f"sqlite:///{tmp_path / 'store.db'}"
     upgrade(url)
     engine = get_engine(url)
-    spec = run_spec(SearchParams(mode="budget"))
-    old = get_or_create_run(engine, "m", spec, "test")
-    warm = get_or_create_run(engine, "m", spec | {"warm_start": "ab" * 32}, "test")
+    cold = SearchParams(mode="budget")
+    warm_params = cold.model_copy(update={"warm_start": str(tmp_path / "c")})
+    old = get_or_create_run(engine, "m", run_spec(cold), "test")
+    warm = get_or_create_run(engine, "m", run_spec(warm_params), "test")
     st.cache_data.clear()
     runs = data.runs(url).set_index("run_id")
-    assert pd.isna(runs.loc[old, "warm_start"]) and runs.loc[warm, "warm_start"] == "ab" * 6
+    assert pd.isna(runs.loc[old, "warm_start"])
+    assert runs.loc[warm, "warm_start"] == compressor_id(tmp_path / "c")[:12]
     assert list(runs["objective"]) == ["answer", "answer"] and set(runs["mode"]) == {"budget"}
 
 

@@ -75,8 +75,8 @@ def _set_sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets readers run beside one writer; busy_timeout makes a second writer wait
     # instead of failing; NORMAL sync is durable enough in WAL mode and much faster.
     cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
@@ -105,7 +105,9 @@ def _build_engine(url: URL) -> Engine:
         except (ImportError, SQLAlchemyError) as e:
             raise StoreError(f"cannot use the store URL {masked}: {e}") from e
     try:
-        with engine.connect():
+        # The first connection switches a new SQLite file to WAL, which needs an exclusive
+        # lock that SQLite refuses at once (no busy wait) to a second process switching too.
+        with _sqlite_file_lock(engine), engine.connect():
             pass
     except SQLAlchemyError as e:
         engine.dispose()
@@ -181,7 +183,7 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     config = Config(str(ALEMBIC_INI))
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     try:
-        with _migration_lock(engine), engine.begin() as connection:
+        with _sqlite_file_lock(engine), engine.begin() as connection:
             if engine.dialect.name == "postgresql":  # released when this transaction ends
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
             _refuse_newer_schema(connection, config, engine)
@@ -194,14 +196,22 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
 
 
 @contextmanager
-def _migration_lock(engine: Engine) -> Iterator[None]:
-    """Workers starting together on a new store must not create its tables twice: on SQLite
-    a file lock beside the database (one machine), on PostgreSQL an advisory lock (above)."""
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """Serialise a file-backed SQLite store's setup across the processes of one machine.
+
+    Workers starting together on a new store must neither switch it to WAL at once nor create
+    its tables twice: on SQLite a file lock beside the database, on PostgreSQL an advisory
+    lock (:func:`upgrade`); other stores need none."""
     path = _sqlite_file(engine.url) if engine.dialect.name == "sqlite" else None
     if path is None:
         yield
         return
-    with (path.parent / f".{path.name}.migrate.lock").open("w") as fh:
+    try:
+        fh = (path.parent / f".{path.name}.migrate.lock").open("w")
+    except OSError:  # a read-only folder: nobody there can create or convert the store either
+        yield
+        return
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import multiprocessing as mp
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -461,6 +463,21 @@ def test_workers_starting_together_migrate_a_new_store_once(backend, tmp_path, r
     for p in procs:
         p.join(timeout=60)
     assert results == ["ok"] * 4
+
+
+def test_a_new_sqlite_file_is_first_opened_under_the_setup_lock(tmp_path: Path) -> None:
+    """The first connection switches the file to WAL, which SQLite refuses at once (no busy
+    wait) to a second process doing the same: it waits for the lock beside the file."""
+    db = tmp_path / "new.db"
+    with (tmp_path / ".new.db.migrate.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process setting the store up
+        opening = threading.Thread(target=get_engine, args=(f"sqlite:///{db}",))
+        opening.start()
+        opening.join(0.5)
+        assert opening.is_alive() and not db.exists()  # waiting, nothing created yet
+    opening.join(60)
+    assert not opening.is_alive() and db.exists()
+    dispose_engines()
 
 
 def test_export_keeps_one_budget(store_url: str, tmp_path: Path) -> None:

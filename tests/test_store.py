@@ -480,6 +480,23 @@ def test_a_new_sqlite_file_is_first_opened_under_the_setup_lock(tmp_path: Path) 
     dispose_engines()
 
 
+def test_a_store_whose_folder_refuses_the_lock_file_still_opens(tmp_path, monkeypatch) -> None:
+    # e.g. a read-only share that the dashboard reads: no lock file, no setup to guard
+    url = f"sqlite:///{tmp_path / 'evocomp.db'}"
+    upgrade(url)
+    dispose_engines()
+    real_open = Path.open
+
+    def refuse_lock(self, *args, **kwargs):
+        if self.name.endswith(".migrate.lock"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse_lock)
+    assert counts(get_engine(url)) == (0, 0, 0)
+    dispose_engines()
+
+
 def test_export_keeps_one_budget(store_url: str, tmp_path: Path) -> None:
     # A label at 48 tokens is not a deeper search of one at 16: runs of another budget never
     # supersede a label, and an export that would mix budgets is refused.

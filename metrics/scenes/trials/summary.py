@@ -1,7 +1,8 @@
-"""Mean ± standard error over training seeds 0-2 of a scenes trial's evaluations, per
-method and keep ratio (the trial scripts' last step; BENCHMARKS.md quotes these rows).
+"""Mean ± standard error over training seeds (default 0-2) of a scenes trial's evaluations,
+per method and keep ratio (the trial scripts' last step; BENCHMARKS.md quotes these rows).
 
-  python metrics/scenes/trials/summary.py DIR NAME... [--suffix _val] [--methods a,b] [--seeds 0,1,2]
+  python metrics/scenes/trials/summary.py DIR NAME... [--suffix _val] [--methods a,b]
+      [--seeds 0,1,2]
 
 reads DIR/eval_NAME_SEED<suffix>.json (and DIR/train_NAME_SEED.json for the best epochs).
 """

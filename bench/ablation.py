@@ -67,7 +67,7 @@ from _setup import Workspace, add_common_args, build_workspace, check_device, me
 
 from evocomp.baselines import HEURISTICS  # noqa: E402
 from evocomp.compress.fit import best_epoch, fit_compressor  # noqa: E402
-from evocomp.compress.training import items_from_labels  # noqa: E402
+from evocomp.compress.training import answer_loss_monitor, items_from_labels  # noqa: E402
 from evocomp.config import PROFILE_ENV, TrainParams, load_params  # noqa: E402
 from evocomp.evaluation.harness import evaluate_methods  # noqa: E402
 from evocomp.tokens import ratio_key  # noqa: E402
@@ -134,14 +134,22 @@ def run_variant(
     ratios: Sequence[float],
     seeds: Sequence[int],
     log: Callable[[str], None] = print,
+    objective: str = "answer",
 ) -> dict:
     """Train one variant's compressor once per training seed on the same labels; test each.
+
+    ``train.monitor: answer_loss`` scores the val labels' samples with ``ws.mllm`` and the
+    labels' ``objective``, as ``evocomp train`` does.
 
     Returns :func:`aggregate_seeds`'s dict plus ``train``: the variant's params (``seed``: the
     first one's), the seeds, and one row per seed (epochs, best epoch, its val BCE and
     precision, seconds), with the mean val precision.
     """
     items = items_from_labels(labels, ws.fstore)
+    answer_loss = None
+    if params.monitor == "answer_loss" and items["val"]:
+        val = labels[labels["split"] == "val"]
+        answer_loss = answer_loss_monitor(val, ws.fstore, ws.mllm, objective)
     per_seed, runs = [], []
     for seed in seeds:
         tp = params.model_copy(update={"seed": seed})
@@ -153,6 +161,7 @@ def run_variant(
             device,
             llm_heads=ws.info["heads"],
             llm_ffn=ws.info["ffn"],
+            answer_loss=answer_loss,
         )
         train_s = time.perf_counter() - t0
         raw = evaluate_methods(
@@ -263,7 +272,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start, machine = begin(args)
     if args.benchmark == "scenes":  # params.yaml's scenes profile, unless one is set already
         os.environ.setdefault(PROFILE_ENV, "scenes")
-    base = load_params(args.params).train.model_copy(update={"loss": "ghm", "use_text": True})
+    # each training seed is one run of its own (train.restarts would pick among the seeds
+    # whose spread the table reports)
+    base = load_params(args.params).train.model_copy(
+        update={"loss": "ghm", "use_text": True, "restarts": 1}
+    )
     if base.cos_alpha == 0:
         base = base.model_copy(update={"cos_alpha": TrainParams().cos_alpha})
     if args.epochs:
@@ -307,7 +320,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         grouping, overrides = VARIANTS[name]
         print(f"  {name}:", flush=True)
         tp = base.model_copy(update=overrides)
-        v = run_variant(ws, label_sets[grouping]["df"], test, tp, args.device, args.ratios, seeds)
+        v = run_variant(
+            ws,
+            label_sets[grouping]["df"],
+            test,
+            tp,
+            args.device,
+            args.ratios,
+            seeds,
+            objective=search.objective,
+        )
         variants[name] = v
         acc = ", ".join(
             f"{k} {a:.3f} ± {v['accuracy_stderr'][k]:.3f}" for k, a in v["accuracy"].items()

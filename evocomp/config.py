@@ -218,9 +218,13 @@ class TrainParams(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     patience: int = Field(10, ge=1)
-    # early stopping on val top-k precision (ties: lower BCE) or on val BCE alone
-    monitor: Literal["precision", "loss"] = "precision"
+    # early stopping on val top-k precision (ties: lower BCE), on val BCE alone, or on the
+    # MLLM's answer loss on val from the compressor's top k (k = each val label's own size)
+    monitor: Literal["precision", "loss", "answer_loss"] = "precision"
     seed: int = 0
+    # trainings from seeds seed, seed + 1, ...; the one whose kept epoch the monitor scores
+    # best is saved (a collapsed run is caught by answer_loss, not by precision or BCE)
+    restarts: int = Field(1, ge=1)
 
 
 class EvaluateParams(_Strict):

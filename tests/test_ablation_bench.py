@@ -65,8 +65,9 @@ def test_run_variant_trains_each_seed_on_the_same_labels(ablation, monkeypatch):
         assert df is labels  # every seed trains on the variant's one label set
         return items
 
-    def fake_fit(train, val, params, device, llm_heads, llm_ffn):
+    def fake_fit(train, val, params, device, llm_heads, llm_ffn, answer_loss):
         assert (train, val) == (items["train"], items["val"])
+        assert answer_loss is None  # monitor precision: the MLLM is not asked
         trained.append(params)
         history = [
             {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_precision": 0.1 * params.seed}
@@ -95,6 +96,48 @@ def test_run_variant_trains_each_seed_on_the_same_labels(ablation, monkeypatch):
     assert out["train"]["seeds"] == [4, 5, 6] and out["train"]["params"]["seed"] == 4
     assert [r["val_precision"] for r in out["train"]["runs"]] == pytest.approx([0.4, 0.5, 0.6])
     assert out["train"]["val_precision"] == pytest.approx(0.5)
+
+
+def test_run_variant_scores_the_answer_loss_monitor_on_the_val_labels(ablation, monkeypatch):
+    """train.monitor answer_loss: one monitor, built from the val rows with the labels' own
+    objective and the workspace's MLLM, is handed to every seed's training."""
+    import pandas as pd
+
+    labels = pd.DataFrame({"sample_id": ["a", "b", "c"], "split": ["train", "val", "val"]})
+    built, handed = [], []
+
+    def fake_monitor(val, fstore, mllm, objective):
+        built.append((list(val["sample_id"]), mllm, objective))
+        return "the monitor"
+
+    def fake_fit(train, val, params, device, llm_heads, llm_ffn, answer_loss):
+        handed.append(answer_loss)
+        history = [
+            {
+                "epoch": 1,
+                "train_loss": 1.0,
+                "val_loss": 0.5,
+                "val_precision": 0.2,
+                "val_answer_loss": 0.3,
+            }
+        ]
+        return SimpleNamespace(seed=params.seed), history
+
+    monkeypatch.setattr(ablation, "items_from_labels", lambda df, fs: {"train": [1], "val": [2]})
+    monkeypatch.setattr(ablation, "answer_loss_monitor", fake_monitor)
+    monkeypatch.setattr(ablation, "fit_compressor", fake_fit)
+    monkeypatch.setattr(
+        ablation,
+        "evaluate_methods",
+        lambda *a, **k: {"hits": {"evocomp@0.111": [True, False]}},
+    )
+    ws = SimpleNamespace(fstore=None, mllm="the mllm", info={"heads": 2, "ffn": 8})
+    params = TrainParams(monitor="answer_loss")
+    ablation.run_variant(
+        ws, labels, ["s"] * 2, params, "cpu", [1 / 9], [0, 1], lambda _: None, "distill"
+    )
+    assert built == [(["b", "c"], "the mllm", "distill")]
+    assert handed == ["the monitor", "the monitor"]
 
 
 def test_ratios_default_to_the_exact_paper_ratios(ablation):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 
@@ -285,6 +286,42 @@ def test_the_two_monitors_can_pick_different_epochs():
     assert best_epoch(history, "precision")["epoch"] == 3
     no_val = [r | {"val_loss": None, "val_precision": None} for r in history]
     assert best_epoch(no_val, "loss")["epoch"] == best_epoch(no_val, "precision")["epoch"] == 3
+
+
+def test_the_answer_loss_monitor_keeps_the_epoch_the_mllm_scores_best():
+    """train.monitor answer_loss: the callback (the MLLM's loss from the top k) decides the
+    kept epoch, whatever the validation BCE says; the weights restored are that epoch's."""
+    torch.set_num_threads(1)
+    train, val = make_items(48, 0), make_items(16, 1)
+    calls, scores = [], [0.9, 0.4, 0.7, 0.5, 0.8, 0.6]
+
+    def answer_loss(model):  # called once per epoch, on the model in eval mode
+        assert not model.training
+        calls.append(copy.deepcopy(model.state_dict()))
+        return scores[len(calls) - 1]
+
+    params = TrainParams(epochs=6, patience=6, batch_size=16, lr=3e-3, heads=1)
+    model, history = fit_compressor(
+        train, val, params.model_copy(update={"monitor": "answer_loss"}), answer_loss=answer_loss
+    )
+    assert [r["val_answer_loss"] for r in history] == scores
+    assert best_epoch(history, "answer_loss")["epoch"] == 2
+    assert best_epoch(history, "loss")["epoch"] != 2  # the BCE would have kept another one
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, calls[1][name])
+    # early stopping counts the callback's epochs: no better score for 2 epochs -> stop at 4
+    calls.clear()
+    _, short = fit_compressor(
+        train,
+        val,
+        params.model_copy(update={"monitor": "answer_loss", "patience": 2}),
+        answer_loss=answer_loss,
+    )
+    assert len(short) == 4
+    with pytest.raises(ValueError, match="answer-loss callback"):
+        fit_compressor(train, val, params.model_copy(update={"monitor": "answer_loss"}))
+    _, plain = fit_compressor(train, val, params)  # without the monitor: no such column
+    assert "val_answer_loss" not in plain[0]
 
 
 @pytest.mark.parametrize("loss", ["ghm", "bce", "focal"])

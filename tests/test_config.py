@@ -38,6 +38,8 @@ def test_profiles_apply(repo_root, profile):
         ({"evaluate": {"methods": ["dart", "dart"]}}, "evaluate.methods lists a method twice"),
         # SparseVLM is evaluation-only: the label stage cannot seed with it
         ({"label": {"heuristics": ["fastv", "sparsevlm"]}}, "unknown label.heuristics 'sparsevlm'"),
+        ({"train": {"restarts": 0}}, r"train\.restarts"),
+        ({"train": {"monitor": "accuracy"}}, r"train\.monitor"),
     ],
 )
 def test_bad_params_name_the_key(raw, match):

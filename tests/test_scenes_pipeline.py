@@ -142,7 +142,7 @@ def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
             "generations": 2,
             "budgets": [0.222, 0.333],
         },
-        "train": {"epochs": 3, "patience": 2},
+        "train": {"epochs": 3, "patience": 2, "monitor": "answer_loss"},
         "evaluate": {"ratios": [0.333, 0.222, 0.111]},
     }
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -163,7 +163,17 @@ def test_scenes_stage_set_end_to_end(tmp_path, repo_root):
     train = json.loads((ws / "metrics/scenes/train.json").read_text())
     assert train["label_set_hashes"] == [labels["label_set_hash"]]
     assert len({labels["label_set_hash"], *(at[r]["label_set_hash"] for r in at)}) == 3
+    # a compressor per budget, on that budget's labels, early-stopped on the val answer loss
+    for r in at:
+        tr = json.loads((ws / f"metrics/scenes/train_{r}.json").read_text())
+        assert tr["label_set_hashes"] == [at[r]["label_set_hash"]]
+        assert tr["val_answer_loss"] is not None and "val_full_loss" in tr
     ev = json.loads((ws / "metrics/scenes/eval.json").read_text())
+    assert ev["compressor_for_ratio"] == {
+        "0.111": "models/scenes/compressor",
+        "0.222": "models/scenes/compressor_0.222",
+        "0.333": "models/scenes/compressor_0.333",
+    }
     assert set(ev["ratios"]) == {"0.333", "0.222", "0.111"}
     assert {"evocomp", "divprune", "fastv"} <= set(ev["ratios"]["0.111"])
     assert all("oracle" in ev["ratios"][r] for r in ev["ratios"])  # per-ratio label: test_stages

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from evocomp.compress.fit import best_epoch
-from evocomp.compress.model import load_compressor
+from evocomp.compress.model import keep_logits, load_compressor, select_topk
 from evocomp.compress.training import items_from_labels, train_compressor
 from evocomp.config import Params, SearchParams, TrainParams
 from evocomp.data.prepared import load_prepared, write_prepared
@@ -18,7 +18,7 @@ from evocomp.data.readers import read_dataset
 from evocomp.errors import ModelError
 from evocomp.features.cache import FeatureStore
 from evocomp.features.compute import ensure_features
-from evocomp.labeling.sample import label_and_store, label_sample
+from evocomp.labeling.sample import fitness_fn, label_and_store, label_sample
 from evocomp.labeling.steps import register_samples
 from evocomp.mllm.hf_llava import HFLlava, checkpoint_info
 from evocomp.store import export_labels, get_engine, get_or_create_run, upgrade
@@ -118,6 +118,112 @@ def test_train_and_refuse_mismatch(world, tiny_llava, tmp_path, monitor):
         items_from_labels(df, world["fstore"])
 
 
+def test_answer_loss_monitor_is_the_labels_loss_from_the_compressors_top_k(
+    world, tiny_llava, tmp_path
+):
+    """train.monitor answer_loss: val_answer_loss is the mean, over the val labels' samples, of
+    the loss the search minimised (fitness_fn, on the loss grid) for the saved compressor's top
+    k at each label's own k; its yardsticks are the val labels' own and all-token losses."""
+    info = checkpoint_info(tiny_llava)
+    params = TrainParams(epochs=3, patience=3, monitor="answer_loss")
+    labels = world["root"] / "labels.parquet"
+    args = (labels, world["root"] / "features", info, params, tmp_path / "comp")
+    with pytest.raises(ValueError, match="needs the labels' MLLM"):
+        train_compressor(*args)
+    history, summary = train_compressor(*args, mllm=world["mllm"])
+    assert all(r["val_answer_loss"] is not None for r in history)
+    best = best_epoch(history, "answer_loss")
+    assert best["val_answer_loss"] == min(r["val_answer_loss"] for r in history)
+    assert (summary["best_epoch"], summary["val_answer_loss"]) == (
+        best["epoch"],
+        best["val_answer_loss"],
+    )
+    model, _ = load_compressor(tmp_path / "comp")
+    df = pd.read_parquet(labels)
+    val = df[df.split == "val"]
+    by_id = {s.id: s for s in world["samples"]}
+    losses = []
+    for row in val.itertuples():
+        f = world["fstore"].get(row.sample_id)
+        top = select_topk(keep_logits(model, f.tokens, f.cells, f.text), k=int(row.k))
+        fitness = fitness_fn(world["mllm"], by_id[row.sample_id], f)
+        losses.append(loss_on_grid(float(fitness(top[None])[0])))
+    assert summary["val_answer_loss"] == loss_on_grid(sum(losses) / len(losses))
+    assert summary["val_label_loss"] == pytest.approx(val["loss"].mean(), abs=1e-6)
+    assert summary["val_full_loss"] == pytest.approx(val["full_loss"].mean(), abs=1e-6)
+
+
+def test_restarts_keep_the_run_the_monitor_scores_best(world, tiny_llava, tmp_path):
+    """train.restarts 3 fits seeds 5, 6, 7 and saves the one whose kept epoch scores lowest:
+    byte for byte the compressor a single training from that seed saves."""
+    info = checkpoint_info(tiny_llava)
+    params = TrainParams(epochs=3, patience=3, monitor="loss", seed=5, restarts=3)
+    common = (world["root"] / "labels.parquet", world["root"] / "features", info)
+    seen = []
+    history, summary = train_compressor(
+        *common, params, tmp_path / "best", log=lambda r: seen.append(r["seed"])
+    )
+    runs = summary["restarts"]
+    assert [r["seed"] for r in runs] == [5, 6, 7] and sorted(set(seen)) == [5, 6, 7]
+    assert len({r["score"] for r in runs}) > 1  # the seeds differ, so the choice is real
+    pick = min(runs, key=lambda r: (r["score"], r["seed"]))
+    assert summary["seed"] == pick["seed"] and summary["best_epoch"] == pick["best_epoch"]
+    single, one = train_compressor(
+        *common,
+        params.model_copy(update={"seed": pick["seed"], "restarts": 1}),
+        tmp_path / "single",
+    )
+    assert single == history and "restarts" not in one
+    best, single = (load_compressor(tmp_path / d)[1] for d in ("best", "single"))
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == (
+        tmp_path / "single" / "model.safetensors"
+    ).read_bytes()
+    # the same record but for the restart fields; its params retrain this model in one run
+    assert {k: v for k, v in best.items() if k not in ("seed", "restarts")} == single
+    assert best["params"]["seed"] == pick["seed"] and "restarts" not in best["params"]
+
+
+def test_train_cli_reports_the_answer_loss_and_the_kept_restart(world, tiny_llava, tmp_path):
+    from typer.testing import CliRunner
+
+    from evocomp.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "train: {epochs: 2, patience: 2, monitor: answer_loss, restarts: 2, seed: 3}\n"
+    )
+    metrics = tmp_path / "train.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--labels",
+            str(world["root"] / "labels.parquet"),
+            "--features",
+            str(world["root"] / "features"),
+            "--model",
+            str(tiny_llava),
+            "--out",
+            str(tmp_path / "comp"),
+            "--curve",
+            str(tmp_path / "curve.csv"),
+            "--metrics",
+            str(metrics),
+            "--params",
+            str(params),
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(metrics.read_text())
+    assert [r["seed"] for r in out["restarts"]] == [3, 4] and out["seed"] in (3, 4)
+    assert {"val_answer_loss", "val_label_loss", "val_full_loss"} <= set(out)
+    assert f"seed {out['seed']} of 2" in res.output
+    assert f"val answer loss {out['val_answer_loss']}" in res.output
+    assert "seed 4 epoch 2:" in res.output  # progress names each run's seed
+    assert "val_answer_loss" in (tmp_path / "curve.csv").read_text().splitlines()[0]
+
+
 def test_evaluate_every_method(world, tiny_llava, tmp_path):
 
     from evocomp.evaluation.report import print_table
@@ -184,6 +290,47 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
         evaluate("comp")
     with pytest.raises(FileNotFoundError, match="no compressor"):
         evaluate("missing")
+
+
+def test_evaluate_ranks_each_ratio_by_the_compressor_trained_nearest_it(
+    world, tiny_llava, tmp_path
+):
+    """One compressor per label budget: every ratio's EvoComp rows are those of the one whose
+    labels' keep ratio is nearest by factor, as if it had been evaluated alone."""
+    import math
+
+    from evocomp.evaluation.run import run_evaluation
+
+    info = checkpoint_info(tiny_llava)
+    common = (world["root"] / "labels.parquet", world["root"] / "features", info)
+    for name, seed in (("a", 0), ("b", 1)):
+        train_compressor(*common, TrainParams(epochs=1, seed=seed), tmp_path / name)
+    ratio_a = load_compressor(tmp_path / "a")[1]["label_keep_ratio"]
+    ratio_b = 0.111 if ratio_a > 0.3 else 0.5  # b claims labels of another budget
+    config = tmp_path / "b" / "config.json"
+    meta = json.loads(config.read_text())
+    meta["extra"]["label_keep_ratio"] = ratio_b
+    config.write_text(json.dumps(meta))
+    params = Params.model_validate({"evaluate": {"methods": ["evocomp", "evocomp_fill"]}})
+
+    def evaluate(*names: str) -> dict:
+        root = world["root"]
+        return run_evaluation(
+            params, root / "prepared", root / "features", root / "labels.parquet",
+            [tmp_path / n for n in names], world["mllm"], tmp_path / "no-bench.json",
+        )  # fmt: skip
+
+    both, alone = evaluate("a", "b"), {n: evaluate(n) for n in ("a", "b")}
+    assert "compressor_for_ratio" not in alone["a"]
+    for r in params.evaluate.ratios:
+        near = min((ratio_a, "a"), (ratio_b, "b"), key=lambda c: (abs(math.log(r / c[0])), c[0]))
+        key = f"{r:.3f}"
+        assert both["compressor_for_ratio"][key] == str(tmp_path / near[1])
+        for rows in ("ratios", "ratios_l1"):
+            assert both[rows][key] == alone[near[1]][rows][key], (rows, key)
+    assert set(both["compressor_for_ratio"].values()) == {str(tmp_path / "a"), str(tmp_path / "b")}
+    with pytest.raises(ValueError, match="both trained on labels of keep ratio"):
+        evaluate("a", "a")
 
 
 def test_oracle_ranking_prefers_label():

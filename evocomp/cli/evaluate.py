@@ -30,7 +30,11 @@ def evaluate(
         help="label set (its test split is the GA oracle); repeat for other budgets: the "
         "oracle at a ratio uses the label searched at that ratio's k",
     ),
-    compressor: Path = typer.Option(Path("models/compressor")),
+    compressor: list[Path] = typer.Option(
+        [Path("models/compressor")],
+        help="trained compressor; repeat for one per label budget: each ratio is ranked by "
+        "the one whose labels' keep ratio is nearest",
+    ),
     model: Path = typer.Option(None, help="checkpoint (default: mllm.checkpoint)"),
     out: Path = typer.Option(Path("metrics/eval.json")),
     plots: Path = typer.Option(

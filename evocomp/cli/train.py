@@ -16,6 +16,7 @@ from evocomp.cli.common import (
     ParamsOpt,
     device_for,
     fail,
+    model_options,
     params_or_exit,
     writable_or_exit,
 )
@@ -31,6 +32,11 @@ SUMMARY_KEYS = (
     "label_set_hash",
     "label_set_hashes",
     "label_keep_ratio",
+    "val_answer_loss",  # train.monitor answer_loss: with the two yardsticks after it
+    "val_label_loss",
+    "val_full_loss",
+    "seed",  # train.restarts > 1: the kept run's seed, then every run's
+    "restarts",
 )
 
 
@@ -52,7 +58,8 @@ def train(
     device: str = DeviceOpt,
     params_path: Path = ParamsOpt,
 ) -> None:
-    """Train the compressor (GHM-C + cosine separation) on the label set, early-stopped on val."""
+    """Train the compressor (GHM-C + cosine separation) on the label set, early-stopped on val
+    (``train.monitor``; ``answer_loss`` loads the MLLM to score the validation samples)."""
     import pandas as pd
 
     from evocomp.compress.training import train_compressor
@@ -61,31 +68,54 @@ def train(
 
     params = params_or_exit(params_path)
     writable_or_exit(out, curve, metrics)
+    tp = params.train
     try:
         info = checkpoint_info(model or params.mllm.checkpoint, params.mllm.prompt_template)
+        mllm = None
+        if tp.monitor == "answer_loss":
+            from evocomp.mllm.loader import load_mllm
+
+            mllm = load_mllm(
+                *model_options(params, model, device, None),
+                prompt_template=params.mllm.prompt_template,
+            )
         history, summary = train_compressor(
             labels,
             features_dir,
             info,
-            params.train,
+            tp,
             out,
             device_for(params, device),
-            log=lambda r: typer.echo(
-                f"epoch {r['epoch']}: train {r['train_loss']:.4f} val {r['val_loss']}", err=True
-            ),
+            log=lambda r: typer.echo(epoch_line(r, tp.restarts > 1), err=True),
+            mllm=mllm,
+            objective=params.label.objective,
         )
     except USER_ERRORS as err:
         fail(str(err))
     write_text_atomic(curve, pd.DataFrame(history).to_csv(index=False))
-    write_json_atomic(metrics, {k: summary[k] for k in SUMMARY_KEYS})
+    write_json_atomic(metrics, {k: summary[k] for k in SUMMARY_KEYS if k in summary})
+    kept = f"seed {summary['seed']} of {tp.restarts}, " if "restarts" in summary else ""
+    answer = (
+        f"val answer loss {summary['val_answer_loss']} (labels {summary['val_label_loss']}, "
+        f"all tokens {summary['val_full_loss']}), "
+        if "val_answer_loss" in summary
+        else ""
+    )
     typer.echo(
-        f"compressor -> {out}: best epoch {summary['best_epoch']} "
-        f"(monitor {params.train.monitor}), val loss {summary['val_loss']}, "
+        f"compressor -> {out}: {kept}best epoch {summary['best_epoch']} "
+        f"(monitor {tp.monitor}), {answer}val loss {summary['val_loss']}, "
         f"val precision {summary['val_precision']} (chance {summary['val_precision_chance']})"
     )
     warning = near_chance(summary)
     if warning:
         typer.echo(f"warning: {warning}", err=True)
+
+
+def epoch_line(row: dict, restarts: bool) -> str:
+    """One epoch's progress line (stderr); with restarts it names the run's seed."""
+    run = f"seed {row['seed']} " if restarts else ""
+    answer = f" answer {row['val_answer_loss']}" if "val_answer_loss" in row else ""
+    return f"{run}epoch {row['epoch']}: train {row['train_loss']:.4f} val {row['val_loss']}{answer}"
 
 
 def near_chance(summary: dict) -> str | None:

@@ -2,7 +2,9 @@
 
 Loss: GHM-C (``evocomp.losses``; plain BCE or the focal loss as ablations) + alpha x cosine
 separation of the kept and dropped hidden states, on hard labels or the elite's soft labels.
-Early stopping watches ``train.monitor`` (validation top-k precision or validation BCE);
+Early stopping watches ``train.monitor`` (validation top-k precision, validation BCE, or
+the MLLM's answer loss on validation samples from the compressor's top k, scored by a
+callback the caller builds: :func:`evocomp.compress.training.answer_loss_monitor`);
 :func:`epoch_score` is the one rule for which epoch is best, used by the loop and by every
 report of it.
 """
@@ -137,13 +139,19 @@ def epoch_score(row: dict[str, Any], monitor: str) -> float:
     ``monitor="precision"`` watches what selection needs, top-k precision at the label's k
     (GHM-C re-weights easy tokens away, so a validation loss can rise while the ranking
     improves), ties to the lower validation BCE; ``monitor="loss"`` watches the validation
-    BCE alone (precision at a small k, e.g. 4 tokens, moves in coarse steps). Without
-    validation items the training loss is watched.
+    BCE alone (precision at a small k, e.g. 4 tokens, moves in coarse steps);
+    ``monitor="answer_loss"`` watches what the compressor is for, the MLLM's answer loss from
+    its top k on the validation samples (the labels' own objective, on the loss grid), ties to
+    the lower validation BCE. Without validation items the training loss is watched.
     """
     if row["val_loss"] is None:
         return row["train_loss"]
     if monitor == "loss":
         return row["val_loss"]
+    if monitor == "answer_loss":
+        if row.get("val_answer_loss") is None:
+            raise ValueError("train.monitor answer_loss: the epoch has no val_answer_loss")
+        return row["val_answer_loss"] + 1e-6 * row["val_loss"]
     if row["val_precision"] is None:
         return row["train_loss"]
     return -row["val_precision"] + 1e-6 * row["val_loss"]
@@ -172,6 +180,7 @@ def fit_compressor(
     *,
     llm_heads: int | None = None,
     llm_ffn: int | None = None,
+    answer_loss: Callable[[TokenCompressor], float] | None = None,
 ) -> tuple[TokenCompressor, list[dict[str, Any]]]:
     """Train a compressor on labelled items, early-stopped on ``params.monitor``.
 
@@ -187,15 +196,19 @@ def fit_compressor(
         log: called with each epoch's history row.
         llm_heads, llm_ffn: the LLM's head count and intermediate size, used when ``params``
             leaves heads unset (the layer is "shaped like the LLM's").
+        answer_loss: scores the model (in eval mode) on the validation samples after each
+            epoch, as ``val_answer_loss``; required by ``params.monitor="answer_loss"``.
 
     Returns:
         ``(model in eval mode, history)``, history one dict per epoch:
         ``epoch, train_loss, train_cls, train_cos, val_loss, val_precision`` (``val_*`` None
         without validation items). ``val_precision`` is top-k precision at the label's own k,
-        which at that k equals recall.
+        which at that k equals recall; with ``answer_loss``, also ``val_answer_loss``.
     """
     if not train:
         raise ValueError("fit_compressor: no training items (are the labels empty?)")
+    if params.monitor == "answer_loss" and val and answer_loss is None:
+        raise ValueError("train.monitor answer_loss needs the MLLM's answer-loss callback")
     dim = train[0].visual.shape[1]
     _check_items(train, dim, params.soft_labels, "train")
     _check_items(val, dim, params.soft_labels, "val")
@@ -249,6 +262,8 @@ def fit_compressor(
             }
             if val:
                 row["val_loss"], row["val_precision"] = _evaluate(model, val, params, device)
+                if answer_loss is not None:
+                    row["val_answer_loss"] = answer_loss(model.eval())
             history.append(row)
             if log is not None:
                 log(row)

@@ -12,11 +12,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from evocomp.compress.fit import Item, best_epoch, fit_compressor
-from evocomp.compress.model import save_compressor
+from evocomp.compress.fit import Item, best_epoch, epoch_score, fit_compressor
+from evocomp.compress.model import TokenCompressor, keep_logits, save_compressor, select_topk
 from evocomp.config import TrainParams
 from evocomp.features.cache import FeatureStore
 from evocomp.labelset import label_set_hash, load_label_set
+from evocomp.tolerance import loss_on_grid
 
 
 def items_from_labels(
@@ -75,6 +76,43 @@ def items_from_labels(
     return out
 
 
+def answer_loss_monitor(
+    val: pd.DataFrame, fstore: FeatureStore, mllm, objective: str = "answer"
+) -> Callable[[TokenCompressor], float]:
+    """``train.monitor: answer_loss``: a model's mean answer loss on the validation labels'
+    samples when the MLLM sees only the model's top k tokens, k = each label's own size.
+
+    The loss is the labels' own (``label.objective``: answer cross-entropy, or KL from the
+    all-token answer), taken as the search takes it (:func:`evocomp.labeling.fitness.fitness_fn`,
+    on the loss grid), so the number is comparable with the labels' ``loss`` and ``full_loss``
+    columns. One forward per sample: 117 scenes-vqa samples take about a second of CPU.
+    """
+    from evocomp.data.samples import Sample
+    from evocomp.labeling.fitness import fitness_fn
+
+    cases = []
+    for row in val.itertuples(index=False):
+        feats = fstore.get(row.sample_id)
+        sample = Sample(row.sample_id, Path(row.image), row.question, row.answer, row.split)
+        cases.append((feats, int(row.k), fitness_fn(mllm, sample, feats, objective)))
+    if not cases:
+        raise ValueError("train.monitor answer_loss: the label set has no val-split samples")
+
+    def score(model: TokenCompressor) -> float:
+        device = next(model.parameters()).device
+        losses = []
+        with torch.no_grad():
+            for feats, k, fitness in cases:
+                logits = keep_logits(
+                    model, feats.tokens.to(device), feats.cells.to(device), feats.text.to(device)
+                )
+                kept = select_topk(logits.cpu(), k=min(k, logits.shape[-1]))
+                losses.append(loss_on_grid(float(fitness(kept[None])[0])))
+        return loss_on_grid(sum(losses) / len(losses))
+
+    return score
+
+
 def train_compressor(
     labels: str | Path | Sequence[str | Path],
     features: str | Path,
@@ -83,27 +121,50 @@ def train_compressor(
     out: str | Path,
     device: str = "cpu",
     log: Callable[[dict], None] | None = None,
+    mllm=None,
+    objective: str = "answer",
 ) -> tuple[list[dict], dict]:
     """Fit on the train split (early stopping on val), save to ``out``; ``(history, summary)``.
 
     ``labels``: one label set, or several of the same samples at different budgets (see
     :func:`items_from_labels`); the first one names the summary's ``label_set_hash``.
+    ``mllm`` (the labels' model, loaded) scores ``train.monitor: answer_loss`` with the labels'
+    ``objective``. ``train.restarts`` > 1 fits from seeds ``seed``, ``seed + 1``, ... and keeps
+    the run whose restored epoch scores best on the monitor (the lower seed on ties); the
+    history is that run's, each run's seed, epoch and score are in ``summary["restarts"]``.
     """
     paths = [labels] if isinstance(labels, str | Path) else list(labels)
     dfs = [load_label_set(p) for p in paths]
-    items = items_from_labels(dfs, FeatureStore(features, info["model_id"]))
+    fstore = FeatureStore(features, info["model_id"])
+    items = items_from_labels(dfs, fstore)
     if not items["train"]:
         raise ValueError(f"{labels}: no train-split labels to train on")
-    model, history = fit_compressor(
-        items["train"],
-        items["val"],
-        params,
-        device,
-        log,
-        llm_heads=info.get("heads"),
-        llm_ffn=info.get("ffn"),
-    )
-    best = best_epoch(history, params.monitor)  # the epoch fit_compressor restored
+    val_rows = dfs[0][dfs[0]["split"] == "val"]
+    answer_loss = None
+    if params.monitor == "answer_loss" and items["val"]:
+        if mllm is None:
+            raise ValueError("train.monitor answer_loss needs the labels' MLLM (--model)")
+        answer_loss = answer_loss_monitor(val_rows, fstore, mllm, objective)
+    runs, chosen = [], None
+    for seed in range(params.seed, params.seed + params.restarts):
+        run_params = params.model_copy(update={"seed": seed})
+        model, history = fit_compressor(
+            items["train"],
+            items["val"],
+            run_params,
+            device,
+            None if log is None else lambda row, seed=seed: log({**row, "seed": seed}),
+            llm_heads=info.get("heads"),
+            llm_ffn=info.get("ffn"),
+            answer_loss=answer_loss,
+        )
+        kept = best_epoch(history, params.monitor)  # the epoch fit_compressor restored
+        score = epoch_score(kept, params.monitor)
+        runs.append({"seed": seed, "best_epoch": kept["epoch"], "score": score})
+        if chosen is None or score < chosen[0]:
+            chosen = (score, seed, model, history)
+    _, seed, model, history = chosen
+    best = best_epoch(history, params.monitor)
     summary = {
         "label_set": str(paths[0]),
         "label_set_hash": label_set_hash(dfs[0]),
@@ -119,8 +180,21 @@ def train_compressor(
         "best_epoch": best["epoch"],
         "val_loss": best["val_loss"],
         "val_precision": best["val_precision"],
-        "params": json.loads(params.model_dump_json()),
+        # the settings that retrain this very model (the kept run's seed, no restarts; also
+        # what a single training saved before restarts existed, so its bytes are unchanged)
+        "params": json.loads(
+            params.model_copy(update={"seed": seed}).model_dump_json(exclude={"restarts"})
+        ),
     }
+    if answer_loss is not None:
+        # the yardsticks of val_answer_loss, in its units: the val labels' own mean loss (the
+        # searched subsets) and the MLLM's with every token
+        summary["val_answer_loss"] = best["val_answer_loss"]
+        summary["val_label_loss"] = round(float(val_rows["loss"].mean()), 6)
+        summary["val_full_loss"] = round(float(val_rows["full_loss"].mean()), 6)
+    if params.restarts > 1:
+        summary["seed"] = seed
+        summary["restarts"] = runs
     save_compressor(model.cpu(), out, summary)
     # what a scorer that ranks at random reaches: the val labels' mean k / N (the yardstick for
     # val_precision, reported beside it; not in the compressor's config, which it does not shape)

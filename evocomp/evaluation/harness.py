@@ -71,21 +71,45 @@ class Selector:
 
         ``label_ratio``: the keep ratio of the compressor's training labels (its
         ``label_keep_ratio``); ``evocomp_fill`` keeps the compressor's top tokens up to it and
-        fills the rest by DivPrune's max-min diversity from them."""
-        self.mllm, self.info, self.compressor, self.seed = mllm, info, compressor, seed
-        self.label_ratio = label_ratio
+        fills the rest by DivPrune's max-min diversity from them.
+
+        ``compressor``: one compressor, or ``{label_keep_ratio: compressor}``, one per label
+        budget: each ratio is then served by the one trained nearest it (:meth:`compressor_for`)."""
+        self.mllm, self.info, self.seed = mllm, info, seed
+        if isinstance(compressor, dict):
+            self.compressors = dict(sorted(compressor.items()))
+        else:
+            self.compressors = {} if compressor is None else {label_ratio: compressor}
         sets = [] if labels is None else [labels] if hasattr(labels, "itertuples") else labels
         self.labels = {r.sample_id: r for r in sets[0].itertuples(index=False)} if sets else {}
         self.labels_at_k = {
             (r.sample_id, int(r.k)): r for df in sets for r in df.itertuples(index=False)
         }
 
-    def scores(self, method: str, samples: list[Sample], feats: list) -> list[torch.Tensor] | None:
+    def compressor_for(self, ratio: float | None):
+        """``(compressor, its label_keep_ratio)`` serving keep ratio ``ratio``: the one whose
+        labels' ratio is nearest by factor (2/9 is 1.5x from 1/3 and 2x from 1/9; ties go to
+        the smaller), or the only one."""
+        if not self.compressors:
+            raise ValueError("evocomp needs a trained compressor")
+        if len(self.compressors) == 1:
+            return next(iter(self.compressors.items()))[::-1]
+        if ratio is None:
+            raise ValueError("several compressors: name the keep ratio to pick one")
+        label_ratio = min(self.compressors, key=lambda lr: (abs(math.log(ratio / lr)), lr))
+        return self.compressors[label_ratio], label_ratio
+
+    def scores(
+        self, method: str, samples: list[Sample], feats: list, ratio: float | None = None
+    ) -> list[torch.Tensor] | None:
+        """Per-sample scores of ``method`` (None for methods that select without them);
+        EvoComp's come from the compressor serving ``ratio``."""
         if method in ("evocomp", "evocomp_fill"):
+            compressor, _ = self.compressor_for(ratio)
             items = [Item(f.tokens, f.cells, f.text, torch.zeros(f.tokens.shape[0])) for f in feats]
             b = collate(items)
             with torch.no_grad():
-                out = self.compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask)
+                out = compressor(b.visual, b.grid_pos, b.visual_mask, b.text, b.text_mask)
             return [row[: f.tokens.shape[0]] for row, f in zip(out.logits, feats, strict=True)]
         if method == "oracle":
             missing = [s.id for s in samples if s.id not in self.labels]
@@ -117,10 +141,11 @@ class Selector:
                 for s, k, sc in zip(samples, ks, scores, strict=True)
             ]
         if method == "evocomp_fill":  # ranked up to the label's size, then diversity
-            if self.label_ratio is None:
+            _, label_ratio = self.compressor_for(ratio)
+            if label_ratio is None:
                 raise ValueError("evocomp_fill needs the compressor's label_keep_ratio")
             return [
-                select_topk_filled(sc, f.tokens, k, self.label_ratio)
+                select_topk_filled(sc, f.tokens, k, label_ratio)
                 for f, sc, k in zip(feats, scores, ks, strict=True)
             ]
         if method == "sparsevlm":  # attention scores: FastV's top-k on the 1e-6 grid
@@ -185,9 +210,12 @@ def evaluate_methods(
             ),
         )
         for method in methods:
-            scores = sel.scores(method, chunk, feats)
+            per_ratio = len(sel.compressors) > 1 and method in ("evocomp", "evocomp_fill")
+            scores = None if per_ratio else sel.scores(method, chunk, feats)
             for r in ratios:
                 name = f"{method}@{ratio_key(r)}"
+                if per_ratio:  # each ratio ranked by its own compressor
+                    scores = sel.scores(method, chunk, feats, r)
                 if method in MERGERS:
                     merge = visionzip_merge if method == "visionzip" else prumerge
                     merged = [

@@ -47,7 +47,7 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
                 ts = []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    scores = selector.scores(method, [s], [f])
+                    scores = selector.scores(method, [s], [f], r)
                     kept = selector.kept(method, r, [s], [f], scores)
                     mllm.generate(
                         [s.question], [f.tokens], kept, 1, layouts=[f.layout], extras=[f.extra]
@@ -57,12 +57,48 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
     return {k: round(statistics.median(v), 5) for k, v in out.items()}
 
 
+def _load_compressors(dirs: Path | list[Path], model_id: str, fill: bool, ratios) -> tuple:
+    """``(compressor, label_ratio, served)``: one compressor and its labels' keep ratio
+    (``served`` None), or, for several, ``{label_keep_ratio: compressor}`` and which folder
+    serves each evaluated ratio. Refuses another model's compressor, a fill without the
+    labels' ratio, and two compressors of one label ratio."""
+    dirs = [dirs] if isinstance(dirs, str | Path) else list(dirs)
+    loaded = {}
+    for d in dirs:
+        model, extra = load_compressor(d)
+        label_ratio = extra.get("label_keep_ratio")
+        if (fill or len(dirs) > 1) and label_ratio is None:
+            raise ValueError(
+                f"{d} does not record its labels' keep ratio (trained before evocomp_fill "
+                "existed): retrain it (`evocomp train`), or drop evocomp_fill from "
+                "evaluate.methods and pass one --compressor"
+            )
+        if extra.get("model_id") not in (None, model_id):
+            raise ValueError(
+                f"{d} was trained on labels of model {extra['model_id']!r}, "
+                f"not {model_id!r}: retrain it (`evocomp train`)"
+            )
+        if label_ratio in loaded:
+            raise ValueError(
+                f"{d} and {loaded[label_ratio][0]} were both trained on labels of keep ratio "
+                f"{label_ratio}: pass one compressor per label budget"
+            )
+        loaded[label_ratio] = (d, model)
+    if len(loaded) == 1:
+        ((label_ratio, (_, model)),) = loaded.items()
+        return model, label_ratio, None
+    models = {lr: m for lr, (_, m) in loaded.items()}
+    pick = Selector(None, {}, models).compressor_for
+    by_id = {id(m): str(d) for d, m in loaded.values()}
+    return models, None, {ratio_key(r): by_id[id(pick(r)[0])] for r in ratios}
+
+
 def run_evaluation(
     params: Params,
     data: Path,
     features_dir: Path,
     labels: str | Path | list[Path],
-    compressor_dir: Path,
+    compressor_dir: Path | list[Path],
     mllm,
     speed: Path,
     progress: Progress | None = None,
@@ -73,7 +109,8 @@ def run_evaluation(
     layer, every token-selecting method at the paper's other pruning position too (``ratios_l<l>``,
     ``retention_l<l>``, ``stderr_l<l>``), latencies, and the
     real-shape speedups of ``speed`` (``bench/speedup.py``). ``progress(phase, done, total)``
-    is called as test samples finish.
+    is called as test samples finish. Several ``compressor_dir``s (one per label budget)
+    serve each ratio by the one trained nearest it (``compressor_for_ratio`` in the result).
     """
     p = params.evaluate
     info = checkpoint_info(mllm.path, mllm.prompt_override)
@@ -82,21 +119,11 @@ def run_evaluation(
         raise ValueError(f"{data}: the test split is empty")
     fstore = ensure_features(mllm, samples, features_dir, params.runtime.batch_size)
     methods = list(p.methods)
-    compressor, label_df, label_ratio = None, None, None
+    compressor, label_df, label_ratio, served = None, None, None, None
     if {"evocomp", "evocomp_fill"} & set(methods):
-        compressor, extra = load_compressor(compressor_dir)
-        label_ratio = extra.get("label_keep_ratio")
-        if "evocomp_fill" in methods and label_ratio is None:
-            raise ValueError(
-                f"{compressor_dir} does not record its labels' keep ratio (trained before "
-                "evocomp_fill existed): retrain it (`evocomp train`) or drop evocomp_fill "
-                "from evaluate.methods"
-            )
-        if extra.get("model_id") not in (None, info["model_id"]):
-            raise ValueError(
-                f"{compressor_dir} was trained on labels of model {extra['model_id']!r}, "
-                f"not {info['model_id']!r}: retrain it (`evocomp train`)"
-            )
+        compressor, label_ratio, served = _load_compressors(
+            compressor_dir, info["model_id"], "evocomp_fill" in methods, p.ratios
+        )
     if "oracle" in methods:  # one label set per budget; the first ranks at other ratios
         label_df = [
             df[df["split"] == "test"]
@@ -130,6 +157,8 @@ def run_evaluation(
     selector = Selector(mllm, info, compressor, label_df, p.seed, label_ratio)
     result["latency_seconds"] = _latency(mllm, info, samples, fstore, selector, p.ratios, methods)
     result["model_id"] = info["model_id"]
+    if served:
+        result["compressor_for_ratio"] = served
     if speed.is_file():
         bench = json.loads(speed.read_text())
         result["prefill_speedup"] = bench.get("prefill_speedup", {})

@@ -31,6 +31,7 @@ from evocomp.config import SearchParams
 from evocomp.data.samples import Sample, sample_seed
 from evocomp.errors import ModelError
 from evocomp.features.cache import Features
+from evocomp.labeling.fitness import fitness_fn
 from evocomp.search import SearchResult, SearchSpace, search
 from evocomp.search.worth import elimination_order, rank_target
 from evocomp.store.records import LabelRecord
@@ -129,24 +130,6 @@ def warm_start_sets(mllm, feats: Features, space: SearchSpace, params: SearchPar
     score = scores_on_grid(logits).tolist()  # ties to the lower index, on every machine
     best = [max(m, key=lambda t: (score[t], -t)) for m in space.members]
     return {"compressor": torch.tensor(best)}
-
-
-def fitness_fn(
-    mllm, sample: Sample, feats: Features, objective: str = "answer"
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loss ``(P,)`` of P kept-index rows ``(P, k)`` that the search minimises
-    (``label.objective``): the answer's mean cross-entropy, or (``distill``) the mean KL
-    divergence from the all-token distribution at the answer's positions."""
-    prompt = mllm.encode(sample.question, sample.answer)
-    if not prompt.answer:
-        raise ValueError(f"sample {sample.id}: the answer {sample.answer!r} encodes to no tokens")
-    args = (feats.tokens, feats.layout, feats.extra)
-    reference = mllm.answer_logprobs(prompt, *args) if objective == "distill" else None
-
-    def fitness(idx: torch.Tensor) -> torch.Tensor:
-        return mllm.subset_loss(prompt, feats.tokens, idx, *args[1:], reference=reference)
-
-    return fitness
 
 
 def to_record(lab: Labelled) -> LabelRecord:

@@ -148,8 +148,13 @@ def run_variant(
     items = items_from_labels(labels, ws.fstore)
     answer_loss = None
     if params.monitor == "answer_loss" and items["val"]:
+        by_id = {s.id: s for s in ws.split("val")}
         val = labels[labels["split"] == "val"]
-        answer_loss = answer_loss_monitor(val, ws.fstore, ws.mllm, objective)
+        cases = [
+            (by_id[i], ws.fstore.get(i), int(k))
+            for i, k in zip(val["sample_id"], val["k"], strict=True)
+        ]
+        answer_loss = answer_loss_monitor(cases, ws.mllm, objective)
     per_seed, runs = [], []
     for seed in seeds:
         tp = params.model_copy(update={"seed": seed})

@@ -103,11 +103,13 @@ def test_run_variant_scores_the_answer_loss_monitor_on_the_val_labels(ablation, 
     objective and the workspace's MLLM, is handed to every seed's training."""
     import pandas as pd
 
-    labels = pd.DataFrame({"sample_id": ["a", "b", "c"], "split": ["train", "val", "val"]})
+    labels = pd.DataFrame(
+        {"sample_id": ["a", "b", "c"], "split": ["train", "val", "val"], "k": [4, 5, 6]}
+    )
     built, handed = [], []
 
-    def fake_monitor(val, fstore, mllm, objective):
-        built.append((list(val["sample_id"]), mllm, objective))
+    def fake_monitor(cases, mllm, objective):
+        built.append(([(s.id, f, k) for s, f, k in cases], mllm, objective))
         return "the monitor"
 
     def fake_fit(train, val, params, device, llm_heads, llm_ffn, answer_loss):
@@ -131,12 +133,20 @@ def test_run_variant_scores_the_answer_loss_monitor_on_the_val_labels(ablation, 
         "evaluate_methods",
         lambda *a, **k: {"hits": {"evocomp@0.111": [True, False]}},
     )
-    ws = SimpleNamespace(fstore=None, mllm="the mllm", info={"heads": 2, "ffn": 8})
+    samples = {i: SimpleNamespace(id=i) for i in "abc"}
+    ws = SimpleNamespace(
+        fstore=SimpleNamespace(get=lambda i: f"features of {i}"),
+        mllm="the mllm",
+        info={"heads": 2, "ffn": 8},
+        split=lambda name: [samples["c"], samples["b"]] if name == "val" else [samples["a"]],
+    )
     params = TrainParams(monitor="answer_loss")
     ablation.run_variant(
         ws, labels, ["s"] * 2, params, "cpu", [1 / 9], [0, 1], lambda _: None, "distill"
     )
-    assert built == [(["b", "c"], "the mllm", "distill")]
+    assert built == [
+        ([("b", "features of b", 5), ("c", "features of c", 6)], "the mllm", "distill")
+    ]
     assert handed == ["the monitor", "the monitor"]
 
 

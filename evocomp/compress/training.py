@@ -76,11 +76,27 @@ def items_from_labels(
     return out
 
 
+def val_cases(val: pd.DataFrame, fstore: FeatureStore) -> list[tuple]:
+    """``(sample, features, k)`` of each row of a label set's validation split (the rows carry
+    the question, answer and image of :func:`evocomp.labelset.load_label_set`)."""
+    from evocomp.data.samples import Sample
+
+    return [
+        (
+            Sample(row.sample_id, Path(row.image), row.question, row.answer, row.split),
+            fstore.get(row.sample_id),
+            int(row.k),
+        )
+        for row in val.itertuples(index=False)
+    ]
+
+
 def answer_loss_monitor(
-    val: pd.DataFrame, fstore: FeatureStore, mllm, objective: str = "answer"
+    cases: Sequence[tuple], mllm, objective: str = "answer"
 ) -> Callable[[TokenCompressor], float]:
-    """``train.monitor: answer_loss``: a model's mean answer loss on the validation labels'
-    samples when the MLLM sees only the model's top k tokens, k = each label's own size.
+    """``train.monitor: answer_loss``: a model's mean answer loss over ``cases`` (``(sample,
+    features, k)``, :func:`val_cases`) when the MLLM sees only the model's top k tokens, k =
+    each label's own size.
 
     The loss is the labels' own (``label.objective``: answer cross-entropy, or KL from the
     all-token answer), taken as the search takes it (:func:`evocomp.labeling.fitness.fitness_fn`,
@@ -88,22 +104,17 @@ def answer_loss_monitor(
     columns. One forward per sample (scenes-vqa's 117: a scenes epoch, training included, took
     3.7 s alone on 2 cores).
     """
-    from evocomp.data.samples import Sample
     from evocomp.labeling.fitness import fitness_fn
 
-    cases = []
-    for row in val.itertuples(index=False):
-        feats = fstore.get(row.sample_id)
-        sample = Sample(row.sample_id, Path(row.image), row.question, row.answer, row.split)
-        cases.append((feats, int(row.k), fitness_fn(mllm, sample, feats, objective)))
-    if not cases:
-        raise ValueError("train.monitor answer_loss: the label set has no val-split samples")
+    scored = [(feats, k, fitness_fn(mllm, sample, feats, objective)) for sample, feats, k in cases]
+    if not scored:
+        raise ValueError("train.monitor answer_loss: no validation samples to score")
 
     def score(model: TokenCompressor) -> float:
         device = next(model.parameters()).device
         losses = []
         with torch.no_grad():
-            for feats, k, fitness in cases:
+            for feats, k, fitness in scored:
                 logits = keep_logits(
                     model, feats.tokens.to(device), feats.cells.to(device), feats.text.to(device)
                 )
@@ -145,7 +156,7 @@ def train_compressor(
     if params.monitor == "answer_loss" and items["val"]:
         if mllm is None:
             raise ValueError("train.monitor answer_loss needs the labels' MLLM (--model)")
-        answer_loss = answer_loss_monitor(val_rows, fstore, mllm, objective)
+        answer_loss = answer_loss_monitor(val_cases(val_rows, fstore), mllm, objective)
     runs, chosen = [], None
     for seed in range(params.seed, params.seed + params.restarts):
         run_params = params.model_copy(update={"seed": seed})

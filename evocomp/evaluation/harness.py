@@ -53,6 +53,12 @@ def oracle_ranking(label_row) -> torch.Tensor:
     return score - torch.arange(n) * 1e-6  # deterministic ties: earlier token first
 
 
+def nearest_budget(label_ratios, ratio: float) -> float:
+    """The label keep ratio nearest ``ratio`` by factor (2/9 is 1.5x from 1/3 and 2x from
+    1/9), the smaller on ties: which compressor serves ``ratio``."""
+    return min(label_ratios, key=lambda lr: (abs(math.log(ratio / lr)), lr))
+
+
 class Selector:
     """Kept sets (or merged embeddings) for one method on one batch of samples."""
 
@@ -88,15 +94,14 @@ class Selector:
 
     def compressor_for(self, ratio: float | None):
         """``(compressor, its label_keep_ratio)`` serving keep ratio ``ratio``: the one whose
-        labels' ratio is nearest by factor (2/9 is 1.5x from 1/3 and 2x from 1/9; ties go to
-        the smaller), or the only one."""
+        labels' ratio is :func:`nearest_budget`, or the only one."""
         if not self.compressors:
             raise ValueError("evocomp needs a trained compressor")
         if len(self.compressors) == 1:
             return next(iter(self.compressors.items()))[::-1]
         if ratio is None:
             raise ValueError("several compressors: name the keep ratio to pick one")
-        label_ratio = min(self.compressors, key=lambda lr: (abs(math.log(ratio / lr)), lr))
+        label_ratio = nearest_budget(self.compressors, ratio)
         return self.compressors[label_ratio], label_ratio
 
     def scores(

@@ -18,7 +18,7 @@ from evocomp.compress.model import load_compressor
 from evocomp.config import Params
 from evocomp.data.prepared import load_prepared
 from evocomp.evaluation.guided import MERGERS
-from evocomp.evaluation.harness import Selector, evaluate_methods, summarise
+from evocomp.evaluation.harness import Selector, evaluate_methods, nearest_budget, summarise
 from evocomp.features.compute import ensure_features
 from evocomp.labelset import load_label_set
 from evocomp.mllm.checkpoint import checkpoint_info
@@ -88,9 +88,8 @@ def _load_compressors(dirs: Path | list[Path], model_id: str, fill: bool, ratios
         ((label_ratio, (_, model)),) = loaded.items()
         return model, label_ratio, None
     models = {lr: m for lr, (_, m) in loaded.items()}
-    pick = Selector(None, {}, models).compressor_for
-    by_id = {id(m): str(d) for d, m in loaded.values()}
-    return models, None, {ratio_key(r): by_id[id(pick(r)[0])] for r in ratios}
+    served = {ratio_key(r): str(loaded[nearest_budget(loaded, r)][0]) for r in ratios}
+    return models, None, served
 
 
 def run_evaluation(

@@ -16,6 +16,13 @@ d['evaluate']['methods'] = '$4'.split(',')
 yaml.safe_dump(d, open('$1', 'w'), sort_keys=False)"
 }
 
+# labels_at R: the pipeline's label set searched at keep ratio R (scenes_label's at 1/9,
+# scenes_label_budget@R's otherwise)
+labels_at() {
+  if [ "$1" = 0.111 ]; then echo data/scenes/labels/labels.parquet
+  else echo "data/scenes/labels/labels_$1.parquet"; fi
+}
+
 # val_as_test DIR: the prepared validation split as a prepared set whose test split it is
 val_as_test() {
   mkdir -p "$1"

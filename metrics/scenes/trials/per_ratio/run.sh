@@ -20,8 +20,7 @@ for s in $SEEDS; do
   trial_params "$WORK/params_$s.yaml" $s "" divprune,evocomp,evocomp_fill
 done
 for r in $RATIOS; do for s in $SEEDS; do
-  labels=data/scenes/labels/labels_$r.parquet  # scenes_label_budget@R's output ...
-  if [ "$r" = 0.111 ]; then labels=data/scenes/labels/labels.parquet; fi  # ... or scenes_label's
+  labels=$(labels_at $r)
   train_eval "${r}_$s" "$labels" "$WORK/params_$s.yaml" $HERE \
     "$WORK" "$WORK/val_as_test:_val" data/scenes/prepared:_test
 done; done

@@ -174,9 +174,8 @@ def train_compressor(
         score = epoch_score(kept, params.monitor)
         runs.append({"seed": seed, "best_epoch": kept["epoch"], "score": score})
         if chosen is None or score < chosen[0]:
-            chosen = (score, seed, model, history)
-    _, seed, model, history = chosen
-    best = best_epoch(history, params.monitor)
+            chosen = (score, seed, model, history, kept)
+    _, seed, model, history, best = chosen
     summary = {
         "label_set": str(paths[0]),
         "label_set_hash": label_set_hash(dfs[0]),

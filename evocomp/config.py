@@ -233,6 +233,10 @@ class EvaluateParams(_Strict):
     prune_layer: Literal[0, 2] = 0
     max_samples: int | None = Field(None, ge=1)
     seed: int = 0
+    # several compressors (one per label budget): which serves a ratio. nearest: the one whose
+    # labels' keep ratio is nearest by factor; val_answer_loss: the one whose top k gives the
+    # lowest mean answer loss on the val split (harness.route_by_val_loss)
+    choose: Literal["nearest", "val_answer_loss"] = "nearest"
 
     @field_validator("methods")
     @classmethod

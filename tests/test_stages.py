@@ -268,6 +268,13 @@ def test_evaluate_every_method(world, tiny_llava, tmp_path):
             for m, se in row.items():
                 want = (acc[m] * (1 - acc[m]) / result["samples"]) ** 0.5
                 assert se == pytest.approx(want, abs=1e-4)
+    for key in ("paired", "paired_l1"):  # evocomp minus each other method, sample by sample
+        accs = result["ratios" + key.removeprefix("paired")]
+        for r, row in result[key].items():
+            assert set(row) == set(accs[r]) - {"evocomp", "oracle"}
+            for m, d in row.items():
+                assert d["diff"] == pytest.approx(accs[r]["evocomp"] - accs[r][m], abs=2e-4)
+                assert d["evocomp_only"] - d["other_only"] == round(d["diff"] * n_test)
     assert (
         result["prefill_flops"]["0.111"]["ratio_to_full"]
         < result["prefill_flops"]["0.500"]["ratio_to_full"]
@@ -321,7 +328,8 @@ def test_evaluate_ranks_each_ratio_by_the_compressor_trained_nearest_it(
         )  # fmt: skip
 
     both, alone = evaluate("a", "b"), {n: evaluate(n) for n in ("a", "b")}
-    assert "compressor_for_ratio" not in alone["a"]
+    assert "compressor_for_ratio" not in alone["a"] and "compressor_choice" not in alone["a"]
+    assert both["compressor_choice"] == {"rule": "nearest"}
     for r in params.evaluate.ratios:
         near = min((ratio_a, "a"), (ratio_b, "b"), key=lambda c: (abs(math.log(r / c[0])), c[0]))
         key = f"{r:.3f}"
@@ -331,6 +339,100 @@ def test_evaluate_ranks_each_ratio_by_the_compressor_trained_nearest_it(
     assert set(both["compressor_for_ratio"].values()) == {str(tmp_path / "a"), str(tmp_path / "b")}
     with pytest.raises(ValueError, match="both trained on labels of keep ratio"):
         evaluate("a", "a")
+
+
+def test_evaluate_can_choose_each_ratios_compressor_by_its_val_answer_loss(
+    world, tiny_llava, tmp_path
+):
+    """``evaluate.choose: val_answer_loss``: each ratio goes to the compressor whose top k
+    answers the val split best (recomputed here through the training code's ranking and the
+    search's fitness); the test rows are that compressor's, as if it were evaluated alone."""
+    import math
+
+    from evocomp.evaluation.run import run_evaluation
+    from evocomp.tokens import keep_count
+
+    info = checkpoint_info(tiny_llava)
+    common = (world["root"] / "labels.parquet", world["root"] / "features", info)
+    for name, seed in (("a", 0), ("b", 3)):
+        train_compressor(*common, TrainParams(epochs=1, seed=seed), tmp_path / name)
+    ratio_a = load_compressor(tmp_path / "a")[1]["label_keep_ratio"]
+    ratio_b = 0.111 if ratio_a > 0.3 else 0.5
+    config = tmp_path / "b" / "config.json"
+    meta = json.loads(config.read_text())
+    meta["extra"]["label_keep_ratio"] = ratio_b
+    config.write_text(json.dumps(meta))
+    params = Params.model_validate(
+        {"evaluate": {"methods": ["evocomp"], "choose": "val_answer_loss"}}
+    )
+    root, mllm = world["root"], world["mllm"]
+
+    def evaluate(*names: str, prepared=root / "prepared") -> dict:
+        return run_evaluation(
+            params, prepared, root / "features", root / "labels.parquet",
+            [tmp_path / n for n in names], mllm, tmp_path / "no-bench.json",
+        )  # fmt: skip
+
+    val = load_prepared(root / "prepared", "val")
+    assert val
+    want: dict = {}
+    for name, label_ratio in (("a", ratio_a), ("b", ratio_b)):
+        model = load_compressor(tmp_path / name)[0]
+        for r in params.evaluate.ratios:
+            losses = []
+            for s in val:
+                f = world["fstore"].get(s.id)
+                kept = select_topk(
+                    keep_logits(model, f.tokens, f.cells, f.text), keep_count(r, len(f.tokens))
+                )
+                losses.append(loss_on_grid(float(fitness_fn(mllm, s, f)(kept[None])[0])))
+            want.setdefault(f"{r:.3f}", {})[f"{label_ratio:.3f}"] = loss_on_grid(
+                sum(losses) / len(losses)
+            )
+    both, alone = evaluate("a", "b"), {n: evaluate(n) for n in ("a", "b")}
+    choice = both["compressor_choice"]
+    assert choice["rule"] == "val_answer_loss" and choice["val_samples"] == len(val)
+    assert choice["val_answer_loss"] == want
+    folder = {f"{ratio_a:.3f}": "a", f"{ratio_b:.3f}": "b"}
+    for r in params.evaluate.ratios:
+        key = f"{r:.3f}"
+        best = min(
+            (ratio_a, ratio_b),
+            key=lambda lr, r=r: (want[key][f"{lr:.3f}"], abs(math.log(r / lr)), lr),
+        )
+        name = folder[f"{best:.3f}"]
+        assert both["compressor_for_ratio"][key] == str(tmp_path / name)
+        for rows in ("ratios", "ratios_l1"):
+            assert both[rows][key] == alone[name][rows][key], (rows, key)
+    # no val split to choose on: one line naming the fix, before any test sample is scored
+    df = pd.read_parquet(root / "prepared" / "samples.parquet")
+    no_val = tmp_path / "no-val"
+    no_val.mkdir()
+    df[df["split"] != "val"].to_parquet(no_val / "samples.parquet", index=False)
+    with pytest.raises(ValueError, match="val split is empty.*evaluate.choose: nearest"):
+        evaluate("a", "b", prepared=no_val)
+    nearest = Params.model_validate({"evaluate": {"methods": ["evocomp"]}})
+    assert nearest.evaluate.choose == "nearest"
+    with pytest.raises(ValueError, match="choose"):
+        Params.model_validate({"evaluate": {"choose": "test_accuracy"}})
+
+
+def test_paired_difference_counts_only_the_samples_one_method_answers():
+    from evocomp.evaluation.harness import paired_difference
+
+    ours = [True] * 6 + [False] * 4  # 0.6
+    theirs = [True] * 5 + [False, True, False, False, False]  # 0.6 too, other samples
+    same = paired_difference(ours, theirs)
+    assert same == {"diff": 0.0, "stderr": 0.1414, "evocomp_only": 1,
+                    "other_only": 1}  # fmt: skip
+    # 8 of 10 both right, ours one more: d = (1, 0 x 9); var = 0.1 - 0.01 = 0.09
+    d = paired_difference([True] * 9 + [False], [True] * 8 + [False, False])
+    assert d == {"diff": 0.1, "stderr": 0.0949, "evocomp_only": 1, "other_only": 0}
+    # unpaired, the difference of 0.9 and 0.8 on 10 samples each has error sqrt(0.095^2 +
+    # 0.126^2) = 0.158: pairing drops the 8 samples both answer
+    assert paired_difference([True] * 4, [True] * 4)["stderr"] == 0.0
+    with pytest.raises(ValueError, match="paired difference of 2 and 3"):
+        paired_difference([True, False], [True, True, False])
 
 
 def test_oracle_ranking_prefers_label():

@@ -33,7 +33,8 @@ def evaluate(
     compressor: list[Path] = typer.Option(
         [Path("models/compressor")],
         help="trained compressor; repeat for one per label budget: each ratio is ranked by "
-        "the one whose labels' keep ratio is nearest",
+        "the one whose labels' keep ratio is nearest, or (evaluate.choose: val_answer_loss) "
+        "by the one whose top k answers the val split with the lowest loss",
     ),
     model: Path = typer.Option(None, help="checkpoint (default: mllm.checkpoint)"),
     out: Path = typer.Option(Path("metrics/eval.json")),

@@ -23,6 +23,7 @@ from evocomp.evaluation.answers import is_correct
 from evocomp.evaluation.guided import MERGERS, prumerge, rater_scores
 from evocomp.features.cache import FeatureStore
 from evocomp.tokens import keep_count, ratio_key
+from evocomp.tolerance import loss_on_grid
 
 
 def prefill_flops(
@@ -59,6 +60,62 @@ def nearest_budget(label_ratios, ratio: float) -> float:
     return min(label_ratios, key=lambda lr: (abs(math.log(ratio / lr)), lr))
 
 
+def route_by_val_loss(
+    mllm,
+    info: dict,
+    compressors: dict,
+    samples: list[Sample],
+    fstore: FeatureStore,
+    ratios,
+    objective: str = "answer",
+    batch: int = 64,
+    progress=None,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``evaluate.choose: val_answer_loss``: which of several compressors (``{label keep
+    ratio: compressor}``) serves each keep ratio, chosen on held-out validation samples, never
+    on the test split the table reports.
+
+    Each compressor ranks every validation sample's tokens; the MLLM answers from its top k at
+    each ratio (k as in evaluation) and the sample's answer loss is taken as the search takes
+    it (:func:`evocomp.labeling.fitness.fitness_fn`, on the loss grid; ``objective`` is
+    ``label.objective``). The lowest mean serves the ratio; ties go to :func:`nearest_budget`'s
+    order. Returns ``(route, losses)``: ``ratio_key(ratio) -> label keep ratio`` and
+    ``ratio_key(ratio) -> {ratio_key(label keep ratio): mean loss}``. ``progress(done,
+    total)`` is called per compressor."""
+    from evocomp.labeling.fitness import fitness_fn
+
+    if not samples:
+        raise ValueError("no validation samples to choose a compressor on")
+    sums: dict[tuple[float, float], float] = defaultdict(float)
+    for done, (label_ratio, model) in enumerate(sorted(compressors.items()), 1):
+        sel = Selector(mllm, info, model, seed=0, label_ratio=label_ratio)
+        for start in range(0, len(samples), batch):
+            chunk = samples[start : start + batch]
+            feats = [fstore.get(s.id) for s in chunk]
+            fits = [fitness_fn(mllm, s, f, objective) for s, f in zip(chunk, feats, strict=True)]
+            scores = sel.scores("evocomp", chunk, feats)
+            for r in ratios:
+                kept = sel.kept("evocomp", r, chunk, feats, scores)
+                for fit, idx in zip(fits, kept, strict=True):
+                    sums[(r, label_ratio)] += loss_on_grid(float(fit(idx[None])[0]))
+        if progress:
+            progress(done, len(compressors))
+    losses = {
+        ratio_key(r): {
+            ratio_key(lr): loss_on_grid(sums[(r, lr)] / len(samples)) for lr in sorted(compressors)
+        }
+        for r in ratios
+    }
+    route = {
+        ratio_key(r): min(
+            compressors,
+            key=lambda lr, r=r: (losses[ratio_key(r)][ratio_key(lr)], abs(math.log(r / lr)), lr),
+        )
+        for r in ratios
+    }
+    return route, losses
+
+
 class Selector:
     """Kept sets (or merged embeddings) for one method on one batch of samples."""
 
@@ -70,6 +127,7 @@ class Selector:
         labels=None,
         seed: int = 0,
         label_ratio: float | None = None,
+        route: dict[str, float] | None = None,
     ):
         """``labels``: a label set (DataFrame) or several, one per budget; the oracle at a
         ratio uses the label searched for that ratio's k where there is one, else the first
@@ -80,8 +138,10 @@ class Selector:
         fills the rest by DivPrune's max-min diversity from them.
 
         ``compressor``: one compressor, or ``{label_keep_ratio: compressor}``, one per label
-        budget: each ratio is then served by the one trained nearest it (:meth:`compressor_for`)."""
+        budget: each ratio is then served by the one trained nearest it (:meth:`compressor_for`),
+        or by ``route`` (``ratio_key(ratio)`` -> label keep ratio; :func:`route_by_val_loss`)."""
         self.mllm, self.info, self.seed = mllm, info, seed
+        self.route = dict(route or {})
         if isinstance(compressor, dict):
             self.compressors = dict(sorted(compressor.items()))
         else:
@@ -93,15 +153,16 @@ class Selector:
         }
 
     def compressor_for(self, ratio: float | None):
-        """``(compressor, its label_keep_ratio)`` serving keep ratio ``ratio``: the one whose
-        labels' ratio is :func:`nearest_budget`, or the only one."""
+        """``(compressor, its label_keep_ratio)`` serving keep ratio ``ratio``: the one the
+        route names for it, else the one whose labels' ratio is :func:`nearest_budget`, or
+        the only one."""
         if not self.compressors:
             raise ValueError("evocomp needs a trained compressor")
         if len(self.compressors) == 1:
             return next(iter(self.compressors.items()))[::-1]
         if ratio is None:
             raise ValueError("several compressors: name the keep ratio to pick one")
-        label_ratio = nearest_budget(self.compressors, ratio)
+        label_ratio = self.route.get(ratio_key(ratio)) or nearest_budget(self.compressors, ratio)
         return self.compressors[label_ratio], label_ratio
 
     def scores(
@@ -186,11 +247,13 @@ def evaluate_methods(
     max_new_tokens: int = 8,
     progress=None,
     label_ratio: float | None = None,
+    route: dict[str, float] | None = None,
 ) -> dict:
-    """Accuracy of every method at every ratio (plus full), per question type."""
+    """Accuracy of every method at every ratio (plus full), per question type; ``route``:
+    which of several compressors serves each ratio (:class:`Selector`)."""
     if not samples:
         raise ValueError("no test samples to evaluate")
-    sel = Selector(mllm, info, compressor, labels, seed, label_ratio)
+    sel = Selector(mllm, info, compressor, labels, seed, label_ratio, route)
     hits: dict[str, list[bool]] = defaultdict(list)
     n_visual: list[int] = []  # each sample's N
     by_type: dict[tuple[str, str], list[bool]] = defaultdict(list)
@@ -252,6 +315,24 @@ def evaluate_methods(
     return {"hits": hits, "by_type": by_type, "n_tokens": n_visual}
 
 
+def paired_difference(ours: list[bool], theirs: list[bool]) -> dict:
+    """EvoComp's accuracy minus another method's on the same samples, with the standard error
+    of that paired difference (the per-sample differences' standard deviation / sqrt(n)), and
+    the samples only one of the two answers. Pairing removes the samples both answer or both
+    miss, so it separates two methods a binomial error of each alone cannot."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"paired difference of {len(ours)} and {len(theirs)} answers")
+    n = max(1, len(ours))
+    d = [int(a) - int(b) for a, b in zip(ours, theirs, strict=True)]
+    diff = sum(d) / n
+    return {
+        "diff": round(diff, 4),
+        "stderr": round(math.sqrt(max(0.0, sum(x * x for x in d) / n - diff * diff) / n), 4),
+        "evocomp_only": d.count(1),
+        "other_only": d.count(-1),
+    }
+
+
 def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: int) -> dict:
     def acc(xs: list[bool]) -> float:
         return round(sum(xs) / max(1, len(xs)), 4)
@@ -264,6 +345,7 @@ def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: 
         "ratios": {},
         "retention": {},
         "stderr": {},  # binomial standard error of each accuracy: sqrt(p (1 - p) / n)
+        # with evocomp: "paired", its accuracy minus each other method's on the same samples
         "tokens": {},
         "prefill_flops": {},
         "by_type": {},
@@ -290,6 +372,12 @@ def summarise(raw: dict, ratios, methods, info: dict, n_text: int, prune_layer: 
             m: round(math.sqrt(v * (1 - v) / max(1, out["samples"])), 4)
             for m, v in out["ratios"][key].items()
         }
+        if "evocomp" in methods:
+            out.setdefault("paired", {})[key] = {
+                m: paired_difference(raw["hits"][f"evocomp@{key}"], raw["hits"][f"{m}@{key}"])
+                for m in methods
+                if m not in ("evocomp", "oracle")
+            }
         out["tokens"][key] = mean([keep_count(r, n) for n in ns])
         out["prefill_flops"][key] = {"flops": flops(r), "ratio_to_full": flops(r) / full_flops}
     types = sorted({q for (_, q) in raw["by_type"]})

@@ -54,6 +54,16 @@ def print_table(result: dict) -> str:
                 for r in ratios
             )
         )
+    if "paired" in result:  # the closest other method at each ratio, on the same samples
+        cells = []
+        for r in ratios:
+            rival = max(
+                (m for m in result["paired"][r] if m != "evocomp_fill"),
+                key=lambda m, r=r: (result["ratios"][r][m], m),
+            )
+            d = result["paired"][r][rival]
+            cells.append(f"{r}: {d['diff']:+.3f} ± {d['stderr']:.3f} vs {rival}")
+        lines.append("evocomp minus the best other method (paired standard error): " + "; ".join(cells))
     for key in [k for k in result if k.startswith("ratios_l")]:
         layer, accs = key.removeprefix("ratios_l"), result[key]
         lines.append(

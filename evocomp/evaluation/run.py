@@ -18,7 +18,13 @@ from evocomp.compress.model import load_compressor
 from evocomp.config import Params
 from evocomp.data.prepared import load_prepared
 from evocomp.evaluation.guided import MERGERS
-from evocomp.evaluation.harness import Selector, evaluate_methods, nearest_budget, summarise
+from evocomp.evaluation.harness import (
+    Selector,
+    evaluate_methods,
+    nearest_budget,
+    route_by_val_loss,
+    summarise,
+)
 from evocomp.features.compute import ensure_features
 from evocomp.labelset import load_label_set
 from evocomp.mllm.checkpoint import checkpoint_info
@@ -57,11 +63,10 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
     return {k: round(statistics.median(v), 5) for k, v in out.items()}
 
 
-def _load_compressors(dirs: Path | list[Path], model_id: str, fill: bool, ratios) -> tuple:
-    """``(compressor, label_ratio, served)``: one compressor and its labels' keep ratio
-    (``served`` None), or, for several, ``{label_keep_ratio: compressor}`` and which folder
-    serves each evaluated ratio. Refuses another model's compressor, a fill without the
-    labels' ratio, and two compressors of one label ratio."""
+def _load_compressors(dirs: Path | list[Path], model_id: str, fill: bool) -> dict:
+    """``{label_keep_ratio: (folder, compressor)}`` of one compressor or several (one per
+    label budget). Refuses another model's compressor, a fill or several without the labels'
+    ratio, and two compressors of one label ratio."""
     dirs = [dirs] if isinstance(dirs, str | Path) else list(dirs)
     loaded = {}
     for d in dirs:
@@ -84,12 +89,28 @@ def _load_compressors(dirs: Path | list[Path], model_id: str, fill: bool, ratios
                 f"{label_ratio}: pass one compressor per label budget"
             )
         loaded[label_ratio] = (d, model)
-    if len(loaded) == 1:
-        ((label_ratio, (_, model)),) = loaded.items()
-        return model, label_ratio, None
-    models = {lr: m for lr, (_, m) in loaded.items()}
-    served = {ratio_key(r): str(loaded[nearest_budget(loaded, r)][0]) for r in ratios}
-    return models, None, served
+    return loaded
+
+
+def _route(params: Params, data: Path, features_dir: Path, mllm, info, models, progress):
+    """``(route, choice)`` for several compressors (``evaluate.choose``): which label ratio
+    serves each evaluated ratio, and what eval.json records about the choice."""
+    p = params.evaluate
+    if p.choose == "nearest":
+        return {ratio_key(r): nearest_budget(models, r) for r in p.ratios}, {"rule": "nearest"}
+    val = load_prepared(data, "val", p.max_samples)
+    if not val:
+        raise ValueError(
+            f"{data}: the val split is empty, and evaluate.choose val_answer_loss picks the "
+            "compressors on it (set evaluate.choose: nearest)"
+        )
+    vstore = ensure_features(mllm, val, features_dir, params.runtime.batch_size)
+    route, losses = route_by_val_loss(
+        mllm, info, models, val, vstore, p.ratios, params.label.objective,
+        progress=(lambda done, total: progress("choose compressors (val)", done, total))
+        if progress else None,
+    )  # fmt: skip
+    return route, {"rule": "val_answer_loss", "val_samples": len(val), "val_answer_loss": losses}
 
 
 def run_evaluation(
@@ -109,7 +130,9 @@ def run_evaluation(
     ``retention_l<l>``, ``stderr_l<l>``), latencies, and the
     real-shape speedups of ``speed`` (``bench/speedup.py``). ``progress(phase, done, total)``
     is called as test samples finish. Several ``compressor_dir``s (one per label budget)
-    serve each ratio by the one trained nearest it (``compressor_for_ratio`` in the result).
+    serve each ratio by the one trained nearest it, or (``evaluate.choose: val_answer_loss``)
+    by the one with the lowest answer loss on the val split (``compressor_for_ratio`` and
+    ``compressor_choice`` in the result).
     """
     p = params.evaluate
     info = checkpoint_info(mllm.path, mllm.prompt_override)
@@ -118,11 +141,15 @@ def run_evaluation(
         raise ValueError(f"{data}: the test split is empty")
     fstore = ensure_features(mllm, samples, features_dir, params.runtime.batch_size)
     methods = list(p.methods)
-    compressor, label_df, label_ratio, served = None, None, None, None
+    compressor, label_df, label_ratio, route, choice = None, None, None, None, None
     if {"evocomp", "evocomp_fill"} & set(methods):
-        compressor, label_ratio, served = _load_compressors(
-            compressor_dir, info["model_id"], "evocomp_fill" in methods, p.ratios
-        )
+        loaded = _load_compressors(compressor_dir, info["model_id"], "evocomp_fill" in methods)
+        models = {lr: m for lr, (_, m) in loaded.items()}
+        if len(models) == 1:
+            ((label_ratio, compressor),) = models.items()
+        else:
+            compressor = models
+            route, choice = _route(params, data, features_dir, mllm, info, models, progress)
     if "oracle" in methods:  # one label set per budget; the first ranks at other ratios
         label_df = [
             df[df["split"] == "test"]
@@ -136,7 +163,7 @@ def run_evaluation(
         raw = evaluate_methods(
             mllm, info, samples, fstore, p.ratios, which, compressor, labels_df, layer, p.seed,
             progress=(lambda done, total: progress(phase, done, total)) if progress else None,
-            label_ratio=label_ratio,
+            label_ratio=label_ratio, route=route,
         )  # fmt: skip
         return summarise(raw, p.ratios, which, info, n_text, layer)
 
@@ -149,15 +176,17 @@ def run_evaluation(
         # PruMerge merge tokens into new embeddings before the LLM: no later-layer variant.
         other = min(2, info["layers"] - 1) if p.prune_layer == 0 else 0
         alt = at_layer(other, selectors, label_df)
-        for key in ("ratios", "retention", "stderr"):
-            result[f"{key}_l{other}"] = alt[key]
+        for key in ("ratios", "retention", "stderr", "paired"):
+            if key in alt:
+                result[f"{key}_l{other}"] = alt[key]
         if "evocomp" in selectors:  # kept for readers of earlier eval.json files
             result[f"evocomp_l{other}"] = {r: alt["ratios"][r]["evocomp"] for r in alt["ratios"]}
-    selector = Selector(mllm, info, compressor, label_df, p.seed, label_ratio)
+    selector = Selector(mllm, info, compressor, label_df, p.seed, label_ratio, route)
     result["latency_seconds"] = _latency(mllm, info, samples, fstore, selector, p.ratios, methods)
     result["model_id"] = info["model_id"]
-    if served:
-        result["compressor_for_ratio"] = served
+    if route:
+        result["compressor_for_ratio"] = {r: str(loaded[lr][0]) for r, lr in route.items()}
+        result["compressor_choice"] = choice
     if speed.is_file():
         bench = json.loads(speed.read_text())
         result["prefill_speedup"] = bench.get("prefill_speedup", {})

@@ -17,9 +17,15 @@ background variants hold the very same scenes and questions as the benchmark's o
 ``--compressor DIR`` also runs ``evocomp evaluate``'s comparison on each variant (every sample
 in the test split, every method of the benchmark's params but the GA oracle, which needs
 labels of the variant): does a compressor trained on the benchmark's own data carry to a
-variant, against the heuristics at the same keep ratios and prune layer?
+variant, against the heuristics at the same keep ratios and prune layer? Repeated (one per
+label budget, like the scenes pipeline's), each ratio goes to the compressor whose labels'
+keep ratio is nearest it (a variant has no val split to choose on). ``paired`` in each row
+is EvoComp's accuracy minus every other method's on the same samples, with its standard
+error. ``--variants own,noise`` runs the variants whose names start with those words.
 
-    .venv/bin/python bench/heldout_variants.py --benchmark scenes --compressor models/scenes/compressor
+    .venv/bin/python bench/heldout_variants.py --benchmark scenes --ratios 0.333,0.222,0.111 \
+        --compressor models/scenes/compressor --compressor models/scenes/compressor_0.222 \
+        --compressor models/scenes/compressor_0.333
 """
 
 from __future__ import annotations
@@ -95,7 +101,8 @@ def evaluate_variant(
             )  # fmt: skip
             row["compression"] = {  # the later prune layer's keys: ratios_l1, or _l2 (3+ layers)
                 k: v for k, v in result.items()
-                if k in ("prune_layer", "full", "ratios", "stderr") or k.startswith(("ratios_l", "stderr_l"))
+                if k in ("prune_layer", "full", "ratios", "stderr", "paired", "compressor_for_ratio")
+                or k.startswith(("ratios_l", "stderr_l", "paired_l"))
             }  # fmt: skip
     return row
 
@@ -106,7 +113,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", type=Path, help="checkpoint (default: the benchmark's committed one)")
     p.add_argument("--n", type=int, default=600, help="images per variant")
     p.add_argument("--ratios", default="0.333,0.111")
-    p.add_argument("--compressor", type=Path, help="also compare it with the heuristics")
+    p.add_argument(
+        "--compressor",
+        type=Path,
+        action="append",
+        help="also compare it with the heuristics; repeat for one per label budget",
+    )
+    p.add_argument("--variants", help="comma list: run the variants whose names start so")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, help="default: metrics/[scenes/]bench_heldout_variants.json")
@@ -120,8 +133,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.benchmark == "scenes"
         else "bench_heldout_variants.json"
     )
-    if args.compressor and not args.compressor.is_dir():
-        p.error(f"--compressor {args.compressor}: no compressor there")
+    for c in args.compressor or []:
+        if not c.is_dir():
+            p.error(f"--compressor {c}: no compressor there")
+    variants = VARIANTS[args.benchmark]
+    if args.variants:
+        words = [w.strip().lower() for w in args.variants.split(",") if w.strip()]
+        unknown = [w for w in words if not any(n.lower().startswith(w) for n in variants)]
+        if not words or unknown:
+            p.error(
+                f"--variants {args.variants}: no {args.benchmark} variant starts with "
+                f"{(unknown or [''])[0]!r} (known: {'; '.join(variants)})"
+            )
+        variants = {n: v for n, v in variants.items() if n.lower().startswith(tuple(words))}
     start, machine = begin(args)
     from evocomp.config import load_params
     from evocomp.data.synth import Variant
@@ -139,11 +163,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with mock.patch.dict(os.environ, {"EVOCOMP_PROFILE": profile}):
             params = load_params(REPO / "params.yaml")
         methods = [m for m in params.evaluate.methods if m != "oracle"]
-        params = params.model_copy(
-            update={"evaluate": params.evaluate.model_copy(update={"methods": methods})}
+        params = params.model_copy(  # no val split in a variant: the nearest budget serves
+            update={
+                "evaluate": params.evaluate.model_copy(
+                    update={"methods": methods, "choose": "nearest"}
+                )
+            }
         )
     rows = {}
-    for name, (objects, background) in VARIANTS[args.benchmark].items():
+    for name, (objects, background) in variants.items():
         rows[name] = evaluate_variant(
             mllm, args.benchmark, grid, Variant(objects, background), args.n, ratios,
             args.compressor, params,
@@ -154,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": args.benchmark,
         "model": os.path.relpath(model, REPO) if model.is_relative_to(REPO) else str(model),
         "seed": SEED,
-        "compressor": str(args.compressor) if args.compressor else None,
+        "compressor": [str(c) for c in args.compressor] if args.compressor else None,
         "variants": rows,
         "machine": machine,
         "command": command_line(argv, __file__),
@@ -181,6 +209,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"{c['ratios'][key][m]:.3f} ± {c['stderr'][key][m]:.3f}" for m in methods
                     )
                     print(f"| {name} | {c['full']:.3f} | {cells} |")
+                print("EvoComp minus each method on the same samples (± paired standard error)")
+                for name, c in comp.items():
+                    pairs = c.get("paired", {}).get(key, {})
+                    print(f"  {name}: " + ", ".join(
+                        f"{m} {d['diff']:+.3f} ± {d['stderr']:.3f}" for m, d in sorted(pairs.items())
+                    ))  # fmt: skip
 
     return finish(report, out, start, show)
 

@@ -286,3 +286,32 @@ def test_heldout_variants_bench_hands_every_sample_to_evaluate(
     assert all(
         r["compression"]["ratios"]["0.111"]["random"] == 0.5 for r in report["variants"].values()
     )
+    # one compressor per label budget, on the variants asked for: the nearest budget serves
+    # each ratio (a variant has no val split), the paired differences kept
+    seen.clear()
+    (tmp_path / "comp2").mkdir()
+
+    def fake2(params, data, features, labels, compressor, mllm, speed, progress=None):
+        seen.append((params.evaluate.choose, compressor))
+        return {"prune_layer": 0, "full": 1.0, "ratios": {"0.111": {"random": 0.5}},
+                "stderr": {"0.111": {"random": 0.1}},
+                "paired": {"0.111": {"random": {"diff": 0.1, "stderr": 0.05}}},
+                "compressor_for_ratio": {"0.111": "x"}, "tokens": {}}  # fmt: skip
+
+    monkeypatch.setattr(run, "run_evaluation", fake2)
+    report = heldout_variants.main(
+        ["--model", str(tiny_llava), "--n", "3", "--ratios", "0.111", "--variants", "own,NOISE",
+         "--compressor", str(tmp_path / "comp"), "--compressor", str(tmp_path / "comp2"),
+         "--out", str(tmp_path / "hv.json")]
+    )  # fmt: skip
+    assert list(report["variants"]) == ["own (3-6 objects, plain)", "noise background"]
+    assert seen == [("nearest", [tmp_path / "comp", tmp_path / "comp2"])] * 2
+    row = report["variants"]["noise background"]["compression"]
+    assert set(row) == {"prune_layer", "full", "ratios", "stderr", "paired", "compressor_for_ratio"}
+    assert report["compressor"] == [str(tmp_path / "comp"), str(tmp_path / "comp2")]
+    for bad in ("purple", ","):
+        with pytest.raises(SystemExit):
+            heldout_variants.main(
+                ["--model", str(tiny_llava), "--variants", bad, "--out", str(tmp_path / "x.json")]
+            )
+    assert not (tmp_path / "x.json").exists()

@@ -63,7 +63,9 @@ def print_table(result: dict) -> str:
             )
             d = result["paired"][r][rival]
             cells.append(f"{r}: {d['diff']:+.3f} ± {d['stderr']:.3f} vs {rival}")
-        lines.append("evocomp minus the best other method (paired standard error): " + "; ".join(cells))
+        lines.append(
+            "evocomp minus the best other method (paired standard error): " + "; ".join(cells)
+        )
     for key in [k for k in result if k.startswith("ratios_l")]:
         layer, accs = key.removeprefix("ratios_l"), result[key]
         lines.append(

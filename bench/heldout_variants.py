@@ -68,6 +68,20 @@ def se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
+def _progress():
+    """Print each evaluation phase's progress at every quarter (a 2000-sample variant runs for
+    many minutes)."""
+    shown: set = set()
+
+    def show(phase: str, done: int, total: int) -> None:
+        quarter = 4 * done // max(1, total)
+        if (phase, quarter) not in shown and (quarter or done == total):
+            shown.add((phase, quarter))
+            print(f"  {phase}: {done}/{total}", flush=True)
+
+    return show
+
+
 def evaluate_variant(
     mllm, benchmark: str, grid: int, variant, n: int, ratios, compressor=None, params=None
 ) -> dict:
@@ -97,7 +111,7 @@ def evaluate_variant(
             prepared = write_prepared(samples, Path(tmp) / "prepared", str(raw)).parent
             result = run_evaluation(
                 params, prepared, Path(tmp) / "features", Path(tmp) / "no-labels", compressor,
-                mllm, Path(tmp) / "no-speed",
+                mllm, Path(tmp) / "no-speed", progress=_progress(),
             )  # fmt: skip
             row["compression"] = {  # the later prune layer's keys: ratios_l1, or _l2 (3+ layers)
                 k: v for k, v in result.items()

@@ -318,8 +318,9 @@ def evaluate_methods(
 def paired_difference(ours: list[bool], theirs: list[bool]) -> dict:
     """EvoComp's accuracy minus another method's on the same samples, with the standard error
     of that paired difference (the per-sample differences' standard deviation / sqrt(n)), and
-    the samples only one of the two answers. Pairing removes the samples both answer or both
-    miss, so it separates two methods a binomial error of each alone cannot."""
+    the samples only one of the two answers. Only those samples carry the difference, so this
+    is the error of a comparison on one test set; it is smaller than the unpaired one when the
+    two methods miss mostly the same samples, not otherwise."""
     if len(ours) != len(theirs):
         raise ValueError(f"paired difference of {len(ours)} and {len(theirs)} answers")
     n = max(1, len(ours))

@@ -70,7 +70,8 @@ def se(p: float, n: int) -> float:
 
 def _progress():
     """Print each evaluation phase's progress at every quarter (a 2000-sample variant runs for
-    many minutes)."""
+    many minutes). Plain lines, not ``evocomp.cli.common.progress_bars``: this bench runs
+    under nohup into a log file, where those bars draw nothing."""
     shown: set = set()
 
     def show(phase: str, done: int, total: int) -> None:

@@ -81,25 +81,30 @@ def route_by_val_loss(
     ``label.objective``). The lowest mean serves the ratio; ties go to :func:`nearest_budget`'s
     order. Returns ``(route, losses)``: ``ratio_key(ratio) -> label keep ratio`` and
     ``ratio_key(ratio) -> {ratio_key(label keep ratio): mean loss}``. ``progress(done,
-    total)`` is called per compressor."""
+    total)`` is called as validation samples finish."""
     from evocomp.labeling.fitness import fitness_fn
 
     if not samples:
         raise ValueError("no validation samples to choose a compressor on")
     sums: dict[tuple[float, float], float] = defaultdict(float)
-    for done, (label_ratio, model) in enumerate(sorted(compressors.items()), 1):
-        sel = Selector(mllm, info, model, seed=0, label_ratio=label_ratio)
-        for start in range(0, len(samples), batch):
-            chunk = samples[start : start + batch]
-            feats = [fstore.get(s.id) for s in chunk]
-            fits = [fitness_fn(mllm, s, f, objective) for s, f in zip(chunk, feats, strict=True)]
+    selectors = {
+        lr: Selector(mllm, info, model, seed=0, label_ratio=lr)
+        for lr, model in sorted(compressors.items())
+    }
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        # each sample's features and prompt (and, for distill, its all-token answer) once,
+        # shared by every compressor
+        feats = [fstore.get(s.id) for s in chunk]
+        fits = [fitness_fn(mllm, s, f, objective) for s, f in zip(chunk, feats, strict=True)]
+        for label_ratio, sel in selectors.items():
             scores = sel.scores("evocomp", chunk, feats)
             for r in ratios:
                 kept = sel.kept("evocomp", r, chunk, feats, scores)
                 for fit, idx in zip(fits, kept, strict=True):
                     sums[(r, label_ratio)] += loss_on_grid(float(fit(idx[None])[0]))
         if progress:
-            progress(done, len(compressors))
+            progress(min(start + batch, len(samples)), len(samples))
     losses = {
         ratio_key(r): {
             ratio_key(lr): loss_on_grid(sums[(r, lr)] / len(samples)) for lr in sorted(compressors)

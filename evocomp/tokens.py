@@ -6,6 +6,8 @@ benchmarks cannot disagree on how many tokens a ratio keeps or where a token sit
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -22,6 +24,13 @@ def keep_count(ratio: float, n: int) -> int:
 def ratio_key(ratio: float) -> str:
     """How a keep ratio is written in metrics files: 3 decimals (``"0.333"``)."""
     return f"{ratio:.3f}"
+
+
+def nearest_budget(label_ratios, ratio: float) -> float:
+    """The label keep ratio nearest ``ratio`` by factor (2/9 is 1.5x from 1/3 and 2x from
+    1/9), the smaller on ties: which of several compressors, one per label budget, serves
+    ``ratio`` (in ``evocomp evaluate`` and in a deployed ``generate()``)."""
+    return min(label_ratios, key=lambda lr: (abs(math.log(ratio / lr)), lr))
 
 
 def grid_shape(n: int) -> tuple[int, int]:

@@ -305,3 +305,99 @@ def test_cli_fill_refuses_a_compressor_without_its_label_ratio(world):
         "--image", str(s.image), "--question", s.question, "--fill",
     )  # fmt: skip
     assert res.exit_code == 2 and "does not record its labels' keep ratio" in res.output
+
+
+# ---- one compressor per label budget ------------------------------------------------------------
+
+
+def budget_compressor(world, dest, budget: float, seed: int):
+    """The world's compressor with perturbed weights, recorded as trained on labels of keep
+    ratio ``budget``: a second compressor that ranks tokens differently."""
+    from evocomp.compress.model import save_compressor
+
+    model, extra = load_compressor(world.compressor)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    save_compressor(model, dest, {**extra, "label_keep_ratio": budget})
+    return dest
+
+
+@pytest.fixture(scope="module")
+def budgets(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("budgets")
+    return budget_compressor(world, root / "small", 0.1111, 1), budget_compressor(
+        world, root / "large", 0.3333, 2
+    )
+
+
+def test_budget_compressors_serve_their_ratios_as_the_evaluation(world, budgets):
+    """Several compressors: each keep ratio keeps what ``evocomp evaluate``'s Selector keeps
+    with the same compressors (the nearest budget, or the route's pick)."""
+    small, large = budgets
+    mllm, s = world.mllm, world.test[0]
+    models = {0.1111: load_compressor(small)[0], 0.3333: load_compressor(large)[0]}
+    feats = [world.fstore.get(s.id)]
+
+    def evaluated(ratio, route=None):
+        sel = Selector(mllm, {"grid": mllm.grid}, models, route=route)
+        return sel.kept("evocomp", ratio, [s], feats, sel.scores("evocomp", [s], feats, ratio))[0]
+
+    # the two rank differently, so serving the wrong one would show
+    assert not torch.equal(evaluated(1 / 3), evaluated(1 / 3, {"0.333": 0.1111}))
+    with compress_model(mllm.model, world.processor, [small, large], 1 / 3) as handle:
+        for ratio, want in [(1 / 9, small), (0.2, large), (1 / 3, large), (0.5, large)]:
+            hf_generate(world, [s], keep_ratio=ratio)
+            assert handle.last_compressor == want, ratio
+            assert torch.equal(handle.last.kept[0], evaluated(ratio)), ratio
+    route = {"0.333": small}
+    with compress_model(mllm.model, world.processor, [large, small], 1 / 3, route=route) as h:
+        hf_generate(world, [s])
+        assert h.last_compressor == small
+        assert torch.equal(h.last.kept[0], evaluated(1 / 3, {"0.333": 0.1111}))
+        hf_generate(world, [s], keep_ratio=1 / 9)  # not in the route: the nearest budget
+        assert h.last_compressor == small
+
+
+def test_budget_compressors_refusals(world, budgets, tmp_path):
+    small, large = budgets
+    model, proc = world.mllm.model, world.processor
+    with pytest.raises(ModelError, match="does not record its labels' keep ratio"):
+        compress_model(model, proc, [world.compressor, large], 1 / 3)
+    twin = budget_compressor(world, tmp_path / "twin", 0.1111, 3)
+    with pytest.raises(ModelError, match="both trained on labels of keep ratio 0.1111"):
+        compress_model(model, proc, [small, twin], 1 / 3)
+    with pytest.raises(ModelError, match="not among the compressors given"):
+        compress_model(model, proc, [small, large], 1 / 3, route={"0.333": tmp_path / "x"})
+    assert not hasattr(model, "_evocomp_compressed")  # nothing attached by a refusal
+
+
+def test_cli_route_from_an_evaluation(world, budgets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    small, large = budgets
+    s, mllm = world.test[0], world.mllm
+    base = ("--model", str(mllm.path), "--image", str(s.image), "--question", s.question,
+            "--keep-ratio", "0.333", "--max-new-tokens", str(NEW), "--json")  # fmt: skip
+    both = cli(*base, "--compressor", str(small), "--compressor", str(large))
+    assert both.exit_code == 0, both.output
+    assert json.loads(both.stdout.strip().splitlines()[-1])["compressor"] == str(large)
+    (tmp_path / "eval.json").write_text(
+        json.dumps({"compressor_for_ratio": {"0.333": str(small), "0.111": str(small)}})
+    )
+    routed = cli(*base, "--route", "eval.json")  # its compressors: the ones it names
+    assert routed.exit_code == 0, routed.output
+    out = json.loads(routed.stdout.strip().splitlines()[-1])
+    with compress_model(mllm.model, world.processor, small, 1 / 3) as handle:
+        answers, _ = hf_generate(world, [s])
+    assert out["compressor"] == str(small) and out["kept"] == handle.last.kept[0].tolist()
+    assert out["answer"] == answers[0]
+    (tmp_path / "single.json").write_text(json.dumps({"full": 1.0}))
+    for extra, match in [
+        (("--route", "single.json"), "has no compressor_for_ratio"),
+        (("--route", "missing.json"), "not a readable evaluation result"),
+        (("--route", "eval.json", "--compressor", str(large)), "not among the compressors"),
+    ]:
+        res = cli(*base, *extra)
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and match in lines[0], res.output

@@ -3,6 +3,14 @@
 evocomp generate --model models/mllm --compressor models/compressor \\
     --image cat.png --question "what colour is the cat ?" --keep-ratio 0.333 --json
 
+With one compressor per label budget (``label.budgets``), ``--compressor`` repeats and the
+keep ratio is served as ``evocomp evaluate`` served it: by the compressor ``--route`` (an
+evaluation's eval.json: its ``compressor_for_ratio``) names for it, else by the one trained
+nearest it. ``--route`` alone takes its compressors from the eval.json:
+
+evocomp generate --model models/scenes/mllm --route metrics/scenes/eval.json \
+    --image scene.png --question "how many red objects are there ?" --keep-ratio 0.111
+
 Greedy decoding; the prompt is the checkpoint's template (``USER: <image>\\n{question}
 ASSISTANT:`` for LLaVA-1.5 and LLaVA-NeXT/vicuna, the chat template for Qwen2-VL / Qwen2.5-VL,
 Gemma 3 and LLaVA-OneVision) and the compressor keeps ``keep_count(ratio, N)`` visual tokens
@@ -33,7 +41,16 @@ def generate(
     image: Path = typer.Option(..., help="the image file"),
     question: str = typer.Option(..., help="the question about it"),
     model: Path = typer.Option(None, help="checkpoint (default: mllm.checkpoint)"),
-    compressor: Path = typer.Option(Path("models/compressor"), help="from `evocomp train`"),
+    compressor: list[Path] = typer.Option(
+        None,
+        help="from `evocomp train`; repeat for one per label budget (default: the --route "
+        "file's, else models/compressor)",
+    ),
+    route: Path = typer.Option(
+        None,
+        help="an `evocomp evaluate` result (eval.json): the compressor its compressor_for_ratio "
+        "names serves the keep ratio",
+    ),
     keep_ratio: float = typer.Option(0.333, help="fraction of the visual tokens kept, (0, 1]"),
     fill: bool = typer.Option(
         False,
@@ -57,7 +74,7 @@ def generate(
     from evocomp.data.samples import load_image
     from evocomp.deploy import compress_model, load_checkpoint
     from evocomp.deploy.attach import checkpoint_config
-    from evocomp.deploy.scorer import TokenScorer
+    from evocomp.deploy.scorer import BudgetScorers, TokenScorer, route_of_evaluation
     from evocomp.mllm.checkpoint import checkpoint_id
     from evocomp.tokens import keep_count
 
@@ -72,9 +89,15 @@ def generate(
     try:
         picture = load_image(image)
         # Checks that read no weights first: a wrong checkpoint or compressor fails in a second.
+        served = route_of_evaluation(route) if route else None
+        if not compressor:  # the route's folders, each once, in its order
+            compressor = (
+                list(dict.fromkeys(served.values())) if served else [Path("models/compressor")]
+            )
         config = checkpoint_config(checkpoint)
         model_id = checkpoint_id(checkpoint, prompt_template)
-        TokenScorer(compressor, config.text_config.hidden_size, model_id, fill=fill)
+        hidden = config.text_config.hidden_size
+        BudgetScorers([TokenScorer(c, hidden, model_id, fill=fill) for c in compressor], served)
         mllm, processor, model_id = load_checkpoint(checkpoint, device, dtype, prompt_template)
         handle = compress_model(
             mllm,
@@ -84,6 +107,7 @@ def generate(
             prompt_template=prompt_template,
             model_id=model_id,
             fill=fill,
+            route=served,
         )
         inputs = processor(images=picture, text=handle.prompt(question), return_tensors="pt")
         inputs = inputs.to(mllm.device)
@@ -115,7 +139,7 @@ def generate(
                 "prefill_tokens": sel.prefill_tokens,
                 "seconds": round(seconds, 4),
                 "model_id": model_id,
-                "compressor": str(compressor),
+                "compressor": str(handle.last_compressor),
             }
         )
     )

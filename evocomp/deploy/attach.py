@@ -13,7 +13,10 @@ hook (:data:`FAMILIES`, keyed by ``config.model_type``), which rewrites the pref
 visual tokens; later iterations get their attention mask shortened to match. A plain
 ``model(...)`` forward is never compressed. ``generate()`` also accepts ``question=`` (a string,
 or one per prompt) to score with instead of the question read from the prompt, and
-``keep_ratio=`` to override the handle's ratio for one call.
+``keep_ratio=`` to override the handle's ratio for one call. Several compressors (one per
+label budget) may be attached at once: each call's ratio is served by the one a route (an
+evaluation's ``compressor_for_ratio``) names, else by the one trained nearest it
+(:class:`evocomp.deploy.scorer.BudgetScorers`, ``evocomp evaluate``'s rule).
 
 Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5-style checkpoints: one image per
 prompt, a fixed number of visual tokens), ``Qwen2VLForConditionalGeneration`` /
@@ -34,7 +37,7 @@ running call's kept positions between its iterations.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +47,7 @@ from evocomp.deploy.llava_next import AnyresProcessor, LlavaNextPrefill
 from evocomp.deploy.prompt import processor_text, template_of
 from evocomp.deploy.qwen import QwenPrefill, QwenProcessor
 from evocomp.deploy.qwen3 import Qwen3Prefill
-from evocomp.deploy.scorer import TokenScorer
+from evocomp.deploy.scorer import BudgetScorers, TokenScorer
 from evocomp.errors import ModelError
 from evocomp.mllm.checkpoint import DTYPES, check_checkpoint, checkpoint_id
 from evocomp.tokens import keep_count
@@ -128,11 +131,12 @@ def model_id_of(model, prompt_template: str | None = None) -> str | None:
 class CompressedModel:
     """A compressor attached to a model; :func:`compress_model` makes one."""
 
-    def __init__(self, model, processor, scorer: TokenScorer, keep_ratio: float, template: str):
+    def __init__(self, model, processor, scorer: BudgetScorers, keep_ratio: float, template: str):
         self.model, self.processor, self.scorer = model, processor, scorer
         self.keep_ratio, self.template = keep_ratio, template
         self.hook = family_of(model.config).hook(model, processor.tokenizer, template)
         self.last: Selection | None = None  # what the latest generate() call kept
+        self.last_compressor: Path | None = None  # the compressor folder that picked it
         self._original = model.prepare_inputs_for_generation  # bound: the class's or a wrapper
         self._had_own = "prepare_inputs_for_generation" in vars(model)
 
@@ -144,9 +148,11 @@ class CompressedModel:
                 ratio = self.keep_ratio if keep_ratio is None else keep_ratio
                 keep_count(ratio, 1)  # a bad ratio fails here, before any scoring
                 qs = [question] if isinstance(question, str) else question
+                scorer = self.scorer.for_ratio(ratio)
                 self.last = self.hook.prefill(
-                    inputs, lambda v, t, g: self.scorer.kept(v, t, ratio, g), qs
+                    inputs, lambda v, t, g: scorer.kept(v, t, ratio, g), qs
                 )
+                self.last_compressor = scorer.directory
             else:
                 self.hook.follow(inputs)
             return inputs
@@ -179,12 +185,13 @@ class CompressedModel:
 def compress_model(
     model,
     processor,
-    compressor_dir: str | Path,
+    compressor_dir: str | Path | Sequence[str | Path],
     keep_ratio: float,
     prune_layer: int = 0,
     prompt_template: str | None = None,
     model_id: str | None = None,
     fill: bool = False,
+    route: Mapping[str, str | Path] | None = None,
 ) -> CompressedModel:
     """Make ``model.generate()`` keep only the compressor's top-k visual tokens per image.
 
@@ -194,7 +201,11 @@ def compress_model(
         processor: its processor (the tokenizer decodes the question out of the prompt); for
             Qwen a :class:`evocomp.deploy.qwen.QwenProcessor`, for LLaVA-NeXT / OneVision an
             :class:`evocomp.deploy.llava_next.AnyresProcessor` (``load_checkpoint`` gives them).
-        compressor_dir: a folder written by ``evocomp train``.
+        compressor_dir: a folder written by ``evocomp train``, or several, one per label
+            budget (``label.budgets``): each call's keep ratio is then served by the one
+            ``route`` names for it, else by the one trained nearest it
+            (:class:`evocomp.deploy.scorer.BudgetScorers`; ``handle.last_compressor`` says
+            which served the latest call).
         keep_ratio: fraction of each image's N visual tokens kept, in (0, 1]; k =
             ``evocomp.tokens.keep_count(keep_ratio, N)`` (LLaVA-NeXT: N base and tile tokens,
             the newlines always fed).
@@ -213,7 +224,8 @@ def compress_model(
 
     Raises:
         ModelError: a family without a hook, or a compressor trained for another model
-            (or, with ``fill``, one that does not record its labels' keep ratio).
+            (or, with ``fill`` or several compressors, one that does not record its labels'
+            keep ratio; or two of one label ratio; or a route to a folder not given).
         ValueError: a bad keep ratio, ``prune_layer`` != 0, or a compressor already attached.
         FileNotFoundError: no compressor in ``compressor_dir``.
     """
@@ -227,12 +239,14 @@ def compress_model(
     family_of(model.config)
     if getattr(model, HOOK_ATTR, None) is not None:
         raise ValueError("this model already has a compressor attached: detach() it first")
-    scorer = TokenScorer(
-        compressor_dir,
-        hidden_size=model.config.text_config.hidden_size,
-        model_id=model_id or model_id_of(model, prompt_template),
-        device=model.device,
-        fill=fill,
+    dirs = [compressor_dir] if isinstance(compressor_dir, str | Path) else list(compressor_dir)
+    model_id = model_id or model_id_of(model, prompt_template)
+    scorer = BudgetScorers(
+        [
+            TokenScorer(d, model.config.text_config.hidden_size, model_id, model.device, fill)
+            for d in dirs
+        ],
+        route,
     )
     template = template_of(model, processor, prompt_template)
     return CompressedModel(model, processor, scorer, keep_ratio, template)

@@ -8,6 +8,8 @@ tokens the evaluation measured.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from evocomp.compress.fit import Item, collate
 from evocomp.compress.model import load_compressor, select_topk, select_topk_filled
 from evocomp.errors import ModelError
-from evocomp.tokens import grid_positions, grid_shape, keep_count
+from evocomp.tokens import grid_positions, grid_shape, keep_count, nearest_budget, ratio_key
 
 
 class TokenScorer:
@@ -124,3 +126,90 @@ class TokenScorer:
         if self.label_ratio is None:
             return select_topk(logits, k=k).cpu()
         return select_topk_filled(logits.cpu(), tokens.float().cpu(), k, self.label_ratio)
+
+
+class BudgetScorers:
+    """Several compressors, one per label budget (``label.budgets``), as one token picker:
+    each keep ratio is served by the compressor ``route`` names for it, else by the one whose
+    training labels' keep ratio is nearest it (:func:`evocomp.tokens.nearest_budget`) — the
+    rule ``evocomp evaluate`` serves its ratios by, so a deployed model keeps what the
+    evaluation measured. One compressor serves every ratio.
+
+    Args:
+        scorers: the compressors (:class:`TokenScorer`); with several, each must record its
+            labels' keep ratio (``label_keep_ratio``), and no two the same one.
+        route: keep ratio (``ratio_key``, ``"0.333"``) -> compressor folder, one of the
+            scorers' (an evaluation's ``compressor_for_ratio``, :func:`route_of_evaluation`);
+            a ratio it does not name goes to the nearest budget.
+
+    Raises:
+        ModelError: several compressors without their label ratio or with one ratio twice,
+            or a route naming a folder not among them.
+    """
+
+    def __init__(
+        self, scorers: Sequence[TokenScorer], route: Mapping[str, str | Path] | None = None
+    ) -> None:
+        if not scorers:
+            raise ModelError("no compressor given")
+        self.by_budget: dict[float | None, TokenScorer] = {}
+        for sc in scorers:
+            budget = sc.extra.get("label_keep_ratio")
+            if len(scorers) > 1 and budget is None:
+                raise ModelError(
+                    f"{sc.directory} does not record its labels' keep ratio (trained before "
+                    "per-budget compressors existed): retrain it (`evocomp train`) or pass "
+                    "one compressor"
+                )
+            if budget in self.by_budget:
+                raise ModelError(
+                    f"{sc.directory} and {self.by_budget[budget].directory} were both trained "
+                    f"on labels of keep ratio {budget}: pass one compressor per label budget"
+                )
+            self.by_budget[budget] = sc
+        folders = {sc.directory.resolve(): sc for sc in scorers}
+        self.route: dict[str, TokenScorer] = {}
+        for key, folder in (route or {}).items():
+            if Path(folder).resolve() not in folders:
+                given = ", ".join(str(sc.directory) for sc in scorers)
+                raise ModelError(
+                    f"the route serves keep ratio {key} by {folder}, which is not among the "
+                    f"compressors given ({given})"
+                )
+            self.route[key] = folders[Path(folder).resolve()]
+
+    def for_ratio(self, ratio: float) -> TokenScorer:
+        """The compressor serving keep ratio ``ratio``."""
+        if ratio_key(ratio) in self.route:
+            return self.route[ratio_key(ratio)]
+        if len(self.by_budget) == 1:
+            return next(iter(self.by_budget.values()))
+        return self.by_budget[nearest_budget(self.by_budget, ratio)]
+
+    def kept(self, visual, text, ratio: float, grids=None) -> list[torch.Tensor]:
+        """:meth:`TokenScorer.kept` of the compressor serving ``ratio``."""
+        return self.for_ratio(ratio).kept(visual, text, ratio, grids)
+
+
+def route_of_evaluation(path: str | Path) -> dict[str, Path]:
+    """An ``evocomp evaluate`` result's ``compressor_for_ratio`` (keep ratio -> the compressor
+    folder that served it; with ``evaluate.choose: val_answer_loss``, the one of lowest val
+    answer loss) as a :class:`BudgetScorers` route. Folders are as the evaluation was given
+    them: relative to the directory it ran in.
+
+    Raises:
+        ValueError: an unreadable file, or one without ``compressor_for_ratio`` (an
+            evaluation of a single compressor).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable evaluation result ({err})") from None
+    route = data.get("compressor_for_ratio") if isinstance(data, dict) else None
+    if not isinstance(route, dict) or not route:
+        raise ValueError(
+            f"{path} has no compressor_for_ratio: it evaluated one compressor, which serves "
+            "every ratio (pass it with --compressor)"
+        )
+    return {str(k): Path(v) for k, v in route.items()}

@@ -22,7 +22,7 @@ from evocomp.data.samples import Sample, sample_seed
 from evocomp.evaluation.answers import is_correct
 from evocomp.evaluation.guided import MERGERS, prumerge, rater_scores
 from evocomp.features.cache import FeatureStore
-from evocomp.tokens import keep_count, ratio_key
+from evocomp.tokens import keep_count, nearest_budget, ratio_key
 from evocomp.tolerance import loss_on_grid
 
 
@@ -52,12 +52,6 @@ def oracle_ranking(label_row) -> torch.Tensor:
         score += torch.as_tensor(list(label_row.soft), dtype=torch.float32)
     score[torch.as_tensor(list(label_row.kept), dtype=torch.long)] += 2.0
     return score - torch.arange(n) * 1e-6  # deterministic ties: earlier token first
-
-
-def nearest_budget(label_ratios, ratio: float) -> float:
-    """The label keep ratio nearest ``ratio`` by factor (2/9 is 1.5x from 1/3 and 2x from
-    1/9), the smaller on ties: which compressor serves ``ratio``."""
-    return min(label_ratios, key=lambda lr: (abs(math.log(ratio / lr)), lr))
 
 
 def route_by_val_loss(

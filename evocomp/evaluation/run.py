@@ -21,14 +21,13 @@ from evocomp.evaluation.guided import MERGERS
 from evocomp.evaluation.harness import (
     Selector,
     evaluate_methods,
-    nearest_budget,
     route_by_val_loss,
     summarise,
 )
 from evocomp.features.compute import ensure_features
 from evocomp.labelset import load_label_set
 from evocomp.mllm.checkpoint import checkpoint_info
-from evocomp.tokens import ratio_key
+from evocomp.tokens import nearest_budget, ratio_key
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 

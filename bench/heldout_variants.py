@@ -127,7 +127,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--benchmark", choices=sorted(VARIANTS), default="shapes")
     p.add_argument("--model", type=Path, help="checkpoint (default: the benchmark's committed one)")
     p.add_argument("--n", type=int, default=600, help="images per variant")
-    p.add_argument("--ratios", default="0.333,0.111")
+    p.add_argument(
+        "--ratios",
+        default="0.333,0.111",
+        help="keep ratios of the reference model's oracle / random check and, with "
+        "--compressor, of the comparison with the heuristics",
+    )
     p.add_argument(
         "--compressor",
         type=Path,
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         params = params.model_copy(  # no val split in a variant: the nearest budget serves
             update={
                 "evaluate": params.evaluate.model_copy(
-                    update={"methods": methods, "choose": "nearest"}
+                    update={"methods": methods, "choose": "nearest", "ratios": ratios}
                 )
             }
         )

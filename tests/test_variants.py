@@ -292,7 +292,7 @@ def test_heldout_variants_bench_hands_every_sample_to_evaluate(
     (tmp_path / "comp2").mkdir()
 
     def fake2(params, data, features, labels, compressor, mllm, speed, progress=None):
-        seen.append((params.evaluate.choose, compressor))
+        seen.append((params.evaluate.choose, list(params.evaluate.ratios), compressor))
         return {"prune_layer": 0, "full": 1.0, "ratios": {"0.111": {"random": 0.5}},
                 "stderr": {"0.111": {"random": 0.1}},
                 "paired": {"0.111": {"random": {"diff": 0.1, "stderr": 0.05}}},
@@ -305,7 +305,8 @@ def test_heldout_variants_bench_hands_every_sample_to_evaluate(
          "--out", str(tmp_path / "hv.json")]
     )  # fmt: skip
     assert list(report["variants"]) == ["own (3-6 objects, plain)", "noise background"]
-    assert seen == [("nearest", [tmp_path / "comp", tmp_path / "comp2"])] * 2
+    # the comparison at --ratios, not params.yaml's evaluate.ratios
+    assert seen == [("nearest", [0.111], [tmp_path / "comp", tmp_path / "comp2"])] * 2
     row = report["variants"]["noise background"]["compression"]
     assert set(row) == {"prune_layer", "full", "ratios", "stderr", "paired", "compressor_for_ratio"}
     assert report["compressor"] == [str(tmp_path / "comp"), str(tmp_path / "comp2")]

@@ -8,7 +8,7 @@ keep ratio is served as ``evocomp evaluate`` served it: by the compressor ``--ro
 evaluation's eval.json: its ``compressor_for_ratio``) names for it, else by the one trained
 nearest it. ``--route`` alone takes its compressors from the eval.json:
 
-evocomp generate --model models/scenes/mllm --route metrics/scenes/eval.json \
+evocomp generate --model models/scenes/mllm --route metrics/scenes/eval.json \\
     --image scene.png --question "how many red objects are there ?" --keep-ratio 0.111
 
 Greedy decoding; the prompt is the checkpoint's template (``USER: <image>\\n{question}

@@ -133,7 +133,7 @@ class BudgetScorers:
     each keep ratio is served by the compressor ``route`` names for it, else by the one whose
     training labels' keep ratio is nearest it (:func:`evocomp.tokens.nearest_budget`) — the
     rule ``evocomp evaluate`` serves its ratios by, so a deployed model keeps what the
-    evaluation measured. One compressor serves every ratio.
+    evaluation measured. A single compressor serves every ratio.
 
     Args:
         scorers: the compressors (:class:`TokenScorer`); with several, each must record its
@@ -179,16 +179,12 @@ class BudgetScorers:
             self.route[key] = folders[Path(folder).resolve()]
 
     def for_ratio(self, ratio: float) -> TokenScorer:
-        """The compressor serving keep ratio ``ratio``."""
+        """The compressor serving keep ratio ``ratio`` (its :meth:`TokenScorer.kept` picks)."""
         if ratio_key(ratio) in self.route:
             return self.route[ratio_key(ratio)]
         if len(self.by_budget) == 1:
             return next(iter(self.by_budget.values()))
         return self.by_budget[nearest_budget(self.by_budget, ratio)]
-
-    def kept(self, visual, text, ratio: float, grids=None) -> list[torch.Tensor]:
-        """:meth:`TokenScorer.kept` of the compressor serving ``ratio``."""
-        return self.for_ratio(ratio).kept(visual, text, ratio, grids)
 
 
 def route_of_evaluation(path: str | Path) -> dict[str, Path]:

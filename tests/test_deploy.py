@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from evocomp.cli import app
 from evocomp.compress.model import load_compressor
 from evocomp.deploy import compress_model
+from evocomp.deploy.attach import HOOK_ATTR
 from evocomp.deploy.prompt import question_from_text
 from evocomp.errors import ModelError
 from evocomp.evaluation.harness import Selector
@@ -370,7 +371,7 @@ def test_budget_compressors_refusals(world, budgets, tmp_path):
         compress_model(model, proc, [small, twin], 1 / 3)
     with pytest.raises(ModelError, match="not among the compressors given"):
         compress_model(model, proc, [small, large], 1 / 3, route={"0.333": tmp_path / "x"})
-    assert not hasattr(model, "_evocomp_compressed")  # nothing attached by a refusal
+    assert not hasattr(model, HOOK_ATTR)  # nothing attached by a refusal
 
 
 def test_cli_route_from_an_evaluation(world, budgets, tmp_path, monkeypatch):

@@ -19,7 +19,9 @@ in the test split, every method of the benchmark's params but the GA oracle, whi
 labels of the variant): does a compressor trained on the benchmark's own data carry to a
 variant, against the heuristics at the same keep ratios and prune layer? Repeated (one per
 label budget, like the scenes pipeline's), each ratio goes to the compressor whose labels'
-keep ratio is nearest it (a variant has no val split to choose on). ``paired`` in each row
+keep ratio is nearest it (a variant has no val split to choose on), or with ``--route
+EVAL_JSON`` the one that evaluation chose (``compressor_for_ratio``: the pipeline's
+routing, as deployment serves it). ``paired`` in each row
 is EvoComp's accuracy minus every other method's on the same samples, with its standard
 error. ``--variants own,noise`` runs the variants whose names start with those words.
 
@@ -84,8 +86,9 @@ def _progress():
 
 
 def evaluate_variant(
-    mllm, benchmark: str, grid: int, variant, n: int, ratios, compressor=None, params=None
-) -> dict:
+    mllm, benchmark: str, grid: int, variant, n: int, ratios, compressor=None, params=None,
+    route=None,
+) -> dict:  # fmt: skip
     from evocomp.data.prepared import write_prepared
     from evocomp.data.readers import read_dataset
     from evocomp.data.synth import write_dataset
@@ -112,7 +115,7 @@ def evaluate_variant(
             prepared = write_prepared(samples, Path(tmp) / "prepared", str(raw)).parent
             result = run_evaluation(
                 params, prepared, Path(tmp) / "features", Path(tmp) / "no-labels", compressor,
-                mllm, Path(tmp) / "no-speed", progress=_progress(),
+                mllm, Path(tmp) / "no-speed", progress=_progress(), route_from=route,
             )  # fmt: skip
             row["compression"] = {  # the later prune layer's keys: ratios_l1, or _l2 (3+ layers)
                 k: v for k, v in result.items()
@@ -139,6 +142,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="append",
         help="also compare it with the heuristics; repeat for one per label budget",
     )
+    p.add_argument(
+        "--route",
+        type=Path,
+        help="an eval.json: each ratio is served by the compressor that evaluation chose "
+        "(its compressor_for_ratio), not by the nearest budget's",
+    )
     p.add_argument("--variants", help="comma list: run the variants whose names start so")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -156,6 +165,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for c in args.compressor or []:
         if not c.is_dir():
             p.error(f"--compressor {c}: no compressor there")
+    if args.route is not None:
+        from evocomp.evaluation.routes import route_of_evaluation
+
+        if not args.compressor:
+            p.error("--route needs the --compressor folders it names")
+        try:
+            route_of_evaluation(args.route)
+        except ValueError as err:
+            p.error(f"--route: {err}")
     variants = VARIANTS[args.benchmark]
     if args.variants:
         words = [w.strip().lower() for w in args.variants.split(",") if w.strip()]
@@ -194,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, (objects, background) in variants.items():
         rows[name] = evaluate_variant(
             mllm, args.benchmark, grid, Variant(objects, background), args.n, ratios,
-            args.compressor, params,
+            args.compressor, params, args.route,
         )  # fmt: skip
         r = rows[name]
         print(f"{name}: full {r['full']:.3f} +- {r['full_se']:.3f}", flush=True)
@@ -203,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": os.path.relpath(model, REPO) if model.is_relative_to(REPO) else str(model),
         "seed": SEED,
         "compressor": [str(c) for c in args.compressor] if args.compressor else None,
+        "route": str(args.route) if args.route else None,
         "variants": rows,
         "machine": machine,
         "command": command_line(argv, __file__),

@@ -225,6 +225,10 @@ class TrainParams(_Strict):
     # trainings from seeds seed, seed + 1, ...; the one whose kept epoch the monitor scores
     # best is saved (a collapsed run is caught by answer_loss, not by precision or BCE)
     restarts: int = Field(1, ge=1)
+    # the share of the train split's images (by a hash of the image, data.samples.
+    # held_for_selection) left out of fitting and early stopping: evaluate.choose
+    # select_answer_loss compares compressors there, on samples none of them was tuned on
+    select_share: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class EvaluateParams(_Strict):
@@ -235,8 +239,11 @@ class EvaluateParams(_Strict):
     seed: int = 0
     # several compressors (one per label budget): which serves a ratio. nearest: the one whose
     # labels' keep ratio is nearest by factor; val_answer_loss: the one whose top k gives the
-    # lowest mean answer loss on the val split (harness.route_by_val_loss)
-    choose: Literal["nearest", "val_answer_loss"] = "nearest"
+    # lowest mean answer loss on the val split (harness.route_by_val_loss; with train.monitor
+    # answer_loss that split also early-stopped each compressor at its own ratio, so it leans
+    # to each ratio's own); select_answer_loss: the same on the train images every compressor
+    # left out (train.select_share), which none of them was fitted or stopped on
+    choose: Literal["nearest", "val_answer_loss", "select_answer_loss"] = "nearest"
 
     @field_validator("methods")
     @classmethod

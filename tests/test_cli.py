@@ -212,3 +212,18 @@ def test_a_named_speed_file_that_is_missing_is_an_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(app, ["evaluate", "--speed", "speedup.json"])
     assert res.exit_code == 2 and "--speed speedup.json: file not found" in res.output
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [(None, "not a readable evaluation result"), ("{}", "has no compressor_for_ratio")],
+)
+def test_an_unreadable_route_is_an_error_before_anything_loads(
+    tmp_path, monkeypatch, content, match
+):
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / "eval.json").write_text(content)
+    res = runner.invoke(app, ["evaluate", "--route", "eval.json", "--out", "out.json"])
+    assert res.exit_code == 2 and match in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "out.json").exists()

@@ -339,32 +339,62 @@ def test_evaluate_ranks_each_ratio_by_the_compressor_trained_nearest_it(
     assert set(both["compressor_for_ratio"].values()) == {str(tmp_path / "a"), str(tmp_path / "b")}
     with pytest.raises(ValueError, match="both trained on labels of keep ratio"):
         evaluate("a", "a")
+    # --route: another evaluation's choice serves the ratios it names (here b, even where a is
+    # nearer), the nearest budget the rest; a route to a folder not passed is refused
+    first, *rest = params.evaluate.ratios
+    route = tmp_path / "eval.json"
+    route.write_text(
+        json.dumps({"compressor_for_ratio": {f"{r:.3f}": str(tmp_path / "b") for r in rest}})
+    )
+    root = world["root"]
+
+    def routed(*names: str) -> dict:
+        return run_evaluation(
+            params, root / "prepared", root / "features", root / "labels.parquet",
+            [tmp_path / n for n in names], world["mllm"], tmp_path / "no-bench.json",
+            route_from=route,
+        )  # fmt: skip
+
+    given = routed("a", "b")
+    assert given["compressor_choice"] == {"rule": "route", "route": str(route)}
+    for r in params.evaluate.ratios:
+        key = f"{r:.3f}"
+        name = "b" if r in rest else both["compressor_for_ratio"][key][-1]
+        assert given["compressor_for_ratio"][key] == str(tmp_path / name)
+        assert given["ratios"][key] == alone[name]["ratios"][key], key
+    with pytest.raises(ValueError, match="which is not among the --compressor folders"):
+        routed("a")
 
 
-def test_evaluate_can_choose_each_ratios_compressor_by_its_val_answer_loss(
-    world, tiny_llava, tmp_path
+@pytest.mark.parametrize("rule", ["val_answer_loss", "select_answer_loss"])
+def test_evaluate_can_choose_each_ratios_compressor_by_its_held_out_answer_loss(
+    world, tiny_llava, tmp_path, rule
 ):
-    """``evaluate.choose: val_answer_loss``: each ratio goes to the compressor whose top k
-    answers the val split best (recomputed here through the training code's ranking and the
-    search's fitness); the test rows are that compressor's, as if it were evaluated alone."""
+    """``evaluate.choose``: each ratio goes to the compressor whose top k answers the held-out
+    samples best -- the val split (``val_answer_loss``) or the train images every compressor
+    left out of fitting (``select_answer_loss``, ``train.select_share``) -- recomputed here
+    through the training code's ranking and the search's fitness; the test rows are that
+    compressor's, as if it were evaluated alone."""
     import math
 
+    from evocomp.data.samples import held_for_selection
     from evocomp.evaluation.run import run_evaluation
     from evocomp.tokens import keep_count
 
     info = checkpoint_info(tiny_llava)
     common = (world["root"] / "labels.parquet", world["root"] / "features", info)
+    share = 0.4 if rule == "select_answer_loss" else 0.0
     for name, seed in (("a", 0), ("b", 3)):
-        train_compressor(*common, TrainParams(epochs=1, seed=seed), tmp_path / name)
+        train_compressor(
+            *common, TrainParams(epochs=1, seed=seed, select_share=share), tmp_path / name
+        )
     ratio_a = load_compressor(tmp_path / "a")[1]["label_keep_ratio"]
     ratio_b = 0.111 if ratio_a > 0.3 else 0.5
     config = tmp_path / "b" / "config.json"
     meta = json.loads(config.read_text())
     meta["extra"]["label_keep_ratio"] = ratio_b
     config.write_text(json.dumps(meta))
-    params = Params.model_validate(
-        {"evaluate": {"methods": ["evocomp"], "choose": "val_answer_loss"}}
-    )
+    params = Params.model_validate({"evaluate": {"methods": ["evocomp"], "choose": rule}})
     root, mllm = world["root"], world["mllm"]
 
     def evaluate(*names: str, prepared=root / "prepared") -> dict:
@@ -373,14 +403,28 @@ def test_evaluate_can_choose_each_ratios_compressor_by_its_val_answer_loss(
             [tmp_path / n for n in names], mllm, tmp_path / "no-bench.json",
         )  # fmt: skip
 
-    val = load_prepared(root / "prepared", "val")
-    assert val
+    if rule == "val_answer_loss":
+        held = load_prepared(root / "prepared", "val")
+        # no share: nothing held out, and the config reads as before select_share existed
+        summary = load_compressor(tmp_path / "a")[1]
+        assert "select_share" not in summary["params"] and "select_samples" not in summary
+    else:  # the train images of the share, drawn from the image bytes alone
+        train = load_prepared(root / "prepared", "train")
+        held = [s for s in train if held_for_selection(s.image.read_bytes(), share)]
+        assert 0 < len(held) < len(train)
+        summary = load_compressor(tmp_path / "a")[1]
+        assert summary["params"]["select_share"] == share
+        assert (summary["train_samples"], summary["select_samples"]) == (
+            len(train) - len(held),
+            len(held),
+        )
+    assert held
     want: dict = {}
     for name, label_ratio in (("a", ratio_a), ("b", ratio_b)):
         model = load_compressor(tmp_path / name)[0]
         for r in params.evaluate.ratios:
             losses = []
-            for s in val:
+            for s in held:
                 f = world["fstore"].get(s.id)
                 kept = select_topk(
                     keep_logits(model, f.tokens, f.cells, f.text), keep_count(r, len(f.tokens))
@@ -391,8 +435,8 @@ def test_evaluate_can_choose_each_ratios_compressor_by_its_val_answer_loss(
             )
     both, alone = evaluate("a", "b"), {n: evaluate(n) for n in ("a", "b")}
     choice = both["compressor_choice"]
-    assert choice["rule"] == "val_answer_loss" and choice["val_samples"] == len(val)
-    assert choice["val_answer_loss"] == want
+    split = "val" if rule == "val_answer_loss" else "select"
+    assert choice == {"rule": rule, f"{split}_samples": len(held), rule: want}
     folder = {f"{ratio_a:.3f}": "a", f"{ratio_b:.3f}": "b"}
     for r in params.evaluate.ratios:
         key = f"{r:.3f}"
@@ -404,6 +448,18 @@ def test_evaluate_can_choose_each_ratios_compressor_by_its_val_answer_loss(
         assert both["compressor_for_ratio"][key] == str(tmp_path / name)
         for rows in ("ratios", "ratios_l1"):
             assert both[rows][key] == alone[name][rows][key], (rows, key)
+    if rule == "select_answer_loss":
+        # a compressor fitted on the share (none left out, or another share): one line naming
+        # it, before any test sample is scored
+        for other in (0.0, 0.2):
+            train_compressor(*common, TrainParams(epochs=1, select_share=other), tmp_path / "c")
+            config = tmp_path / "c" / "config.json"
+            meta = json.loads(config.read_text())
+            meta["extra"]["label_keep_ratio"] = 0.9
+            config.write_text(json.dumps(meta))
+            with pytest.raises(ValueError, match=f"c was trained with train.select_share {other}"):
+                evaluate("a", "b", "c")
+        return
     # no val split to choose on: one line naming the fix, before any test sample is scored
     df = pd.read_parquet(root / "prepared" / "samples.parquet")
     no_val = tmp_path / "no-val"

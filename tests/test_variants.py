@@ -270,7 +270,7 @@ def test_heldout_variants_bench_hands_every_sample_to_evaluate(
 
     seen = []
 
-    def fake(params, data, features, labels, compressor, mllm, speed, progress=None):
+    def fake(params, data, features, labels, compressor, mllm, speed, progress=None, **kw):
         seen.append((len(load_prepared(data, "test")), list(params.evaluate.methods), compressor))
         return {"prune_layer": 0, "full": 1.0, "ratios": {"0.111": {"random": 0.5}},
                 "stderr": {"0.111": {"random": 0.1}}}  # fmt: skip
@@ -291,8 +291,10 @@ def test_heldout_variants_bench_hands_every_sample_to_evaluate(
     seen.clear()
     (tmp_path / "comp2").mkdir()
 
-    def fake2(params, data, features, labels, compressor, mllm, speed, progress=None):
-        seen.append((params.evaluate.choose, list(params.evaluate.ratios), compressor))
+    def fake2(params, data, features, labels, compressor, mllm, speed, progress=None, **kw):
+        seen.append(
+            (params.evaluate.choose, list(params.evaluate.ratios), compressor, kw["route_from"])
+        )
         return {"prune_layer": 0, "full": 1.0, "ratios": {"0.111": {"random": 0.5}},
                 "stderr": {"0.111": {"random": 0.1}},
                 "paired": {"0.111": {"random": {"diff": 0.1, "stderr": 0.05}}},
@@ -306,10 +308,27 @@ def test_heldout_variants_bench_hands_every_sample_to_evaluate(
     )  # fmt: skip
     assert list(report["variants"]) == ["own (3-6 objects, plain)", "noise background"]
     # the comparison at --ratios, not params.yaml's evaluate.ratios
-    assert seen == [("nearest", [0.111], [tmp_path / "comp", tmp_path / "comp2"])] * 2
+    assert seen == [("nearest", [0.111], [tmp_path / "comp", tmp_path / "comp2"], None)] * 2
     row = report["variants"]["noise background"]["compression"]
     assert set(row) == {"prune_layer", "full", "ratios", "stderr", "paired", "compressor_for_ratio"}
     assert report["compressor"] == [str(tmp_path / "comp"), str(tmp_path / "comp2")]
+    # --route: the evaluation's choice reaches every variant's evaluation; an unreadable one,
+    # or one without compressors, stops before any variant is drawn
+    seen.clear()
+    route = tmp_path / "eval.json"
+    route.write_text(json.dumps({"compressor_for_ratio": {"0.111": str(tmp_path / "comp2")}}))
+    two = ["--compressor", str(tmp_path / "comp"), "--compressor", str(tmp_path / "comp2")]
+    report = heldout_variants.main(
+        ["--model", str(tiny_llava), "--n", "3", "--ratios", "0.111", "--variants", "own",
+         *two, "--route", str(route), "--out", str(tmp_path / "hv.json")]
+    )  # fmt: skip
+    assert [s[3] for s in seen] == [route] and report["route"] == str(route)
+    for args in (["--route", str(tmp_path / "none.json"), *two], ["--route", str(route)]):
+        with pytest.raises(SystemExit):
+            heldout_variants.main(
+                ["--model", str(tiny_llava), *args, "--out", str(tmp_path / "x.json")]
+            )
+    assert len(seen) == 1 and not (tmp_path / "x.json").exists()
     for bad in ("purple", ","):
         with pytest.raises(SystemExit):
             heldout_variants.main(

@@ -33,8 +33,9 @@ def evaluate(
     compressor: list[Path] = typer.Option(
         [Path("models/compressor")],
         help="trained compressor; repeat for one per label budget: each ratio is ranked by "
-        "the one whose labels' keep ratio is nearest, or (evaluate.choose: val_answer_loss) "
-        "by the one whose top k answers the val split with the lowest loss",
+        "the one whose labels' keep ratio is nearest, or (evaluate.choose) by the one whose "
+        "top k answers the val split (val_answer_loss) or the train images every compressor "
+        "left out (select_answer_loss, train.select_share) with the lowest loss",
     ),
     model: Path = typer.Option(None, help="checkpoint (default: mllm.checkpoint)"),
     out: Path = typer.Option(Path("metrics/eval.json")),
@@ -45,6 +46,12 @@ def evaluate(
         None,
         help="real-shape timings of bench/speedup.py (default: metrics/bench_speedup.json, "
         "when it exists)",
+    ),
+    route: Path = typer.Option(
+        None,
+        help="an earlier evaluation's eval.json: each keep ratio is served by the compressor "
+        "it chose (its compressor_for_ratio; pass those --compressor folders), not chosen "
+        "again by evaluate.choose: new data, the pipeline's routing",
     ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -62,13 +69,17 @@ def evaluate(
         fail(f"--speed {speed}: file not found (run bench/speedup.py, or leave --speed out)")
     speed = speed or Path("metrics/bench_speedup.json")
     try:
+        if route is not None:  # an unreadable route fails before the model is loaded
+            from evocomp.evaluation.routes import route_of_evaluation
+
+            route_of_evaluation(route)
         mllm = load_mllm(
             *model_options(params, model, device, dtype),
             prompt_template=params.mllm.prompt_template,
         )
         with progress_bars() as bar:
             result = run_evaluation(
-                params, data, features_dir, labels, compressor, mllm, speed, bar
+                params, data, features_dir, labels, compressor, mllm, speed, bar, route
             )
     except USER_ERRORS as err:
         fail(str(err))

@@ -24,6 +24,7 @@ from evocomp.cli.common import (
 SUMMARY_KEYS = (
     "train_samples",
     "val_samples",
+    "select_samples",  # train.select_share > 0: train images left out for evaluate.choose
     "epochs",
     "best_epoch",
     "val_loss",

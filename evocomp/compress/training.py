@@ -6,7 +6,7 @@ evocomp train --labels data/labels/labels.parquet --out models/compressor
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from pathlib import Path
 
 import pandas as pd
@@ -15,15 +15,17 @@ import torch
 from evocomp.compress.fit import Item, best_epoch, epoch_score, fit_compressor
 from evocomp.compress.model import TokenCompressor, keep_logits, save_compressor, select_topk
 from evocomp.config import TrainParams
+from evocomp.data.samples import selection_share
 from evocomp.features.cache import FeatureStore
 from evocomp.labelset import label_set_hash, load_label_set
 from evocomp.tolerance import loss_on_grid
 
 
 def items_from_labels(
-    df: pd.DataFrame | Sequence[pd.DataFrame], fstore: FeatureStore
+    df: pd.DataFrame | Sequence[pd.DataFrame], fstore: FeatureStore, held: Set[str] = frozenset()
 ) -> dict[str, list[Item]]:
     """Items per split; refuses labels of another model or with mismatched token counts.
+    Samples whose id is in ``held`` (the train split's selection share) go to ``"select"``.
 
     Several label sets of the same samples (one per budget, ``evocomp label --keep-ratio``)
     give one graded target per token: the fraction of the sets whose label keeps it (and the
@@ -64,7 +66,8 @@ def items_from_labels(
             targets.append(target)
             if row.soft is not None:
                 softs.append(torch.as_tensor(list(row.soft), dtype=torch.float32))
-        out.setdefault(rows[0][sample_id].split, []).append(
+        split = "select" if sample_id in held else rows[0][sample_id].split
+        out.setdefault(split, []).append(
             Item(
                 visual=feats.tokens,
                 grid_pos=feats.cells,
@@ -138,6 +141,10 @@ def train_compressor(
 ) -> tuple[list[dict], dict]:
     """Fit on the train split (early stopping on val), save to ``out``; ``(history, summary)``.
 
+    ``train.select_share`` > 0 leaves that share of the train split's images out of fitting
+    (:func:`evocomp.data.samples.held_for_selection`): neither fitted nor early-stopped on,
+    they are where ``evaluate.choose: select_answer_loss`` compares compressors.
+
     ``labels``: one label set, or several of the same samples at different budgets (see
     :func:`items_from_labels`); the first one names the summary's ``label_set_hash``.
     ``mllm`` (the labels' model, loaded) scores ``train.monitor: answer_loss`` with the labels'
@@ -148,7 +155,8 @@ def train_compressor(
     paths = [labels] if isinstance(labels, str | Path) else list(labels)
     dfs = [load_label_set(p) for p in paths]
     fstore = FeatureStore(features, info["model_id"])
-    items = items_from_labels(dfs, fstore)
+    held = {r.sample_id for r in selection_share(dfs[0].itertuples(), params.select_share)}
+    items = items_from_labels(dfs, fstore, held)
     if not items["train"]:
         raise ValueError(f"{labels}: no train-split labels to train on")
     val_rows = dfs[0][dfs[0]["split"] == "val"]
@@ -187,14 +195,18 @@ def train_compressor(
         "model_id": info["model_id"],
         "train_samples": len(items["train"]),
         "val_samples": len(items["val"]),
+        **({"select_samples": len(held)} if params.select_share else {}),
         "epochs": len(history),
         "best_epoch": best["epoch"],
         "val_loss": best["val_loss"],
         "val_precision": best["val_precision"],
         # the settings that retrain this very model (the kept run's seed, no restarts; also
         # what a single training saved before restarts existed, so its bytes are unchanged)
+        # (select_share only when set: a compressor trained without one keeps its bytes)
         "params": json.loads(
-            params.model_copy(update={"seed": seed}).model_dump_json(exclude={"restarts"})
+            params.model_copy(update={"seed": seed}).model_dump_json(
+                exclude={"restarts"} | (set() if params.select_share else {"select_share"})
+            )
         ),
     }
     if answer_loss is not None:

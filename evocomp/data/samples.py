@@ -4,7 +4,10 @@ A ``Sample`` is one (image, question, answer) triple; its id is a content hash
 of the image bytes, the question and the answer, so the same content always has
 the same id (the label store and the resumable flows key on it). The split is a
 hash of the *image* bytes, so all questions on one image land in the same split
-and a grown dataset never moves an old sample to another split.
+and a grown dataset never moves an old sample to another split. The same holds for the
+train split's *selection share* (:func:`held_for_selection`): the images a compressor
+training leaves out so that ``evaluate.choose: select_answer_loss`` can compare compressors
+on samples none of them was fitted or early-stopped on.
 """
 
 from __future__ import annotations
@@ -60,6 +63,36 @@ def assign_split(image_bytes: bytes, val_fraction: float, test_fraction: float) 
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def held_for_selection(image_bytes: bytes, share: float) -> bool:
+    """Whether a train-split image is in the selection share (``train.select_share``).
+
+    Its own salted hash, so the share is drawn independently of :func:`assign_split`'s
+    draw (which put the image in train) and stays put when the dataset grows."""
+    if share <= 0:
+        return False
+    u = int(hashlib.sha256(b"select\0" + image_bytes).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return u < share
+
+
+def selection_share(samples, share: float) -> list:
+    """The train-split ``samples`` (anything with ``.image``, a path, and ``.split``) whose
+    image is in the selection share, in their order. Each image is read once."""
+    held: dict[Path, bool] = {}
+    out = []
+    for s in samples:
+        if s.split != "train":
+            continue
+        path = Path(s.image)
+        if path not in held:
+            try:
+                held[path] = held_for_selection(path.read_bytes(), share)
+            except FileNotFoundError:
+                raise DatasetError(f"image not found: {path}") from None
+        if held[path]:
+            out.append(s)
+    return out
 
 
 def sample_seed(global_seed: int, sample_id: str) -> int:

@@ -8,7 +8,6 @@ tokens the evaluation measured.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from evocomp.compress.fit import Item, collate
 from evocomp.compress.model import load_compressor, select_topk, select_topk_filled
 from evocomp.errors import ModelError
+from evocomp.evaluation.routes import route_of_evaluation  # noqa: F401  (deployment's API)
 from evocomp.tokens import grid_positions, grid_shape, keep_count, nearest_budget, ratio_key
 
 
@@ -185,27 +185,3 @@ class BudgetScorers:
         if len(self.by_budget) == 1:
             return next(iter(self.by_budget.values()))
         return self.by_budget[nearest_budget(self.by_budget, ratio)]
-
-
-def route_of_evaluation(path: str | Path) -> dict[str, Path]:
-    """An ``evocomp evaluate`` result's ``compressor_for_ratio`` (keep ratio -> the compressor
-    folder that served it; with ``evaluate.choose: val_answer_loss``, the one of lowest val
-    answer loss) as a :class:`BudgetScorers` route. Folders are as the evaluation was given
-    them: relative to the directory it ran in.
-
-    Raises:
-        ValueError: an unreadable file, or one without ``compressor_for_ratio`` (an
-            evaluation of a single compressor).
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable evaluation result ({err})") from None
-    route = data.get("compressor_for_ratio") if isinstance(data, dict) else None
-    if not isinstance(route, dict) or not route:
-        raise ValueError(
-            f"{path} has no compressor_for_ratio: it evaluated one compressor, which serves "
-            "every ratio (pass it with --compressor)"
-        )
-    return {str(k): Path(v) for k, v in route.items()}

@@ -54,7 +54,7 @@ def oracle_ranking(label_row) -> torch.Tensor:
     return score - torch.arange(n) * 1e-6  # deterministic ties: earlier token first
 
 
-def route_by_val_loss(
+def route_by_answer_loss(
     mllm,
     info: dict,
     compressors: dict,
@@ -65,9 +65,10 @@ def route_by_val_loss(
     batch: int = 64,
     progress=None,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """``evaluate.choose: val_answer_loss``: which of several compressors (``{label keep
-    ratio: compressor}``) serves each keep ratio, chosen on held-out validation samples, never
-    on the test split the table reports.
+    """``evaluate.choose: val_answer_loss`` / ``select_answer_loss``: which of several
+    compressors (``{label keep ratio: compressor}``) serves each keep ratio, chosen on held-out
+    samples (the val split, or the train images left out of fitting), never on the test split
+    the table reports.
 
     Each compressor ranks every validation sample's tokens; the MLLM answers from its top k at
     each ratio (k as in evaluation) and the sample's answer loss is taken as the search takes
@@ -75,11 +76,11 @@ def route_by_val_loss(
     ``label.objective``). The lowest mean serves the ratio; ties go to :func:`nearest_budget`'s
     order. Returns ``(route, losses)``: ``ratio_key(ratio) -> label keep ratio`` and
     ``ratio_key(ratio) -> {ratio_key(label keep ratio): mean loss}``. ``progress(done,
-    total)`` is called as validation samples finish."""
+    total)`` is called as the samples finish."""
     from evocomp.labeling.fitness import fitness_fn
 
     if not samples:
-        raise ValueError("no validation samples to choose a compressor on")
+        raise ValueError("no held-out samples to choose a compressor on")
     sums: dict[tuple[float, float], float] = defaultdict(float)
     selectors = {
         lr: Selector(mllm, info, model, seed=0, label_ratio=lr)
@@ -138,7 +139,7 @@ class Selector:
 
         ``compressor``: one compressor, or ``{label_keep_ratio: compressor}``, one per label
         budget: each ratio is then served by the one trained nearest it (:meth:`compressor_for`),
-        or by ``route`` (``ratio_key(ratio)`` -> label keep ratio; :func:`route_by_val_loss`)."""
+        or by ``route`` (``ratio_key(ratio)`` -> label keep ratio; :func:`route_by_answer_loss`)."""
         self.mllm, self.info, self.seed = mllm, info, seed
         self.route = dict(route or {})
         if isinstance(compressor, dict):

@@ -11,19 +11,22 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from evocomp.compress.model import load_compressor
 from evocomp.config import Params
 from evocomp.data.prepared import load_prepared
+from evocomp.data.samples import selection_share
 from evocomp.evaluation.guided import MERGERS
 from evocomp.evaluation.harness import (
     Selector,
     evaluate_methods,
-    route_by_val_loss,
+    route_by_answer_loss,
     summarise,
 )
+from evocomp.evaluation.routes import route_of_evaluation
 from evocomp.features.compute import ensure_features
 from evocomp.labelset import load_label_set
 from evocomp.mllm.checkpoint import checkpoint_info
@@ -63,9 +66,9 @@ def _latency(mllm, info, samples, fstore, selector, ratios, methods, repeats: in
 
 
 def _load_compressors(dirs: Path | list[Path], model_id: str, fill: bool) -> dict:
-    """``{label_keep_ratio: (folder, compressor)}`` of one compressor or several (one per
-    label budget). Refuses another model's compressor, a fill or several without the labels'
-    ratio, and two compressors of one label ratio."""
+    """``{label_keep_ratio: (folder, compressor, train.select_share)}`` of one compressor or
+    several (one per label budget). Refuses another model's compressor, a fill or several
+    without the labels' ratio, and two compressors of one label ratio."""
     dirs = [dirs] if isinstance(dirs, str | Path) else list(dirs)
     loaded = {}
     for d in dirs:
@@ -87,29 +90,81 @@ def _load_compressors(dirs: Path | list[Path], model_id: str, fill: bool) -> dic
                 f"{d} and {loaded[label_ratio][0]} were both trained on labels of keep ratio "
                 f"{label_ratio}: pass one compressor per label budget"
             )
-        loaded[label_ratio] = (d, model)
+        loaded[label_ratio] = (d, model, extra.get("params", {}).get("select_share", 0.0))
     return loaded
 
 
-def _route(params: Params, data: Path, features_dir: Path, mllm, info, models, progress):
+def _choice_samples(data: Path, loaded: dict, rule: str, limit: int | None) -> list:
+    """The samples ``evaluate.choose`` compares compressors on: the val split
+    (``val_answer_loss``), or the train images every compressor left out of fitting
+    (``select_answer_loss``: each must have been trained with the same ``train.select_share``
+    > 0, else that share is not held out of all of them)."""
+    if rule == "val_answer_loss":
+        val = load_prepared(data, "val", limit)
+        if not val:
+            raise ValueError(
+                f"{data}: the val split is empty, and evaluate.choose val_answer_loss picks the "
+                "compressors on it (set evaluate.choose: nearest)"
+            )
+        return val
+    shares = {d: share for d, _, share in loaded.values()}
+    common = Counter(shares.values()).most_common(1)[0][0]
+    odd = [(d, v) for d, v in shares.items() if not v or v != common]
+    if odd:
+        folder, share = odd[0]
+        raise ValueError(
+            f"{folder} was trained with train.select_share {share}, and evaluate.choose "
+            "select_answer_loss needs every compressor trained with the same share > 0 "
+            f"(here: {sorted(set(shares.values()))}): retrain them with one, or set "
+            "evaluate.choose: nearest"
+        )
+    held = selection_share(load_prepared(data, "train"), next(iter(shares.values())))[:limit]
+    if not held:
+        raise ValueError(
+            f"{data}: no train image falls in the selection share, and evaluate.choose "
+            "select_answer_loss picks the compressors on those (raise train.select_share)"
+        )
+    return held
+
+
+def _given_route(path: Path, loaded: dict, ratios) -> tuple[dict, dict]:
+    """``(route, choice)`` from another evaluation's ``compressor_for_ratio`` (``evocomp
+    evaluate --route``): each ratio it names is served by the compressor it names, which must
+    be one of ``loaded``; any other ratio by the nearest budget's, as deployment serves it."""
+    given = route_of_evaluation(path)
+    by_folder = {Path(d).resolve(): lr for lr, (d, _, _) in loaded.items()}
+    route = {}
+    for r in ratios:
+        key = ratio_key(r)
+        if key not in given:
+            route[key] = nearest_budget(by_folder.values(), r)
+        elif given[key].resolve() in by_folder:
+            route[key] = by_folder[given[key].resolve()]
+        else:
+            raise ValueError(
+                f"{path} serves keep ratio {key} by {given[key]}, which is not among the "
+                "--compressor folders: pass it too"
+            )
+    return route, {"rule": "route", "route": str(path)}
+
+
+def _route(params: Params, data: Path, features_dir: Path, mllm, info, loaded, progress):
     """``(route, choice)`` for several compressors (``evaluate.choose``): which label ratio
     serves each evaluated ratio, and what eval.json records about the choice."""
     p = params.evaluate
+    models = {lr: m for lr, (_, m, _) in loaded.items()}
     if p.choose == "nearest":
         return {ratio_key(r): nearest_budget(models, r) for r in p.ratios}, {"rule": "nearest"}
-    val = load_prepared(data, "val", p.max_samples)
-    if not val:
-        raise ValueError(
-            f"{data}: the val split is empty, and evaluate.choose val_answer_loss picks the "
-            "compressors on it (set evaluate.choose: nearest)"
-        )
-    vstore = ensure_features(mllm, val, features_dir, params.runtime.batch_size)
-    route, losses = route_by_val_loss(
-        mllm, info, models, val, vstore, p.ratios, params.label.objective,
-        progress=(lambda done, total: progress("choose compressors (val)", done, total))
+    samples = _choice_samples(data, loaded, p.choose, p.max_samples)
+    split = "val" if p.choose == "val_answer_loss" else "select"
+    store = ensure_features(mllm, samples, features_dir, params.runtime.batch_size)
+    route, losses = route_by_answer_loss(
+        mllm, info, models, samples, store, p.ratios, params.label.objective,
+        progress=(lambda done, total: progress(f"choose compressors ({split})", done, total))
         if progress else None,
     )  # fmt: skip
-    return route, {"rule": "val_answer_loss", "val_samples": len(val), "val_answer_loss": losses}
+    # the val rule's keys are those of eval.json files written before the select rule existed
+    return route, {"rule": p.choose, f"{split}_samples": len(samples), p.choose: losses}
 
 
 def run_evaluation(
@@ -121,6 +176,7 @@ def run_evaluation(
     mllm,
     speed: Path,
     progress: Progress | None = None,
+    route_from: Path | None = None,
 ) -> dict:
     """``metrics/eval.json`` (DESIGN.md, Metrics files) for the test split of ``data``.
 
@@ -129,9 +185,11 @@ def run_evaluation(
     ``retention_l<l>``, ``stderr_l<l>``), latencies, and the
     real-shape speedups of ``speed`` (``bench/speedup.py``). ``progress(phase, done, total)``
     is called as test samples finish. Several ``compressor_dir``s (one per label budget)
-    serve each ratio by the one trained nearest it, or (``evaluate.choose: val_answer_loss``)
-    by the one with the lowest answer loss on the val split (``compressor_for_ratio`` and
-    ``compressor_choice`` in the result).
+    serve each ratio by the one trained nearest it, or (``evaluate.choose``) by the one with
+    the lowest answer loss on the val split (``val_answer_loss``) or on the train images every
+    compressor left out (``select_answer_loss``) (``compressor_for_ratio`` and
+    ``compressor_choice`` in the result). ``route_from`` (an earlier ``eval.json``) serves
+    each ratio by the compressor that evaluation chose instead: new data, the same routing.
     """
     p = params.evaluate
     info = checkpoint_info(mllm.path, mllm.prompt_override)
@@ -143,12 +201,15 @@ def run_evaluation(
     compressor, label_df, label_ratio, route, choice = None, None, None, None, None
     if {"evocomp", "evocomp_fill"} & set(methods):
         loaded = _load_compressors(compressor_dir, info["model_id"], "evocomp_fill" in methods)
-        models = {lr: m for lr, (_, m) in loaded.items()}
-        if len(models) == 1:
-            ((label_ratio, compressor),) = models.items()
+        if route_from is not None:  # checked even for one compressor: it must be the named one
+            route, choice = _given_route(route_from, loaded, p.ratios)
+        if len(loaded) == 1:
+            ((label_ratio, (_, compressor, _)),) = loaded.items()
+            route, choice = None, None
         else:
-            compressor = models
-            route, choice = _route(params, data, features_dir, mllm, info, models, progress)
+            compressor = {lr: m for lr, (_, m, _) in loaded.items()}
+            if route is None:
+                route, choice = _route(params, data, features_dir, mllm, info, loaded, progress)
     if "oracle" in methods:  # one label set per budget; the first ranks at other ratios
         label_df = [
             df[df["split"] == "test"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import namedtuple
 from dataclasses import replace
 
 import pandas as pd
@@ -15,7 +16,7 @@ from evocomp.compress.training import items_from_labels, train_compressor
 from evocomp.config import Params, SearchParams, TrainParams
 from evocomp.data.prepared import load_prepared, write_prepared
 from evocomp.data.readers import read_dataset
-from evocomp.errors import ModelError
+from evocomp.errors import DatasetError, ModelError
 from evocomp.features.cache import FeatureStore
 from evocomp.features.compute import ensure_features
 from evocomp.labeling.sample import fitness_fn, label_and_store, label_sample
@@ -652,3 +653,30 @@ def test_distill_objective_scores_the_kl_from_all_tokens(world):
         mode="json", exclude={"objective", "warm_start"}
     ) | {"algorithm": ALGORITHM_VERSION}
     assert run_spec(p)["objective"] == "distill"
+
+
+def test_the_selection_share_is_drawn_by_image_apart_from_the_split(tmp_path):
+    """``train.select_share``: an image is in or out by its bytes alone (every question on it
+    goes the same way, a grown dataset moves none), about ``share`` of the train images, drawn
+    independently of the hash that put them in train; only train-split samples are drawn."""
+    from evocomp.data.samples import assign_split, held_for_selection, selection_share
+
+    blobs = [f"image {i}".encode() for i in range(4000)]
+    train = [b for b in blobs if assign_split(b, 0.1, 0.15) == "train"]
+    held = [b for b in train if held_for_selection(b, 0.125)]
+    assert 0.10 < len(held) / len(train) < 0.15
+    assert not any(held_for_selection(b, 0.0) for b in train)
+    assert all(held_for_selection(b, 0.125) == (b in held) for b in train[:200])  # stable
+    assert {b for b in train if held_for_selection(b, 0.25)} >= set(held)  # shares nest
+    # the split's own draw: train images are those with u >= 0.25; were the share drawn by
+    # the same u, no train image would fall below 0.125
+    paths = []
+    for i, b in enumerate(held[:3] + [b for b in train if b not in held][:3]):
+        (tmp_path / f"{i}.png").write_bytes(b)
+        paths.append(tmp_path / f"{i}.png")
+    Row = namedtuple("Row", "image split")
+    rows = [Row(p, "train") for p in paths] + [Row(paths[0], "train"), Row(paths[1], "val")]
+    picked = selection_share(rows, 0.125)
+    assert [r.image for r in picked] == [*paths[:3], paths[0]]  # both rows of image 0; no val
+    with pytest.raises(DatasetError, match="image not found"):
+        selection_share([Row(tmp_path / "gone.png", "train")], 0.125)

@@ -91,6 +91,9 @@ class MLLMParams(_Strict):
     # predicted, a probe on layer lookup_layer + 1 reads both named objects' centres
     # (scenes_recipe.readout_loss)
     readout_supervision: float = Field(0.0, ge=0)
+    # scenes-vqa: torch.compile the LM's training steps (the same recipe, reordered float
+    # sums: a draw of its own, like another thread count; BENCHMARKS.md, scenes Reference model)
+    compile: bool = False
 
     @field_validator("prompt_template")
     @classmethod
@@ -108,6 +111,10 @@ class MLLMParams(_Strict):
         ):
             raise ValueError(
                 "mllm.lookup_layer must be < mllm.lm_layers (a later layer reads the lookup)"
+            )
+        if self.compile and self.benchmark != "scenes":
+            raise ValueError(
+                "mllm.compile: only the scenes-vqa recipe (benchmark: scenes) compiles"
             )
         return self
 

@@ -660,3 +660,25 @@ def test_spatial_probe_runs_on_a_scenes_model_only(scenes_model, tiny_llava, tmp
     with pytest.raises(SystemExit) as err:
         sp.main(["--model", str(tiny_llava), "--out", str(out)])
     assert err.value.code == 2
+
+
+def test_scenes_reference_can_compile_its_lm_steps(tmp_path):
+    """mllm.compile runs the same training steps through torch.compile: the same losses to
+    float rounding, recorded in config.json (a recipe without it records nothing, so
+    committed models keep their ids); the shapes recipe refuses it."""
+    import re
+
+    def first_loss(params: MLLMParams, name: str) -> tuple[float, dict]:
+        logs: list[str] = []
+        out = train_scenes_reference(tmp_path / name, params, log=logs.append)
+        line = next(m for m in logs if m.startswith("lm step 2:"))
+        loss = float(re.search(r"loss ([0-9.]+)", line).group(1))
+        return loss, json.loads((out / "config.json").read_text())["evocomp"]["recipe"]
+
+    base = {**TINY, "lm_layers": 2, "lookup_supervision": 1.0}
+    eager, recipe = first_loss(MLLMParams(**base), "eager")
+    compiled, compiled_recipe = first_loss(MLLMParams(**base, compile=True), "compiled")
+    assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-4)
+    assert "compile" not in recipe and compiled_recipe["compile"] is True
+    with pytest.raises(ValueError, match="only the scenes-vqa recipe"):
+        MLLMParams(compile=True)

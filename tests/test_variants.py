@@ -335,3 +335,10 @@ def test_heldout_variants_bench_hands_every_sample_to_evaluate(
                 ["--model", str(tiny_llava), "--variants", bad, "--out", str(tmp_path / "x.json")]
             )
     assert not (tmp_path / "x.json").exists()
+
+
+def test_mllm_train_refuses_compile_for_the_shapes_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke("mllm", "train", "--compile", "--out", "m")
+    assert res.exit_code == 2 and "only the scenes-vqa recipe" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "m").exists()

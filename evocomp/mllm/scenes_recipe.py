@@ -428,6 +428,9 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
     weights = dict.fromkeys(qtypes, 1.0)
     acc: dict[str, float] = {}
     lm.train()
+    # the training steps' LM, compiled or not (the held-out checks run it as is). Packed rows
+    # vary in length from step to step: dynamic shapes, one compilation for all of them
+    step_lm = torch.compile(lm, dynamic=True) if params.compile else lm
     t0 = time.time()
     for step in range(params.lm_steps):
         for g in opt.param_groups:
@@ -446,7 +449,7 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
                 qas.append([ask(images[i], rng, weights)])
                 rows.append((i, _kept(images[i], qas[-1], rng, n, mode), [questions(qas[-1][0])]))
             batch = lm_batch([(i, k, q) for i, k, (q,) in rows], questions.prefix, feats, embed)
-        logits, target, *hidden = _forward(lm, head, *batch, layers=layers)
+        logits, target, *hidden = _forward(step_lm, head, *batch, layers=layers)
         loss = F.cross_entropy(logits, target)
         if probe is not None:
             at, objs = lookup_targets(rows, qas, images, len(questions.prefix))

@@ -246,7 +246,7 @@ class EvaluateParams(_Strict):
     seed: int = 0
     # several compressors (one per label budget): which serves a ratio. nearest: the one whose
     # labels' keep ratio is nearest by factor; val_answer_loss: the one whose top k gives the
-    # lowest mean answer loss on the val split (harness.route_by_val_loss; with train.monitor
+    # lowest mean answer loss on the val split (harness.route_by_answer_loss; with train.monitor
     # answer_loss that split also early-stopped each compressor at its own ratio, so it leans
     # to each ratio's own); select_answer_loss: the same on the train images every compressor
     # left out (train.select_share), which none of them was fitted or stopped on

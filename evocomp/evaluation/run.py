@@ -136,8 +136,8 @@ def _given_route(path: Path, loaded: dict, ratios) -> tuple[dict, dict]:
     route = {}
     for r in ratios:
         key = ratio_key(r)
-        if key not in given:
-            route[key] = nearest_budget(by_folder.values(), r)
+        if key not in given:  # (one compressor serves every ratio; it may not know its own)
+            route[key] = nearest_budget(by_folder.values(), r) if len(loaded) > 1 else None
         elif given[key].resolve() in by_folder:
             route[key] = by_folder[given[key].resolve()]
         else:

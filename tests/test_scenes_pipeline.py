@@ -662,7 +662,7 @@ def test_spatial_probe_runs_on_a_scenes_model_only(scenes_model, tiny_llava, tmp
     assert err.value.code == 2
 
 
-def test_scenes_reference_can_compile_its_lm_steps(tmp_path):
+def test_scenes_reference_can_compile_its_lm_steps(tmp_path, monkeypatch):
     """mllm.compile runs the same training steps through torch.compile: the same losses to
     float rounding, recorded in config.json (a recipe without it records nothing, so
     committed models keep their ids); the shapes recipe refuses it."""
@@ -675,9 +675,19 @@ def test_scenes_reference_can_compile_its_lm_steps(tmp_path):
         loss = float(re.search(r"loss ([0-9.]+)", line).group(1))
         return loss, json.loads((out / "config.json").read_text())["evocomp"]["recipe"]
 
+    compiled_modules = []
+
+    def spy(module, **kw):  # the real compiler, recording what it was handed
+        compiled_modules.append(type(module).__name__)
+        return real_compile(module, **kw)
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", spy)
     base = {**TINY, "lm_layers": 2, "lookup_supervision": 1.0}
     eager, recipe = first_loss(MLLMParams(**base), "eager")
+    assert compiled_modules == []
     compiled, compiled_recipe = first_loss(MLLMParams(**base, compile=True), "compiled")
+    assert compiled_modules == ["LlamaModel"]  # the LM, once
     assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-4)
     assert "compile" not in recipe and compiled_recipe["compile"] is True
     with pytest.raises(ValueError, match="only the scenes-vqa recipe"):

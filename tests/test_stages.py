@@ -680,3 +680,4 @@ def test_the_selection_share_is_drawn_by_image_apart_from_the_split(tmp_path):
     assert [r.image for r in picked] == [*paths[:3], paths[0]]  # both rows of image 0; no val
     with pytest.raises(DatasetError, match="image not found"):
         selection_share([Row(tmp_path / "gone.png", "train")], 0.125)
+    assert selection_share([Row(tmp_path / "gone.png", "train")], 0.0) == []  # nothing read

@@ -78,7 +78,10 @@ def held_for_selection(image_bytes: bytes, share: float) -> bool:
 
 def selection_share(samples, share: float) -> list:
     """The train-split ``samples`` (anything with ``.image``, a path, and ``.split``) whose
-    image is in the selection share, in their order. Each image is read once."""
+    image is in the selection share, in their order. Each image is read once, and none
+    without a share."""
+    if share <= 0:
+        return []
     held: dict[Path, bool] = {}
     out = []
     for s in samples:

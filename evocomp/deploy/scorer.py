@@ -16,7 +16,10 @@ import torch
 from evocomp.compress.fit import Item, collate
 from evocomp.compress.model import load_compressor, select_topk, select_topk_filled
 from evocomp.errors import ModelError
-from evocomp.evaluation.routes import route_of_evaluation  # noqa: F401  (deployment's API)
+from evocomp.evaluation.routes import (  # route_of_evaluation: deployment's API too
+    resolve_route,
+    route_of_evaluation,  # noqa: F401
+)
 from evocomp.tokens import grid_positions, grid_shape, keep_count, nearest_budget, ratio_key
 
 
@@ -167,16 +170,9 @@ class BudgetScorers:
                     f"on labels of keep ratio {budget}: pass one compressor per label budget"
                 )
             self.by_budget[budget] = sc
-        folders = {sc.directory.resolve(): sc for sc in scorers}
-        self.route: dict[str, TokenScorer] = {}
-        for key, folder in (route or {}).items():
-            if Path(folder).resolve() not in folders:
-                given = ", ".join(str(sc.directory) for sc in scorers)
-                raise ModelError(
-                    f"the route serves keep ratio {key} by {folder}, which is not among the "
-                    f"compressors given ({given})"
-                )
-            self.route[key] = folders[Path(folder).resolve()]
+        self.route: dict[str, TokenScorer] = resolve_route(
+            route or {}, {sc.directory: sc for sc in scorers}
+        )
 
     def for_ratio(self, ratio: float) -> TokenScorer:
         """The compressor serving keep ratio ``ratio`` (its :meth:`TokenScorer.kept` picks)."""

@@ -4,7 +4,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
+
+from evocomp.errors import ModelError
+
+T = TypeVar("T")
 
 
 def route_of_evaluation(path: str | Path) -> dict[str, Path]:
@@ -31,3 +37,30 @@ def route_of_evaluation(path: str | Path) -> dict[str, Path]:
             "every ratio (pass it with --compressor)"
         )
     return {str(k): Path(v) for k, v in route.items()}
+
+
+def resolve_route(
+    route: Mapping[str, str | Path],
+    by_folder: Mapping[Path, T],
+    source: str = "the route",
+    among: str = "compressors given",
+) -> dict[str, T]:
+    """``route`` (keep ratio key -> compressor folder) as keep ratio key -> the value
+    ``by_folder`` holds for that folder (folders compared resolved, so a relative and an
+    absolute path of one folder match). The one place deployment and ``evocomp evaluate
+    --route`` map a route onto the compressors they were given.
+
+    Raises:
+        ModelError: a folder of the route that is not among ``by_folder``'s.
+    """
+    resolved = {Path(f).resolve(): v for f, v in by_folder.items()}
+    out = {}
+    for key, folder in route.items():
+        if Path(folder).resolve() not in resolved:
+            given = ", ".join(str(f) for f in by_folder)
+            raise ModelError(
+                f"{source} serves keep ratio {key} by {folder}, which is not among the "
+                f"{among} ({given})"
+            )
+        out[key] = resolved[Path(folder).resolve()]
+    return out

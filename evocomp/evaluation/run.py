@@ -26,7 +26,7 @@ from evocomp.evaluation.harness import (
     route_by_answer_loss,
     summarise,
 )
-from evocomp.evaluation.routes import route_of_evaluation
+from evocomp.evaluation.routes import resolve_route, route_of_evaluation
 from evocomp.features.compute import ensure_features
 from evocomp.labelset import load_label_set
 from evocomp.mllm.checkpoint import checkpoint_info
@@ -129,23 +129,21 @@ def _choice_samples(data: Path, loaded: dict, rule: str, limit: int | None) -> l
 
 def _given_route(path: Path, loaded: dict, ratios) -> tuple[dict, dict]:
     """``(route, choice)`` from another evaluation's ``compressor_for_ratio`` (``evocomp
-    evaluate --route``): each ratio it names is served by the compressor it names, which must
-    be one of ``loaded``; any other ratio by the nearest budget's, as deployment serves it."""
-    given = route_of_evaluation(path)
-    by_folder = {Path(d).resolve(): lr for lr, (d, _, _) in loaded.items()}
+    evaluate --route``) for several compressors: each ratio it names is served by the
+    compressor it names, which must be one of ``loaded``; any other ratio by the nearest
+    budget's, as deployment serves it."""
+    named = _named_route(path, loaded)
     route = {}
     for r in ratios:
         key = ratio_key(r)
-        if key not in given:  # (one compressor serves every ratio; it may not know its own)
-            route[key] = nearest_budget(by_folder.values(), r) if len(loaded) > 1 else None
-        elif given[key].resolve() in by_folder:
-            route[key] = by_folder[given[key].resolve()]
-        else:
-            raise ValueError(
-                f"{path} serves keep ratio {key} by {given[key]}, which is not among the "
-                "--compressor folders: pass it too"
-            )
+        route[key] = named[key] if key in named else nearest_budget(loaded, r)
     return route, {"rule": "route", "route": str(path)}
+
+
+def _named_route(path: Path, loaded: dict) -> dict:
+    """The route of ``path``'s eval.json as ratio key -> label keep ratio of ``loaded``."""
+    by_folder = {d: lr for lr, (d, _, _) in loaded.items()}
+    return resolve_route(route_of_evaluation(path), by_folder, str(path), "--compressor folders")
 
 
 def _route(params: Params, data: Path, features_dir: Path, mllm, info, loaded, progress):
@@ -201,15 +199,17 @@ def run_evaluation(
     compressor, label_df, label_ratio, route, choice = None, None, None, None, None
     if {"evocomp", "evocomp_fill"} & set(methods):
         loaded = _load_compressors(compressor_dir, info["model_id"], "evocomp_fill" in methods)
-        if route_from is not None:  # checked even for one compressor: it must be the named one
-            route, choice = _given_route(route_from, loaded, p.ratios)
         if len(loaded) == 1:
             ((label_ratio, (_, compressor, _)),) = loaded.items()
-            route, choice = None, None
+            if route_from is not None:  # it serves every ratio; the route may name only it
+                _named_route(route_from, loaded)
         else:
             compressor = {lr: m for lr, (_, m, _) in loaded.items()}
-            if route is None:
-                route, choice = _route(params, data, features_dir, mllm, info, loaded, progress)
+            route, choice = (
+                _given_route(route_from, loaded, p.ratios)
+                if route_from is not None
+                else _route(params, data, features_dir, mllm, info, loaded, progress)
+            )
     if "oracle" in methods:  # one label set per budget; the first ranks at other ratios
         label_df = [
             df[df["split"] == "test"]

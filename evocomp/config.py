@@ -91,6 +91,13 @@ class MLLMParams(_Strict):
     # predicted, a probe on layer lookup_layer + 1 reads both named objects' centres
     # (scenes_recipe.readout_loss)
     readout_supervision: float = Field(0.0, ge=0)
+    # scenes-vqa: weight of the *count* term (0: off): where a count question's answer is
+    # predicted, a probe on layer lookup_layer's output reads the count (scenes_recipe.count_loss)
+    count_supervision: float = Field(0.0, ge=0)
+    # scenes-vqa: share of the subset steps (after the curriculum) whose rows are *sparse*:
+    # every patch the answer needs and each other token with probability U(0, 0.2), the rows
+    # a compressor at 1/9 hands the model (0: none, the recipe as before)
+    sparse_share: float = Field(0.0, ge=0, le=1)
     # scenes-vqa: torch.compile the LM's training steps (the same recipe, reordered float
     # sums: a draw of its own, like another thread count; BENCHMARKS.md, scenes Reference model)
     compile: bool = False
@@ -106,7 +113,7 @@ class MLLMParams(_Strict):
     def _batches(self) -> MLLMParams:
         if self.align_batch_size > self.n_images:
             raise ValueError("mllm.align_batch_size must be <= mllm.n_images (images per step)")
-        if (self.lookup_supervision or self.readout_supervision) and (
+        if (self.lookup_supervision or self.readout_supervision or self.count_supervision) and (
             self.lookup_layer >= self.lm_layers
         ):
             raise ValueError(

@@ -617,6 +617,94 @@ def test_packed_rows_answer_as_their_own_rows():
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_count_targets_sit_where_each_count_answer_is_predicted():
+    """The count term's targets: one per count question, at the token whose logits predict
+    its answer, with the number of objects it counts."""
+    from evocomp.mllm import tiny_llava
+    from evocomp.mllm.recipe import Questions
+
+    tok = tiny_llava.build_tokenizer(scenes_qa.WORDS)
+    embed = torch.nn.Embedding(len(tok), 4)
+    q, rng = Questions(tok), random.Random(11)
+    scs = [scenes.make_scene(rng, 6) for _ in range(4)]
+    qas = [[scenes_qa.make_question(sc, rng, t) for t in ("count", "shape", "count")] for sc in scs]
+    rows = [(i, torch.arange(0, 36, 1 + i), [q(qa) for qa in qas[i]]) for i in range(4)]
+    _, _, labels, _ = scenes_recipe.packed_batch(rows, q.prefix, torch.randn(4, 36, 4), embed)
+    at, counts = scenes_recipe.count_targets(rows, qas, len(q.prefix))
+    expected = [
+        sum(bool(set(o.patches) & set(qa.relevant)) for o in scs[i].objects)
+        for i in range(4)
+        for qa in qas[i]
+        if qa.qtype == "count"
+    ]
+    assert counts == expected and len(counts) == 8 and len(set(counts)) > 1
+    for (r, c), n in zip(at, counts, strict=True):
+        assert labels[r, c - 1] == -100
+        assert tok.convert_ids_to_tokens(int(labels[r, c])) == scenes_qa.COUNT_WORDS[n]
+
+
+def test_count_loss_is_zero_for_a_probe_that_reads_the_count():
+    probe = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        probe.weight.fill_(1.0)
+        probe.bias.zero_()
+    hidden = torch.tensor([[[0.0], [2 / 6], [5 / 6]]])  # a hidden state that is the count / 6
+    assert scenes_recipe.count_loss(hidden, [(0, 1), (0, 2)], [2, 5], probe).item() < 1e-12
+    off = scenes_recipe.count_loss(hidden, [(0, 1)], [3], probe).item()
+    assert off == pytest.approx(10 * (1 / 6) ** 2, rel=1e-5)
+    assert scenes_recipe.count_loss(hidden, [], [], probe).item() == 0.0
+
+
+def test_row_modes_spread_sparse_rows_over_the_subset_steps():
+    """Curriculum first, then odd steps full; sparse_share of the even ones sparse, spread
+    evenly, and none without it (the schedule the recipe had before)."""
+
+    def modes(share):
+        p = MLLMParams(**{**TINY, "lm_steps": 44, "curriculum_steps": 4, "sparse_share": share})
+        return [scenes_recipe.row_mode(s, p) for s in range(44)]
+
+    for share in (0.0, 0.25, 0.5, 1.0):
+        m = modes(share)
+        assert m[:4] == ["curriculum"] * 4
+        assert all(m[s] == "full" for s in range(5, 44, 2))
+        even = m[4::2]
+        assert set(even) <= {"subset", "sparse"}
+        assert even.count("sparse") == pytest.approx(share * len(even), abs=1)
+    assert "sparse" not in modes(0.0) and "subset" not in modes(1.0)[4:]
+    half = modes(0.5)[4::2]
+    assert all(a != b for a, b in zip(half[:-1], half[1:], strict=True))  # alternate: evenly spread
+
+
+def test_sparse_rows_keep_every_patch_the_answer_needs_and_few_others():
+    rng = random.Random(5)
+    sizes = []
+    for _ in range(40):
+        sc = scenes.make_scene(rng, 12)
+        qa = scenes_qa.make_question(sc, rng, rng.choice(scenes_qa.QTYPES))
+        kept = set(scenes_recipe._kept(sc, [qa], rng, 144, "sparse").tolist())
+        assert set(qa.relevant) <= kept
+        sizes.append(len(kept - set(qa.relevant)) / (144 - len(qa.relevant)))
+    assert max(sizes) < 0.3 and sum(sizes) / len(sizes) < 0.15  # others kept at U(0, 0.2)
+
+
+def test_scenes_reference_trains_with_the_count_term_and_sparse_rows(tmp_path):
+    """mllm.count_supervision adds its term on the lookup's layer, mllm.sparse_share its
+    rows; both are recorded, neither when off, and the count term needs a later layer."""
+    logs: list[str] = []
+    params = MLLMParams(
+        **{**TINY, "lm_steps": 8, "lm_layers": 2, "count_supervision": 1.0, "sparse_share": 0.5}
+    )
+    out = train_scenes_reference(tmp_path / "ref", params, log=logs.append)
+    recipe = json.loads((out / "config.json").read_text())["evocomp"]["recipe"]
+    assert recipe["count_supervision"] == 1.0 and recipe["sparse_share"] == 0.5
+    assert recipe["lookup_layer"] == 1 and recipe["lookup_supervision"] == 0.0
+    assert any("count term" in m for m in logs) and not any("lookup term" in m for m in logs)
+    plain = recipe_record(MLLMParams(**TINY), set())
+    assert "count_supervision" not in plain and "sparse_share" not in plain
+    with pytest.raises(ValueError, match="lookup_layer"):
+        MLLMParams(**{**TINY, "count_supervision": 1.0})  # 1 layer: nothing reads layer 1
+
+
 def test_packed_subset_rows_keep_every_questions_anchors():
     rng = random.Random(4)
     for _ in range(20):

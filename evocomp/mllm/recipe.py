@@ -40,13 +40,14 @@ from evocomp.mllm.sequence import DEFAULT_TEMPLATE, encode_prompt
 def recipe_record(params: MLLMParams, exclude: set[str]) -> dict:
     """The recipe a reference checkpoint's config.json records: ``params`` less ``exclude``,
     and less the fields added after models were committed, where they leave the recipe as it
-    was (a default background mix; the lookup and readout terms off; no torch.compile), so those
-    models keep their ids."""
+    was (a default background mix; the lookup, readout and count terms off; no sparse rows; no
+    torch.compile), so those models keep their ids."""
     unchanged = {"backgrounds"} if params.backgrounds is None else set()
-    if not params.lookup_supervision and not params.readout_supervision:
+    if not (params.lookup_supervision or params.readout_supervision or params.count_supervision):
         unchanged |= {"lookup_supervision", "lookup_layer"}
-    if not params.readout_supervision:
-        unchanged.add("readout_supervision")
+    for term in ("readout_supervision", "count_supervision", "sparse_share"):
+        if not getattr(params, term):
+            unchanged.add(term)
     if not params.compile:
         unchanged.add("compile")
     return params.model_dump(exclude=exclude | unchanged)

@@ -35,6 +35,14 @@ which one is *large*. So alignment puts more than words into each visual token:
    predicted, a linear probe on the output of the layer after the lookup's reads both named
    objects' centres (:func:`readout_loss`): the two lookups gathered where the comparison
    is made, so the layers after it only have to compare.
+5. *Count term* (``count_supervision`` > 0): where a count question's answer is predicted,
+   a linear probe on the lookup layer's output reads the count (:func:`count_loss`): the
+   counted objects' anchors gathered by the lookup's layer, so the layers after it only
+   have to name the number.
+6. *Sparse rows* (``sparse_share`` > 0): that share of the subset steps after the
+   curriculum see the curriculum's rows (every patch the answer needs, each other token
+   kept with probability U(0, 0.2)): the rows a compressor at 1/9 hands the model, which a
+   subset row (each other token kept with probability U(0, 1)) seldom is.
 
 The entry point is :func:`evocomp.mllm.scenes_reference.train_scenes_reference`.
 """
@@ -293,6 +301,29 @@ def readout_targets(rows, qas, images, n_prefix: int):
     return at, pairs
 
 
+def count_targets(rows, qas, n_prefix: int):
+    """Where each count question's answer is predicted (``(row, sequence index)``, as
+    :func:`readout_targets`) and its count; rows and ``qas`` as for :func:`_questions`."""
+    at, counts = [], []
+    for r, s, n_suf, _, qa in _questions(rows, qas, n_prefix):
+        if qa.qtype == "count":
+            at.append((r, s + n_suf - 1))
+            counts.append(scenes_qa.COUNT_WORDS.index(qa.answer))
+    return at, counts
+
+
+def count_loss(hidden, at, counts, probe) -> torch.Tensor:
+    """At each ``at`` of ``hidden``, a linear ``probe`` (1 output) reads the count over the
+    largest (squared error x 10 on the count / 6, the lookup's scale): the counted anchors
+    gathered before the last layer names the number. With the lookup and readout terms
+    alone, counting was the one type below 0.96 (0.72 on one seed of two; BENCHMARKS.md)."""
+    if not at:
+        return hidden.sum() * 0.0
+    top = len(scenes_qa.COUNT_WORDS) - 1
+    target = torch.tensor(counts, dtype=hidden.dtype).unsqueeze(1) / top
+    return 10 * F.mse_loss(_probed(hidden, at, probe), target)
+
+
 def _centres(objs, grid: int) -> torch.Tensor:
     """Each object's footprint centre (row, column) in [0, 1]: (len(objs), 2)."""
     return torch.tensor(
@@ -365,18 +396,34 @@ def val_accuracy(lm, head, embed, prefix, val, feats, batch: int = 128) -> dict[
 def _kept(scene: scenes.Scene, qas, rng: random.Random, n: int, mode: str) -> torch.Tensor:
     """The visible tokens of a row asking ``qas`` (one question, or a packed row's several).
     ``full``: all; ``subset``: the anchors of the objects any answer needs and each other
-    token with probability U(0, 1); ``curriculum``: every patch an answer needs and each
-    other token with probability U(0, 0.2) (learn to find first)."""
+    token with probability U(0, 1); ``curriculum`` (learn to find first) and ``sparse`` (a
+    compressor's rows): every patch an answer needs and each other token with probability
+    U(0, 0.2)."""
     if mode == "full":
         return torch.arange(n)
     rel = {p for qa in qas for p in qa.relevant}
-    if mode == "curriculum":
+    if mode in ("curriculum", "sparse"):
         must, p_keep = rel, rng.uniform(0.0, 0.2)
     else:
         must = {min(o.patches) for o in scene.objects if o.patches and rel & set(o.patches)}
         p_keep = rng.random()
     keep = [i for i in range(n) if i in must or rng.random() < p_keep]
     return torch.tensor(keep, dtype=torch.long)
+
+
+def row_mode(step: int, params: MLLMParams) -> str:
+    """Which rows training step ``step`` sees: ``curriculum`` for the first
+    ``curriculum_steps``, then odd steps ``full`` and even ones ``subset``, a
+    ``sparse_share`` of those ``sparse`` (spread evenly, drawing nothing from the RNG, so a
+    recipe without sparse rows trains as before)."""
+    if step < params.curriculum_steps:
+        return "curriculum"
+    if step % 2:
+        return "full"
+    j = step // 2  # the even steps' count: sparse where j * share crosses an integer
+    return (
+        "sparse" if int((j + 1) * params.sparse_share) > int(j * params.sparse_share) else "subset"
+    )
 
 
 def ask(scene: scenes.Scene, rng: random.Random, weights: dict[str, float]):
@@ -411,10 +458,12 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
     # the readout term's probe, on the layer after the lookup's (created after the lookup's,
     # so a recipe without it draws as before)
     reader = torch.nn.Linear(embed.weight.shape[1], 4) if params.readout_supervision else None
-    trainable += [p for m in (probe, reader) if m is not None for p in m.parameters()]
-    layers = (params.lookup_layer,) * (probe is not None) + (params.lookup_layer + 1,) * (
-        reader is not None
-    )
+    # the count term's probe, on the lookup's layer (created last, for the same reason)
+    counter = torch.nn.Linear(embed.weight.shape[1], 1) if params.count_supervision else None
+    trainable += [p for m in (probe, reader, counter) if m is not None for p in m.parameters()]
+    looked_at, read_at = params.lookup_layer, params.lookup_layer + 1
+    wanted = {looked_at: probe if probe is not None else counter, read_at: reader}
+    layers = tuple(k for k, m in wanted.items() if m is not None)
     opt = torch.optim.AdamW(trainable, lr=params.lm_lr, weight_decay=0.01)
     rng, vrng = random.Random(params.seed), random.Random(params.seed + 1)
     questions = Questions(tokenizer)
@@ -435,9 +484,10 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
     for step in range(params.lm_steps):
         for g in opt.param_groups:
             g["lr"] = params.lm_lr * lr_factor(step, params.lm_steps, 50)
-        mode = "full" if step % 2 else "subset"
-        mode = "curriculum" if step < params.curriculum_steps else mode
-        if pack > 1 and mode != "curriculum":  # batch_size images, pack questions each
+        mode = row_mode(step, params)
+        # batch_size images, pack questions each (curriculum and sparse rows: one question a
+        # row, so each row holds only its own answer's patches)
+        if pack > 1 and mode not in ("curriculum", "sparse"):
             rows, qas = packed_rows(
                 images, rng, weights, n, params.batch_size, pack, mode, questions
             )
@@ -449,16 +499,21 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
                 qas.append([ask(images[i], rng, weights)])
                 rows.append((i, _kept(images[i], qas[-1], rng, n, mode), [questions(qas[-1][0])]))
             batch = lm_batch([(i, k, q) for i, k, (q,) in rows], questions.prefix, feats, embed)
-        logits, target, *hidden = _forward(step_lm, head, *batch, layers=layers)
+        logits, target, *out = _forward(step_lm, head, *batch, layers=layers)
+        hidden = dict(zip(layers, out, strict=True))
         loss = F.cross_entropy(logits, target)
         if probe is not None:
             at, objs = lookup_targets(rows, qas, images, len(questions.prefix))
-            looked = lookup_loss(hidden[0], at, objs, probe, images[0].grid)
+            looked = lookup_loss(hidden[looked_at], at, objs, probe, images[0].grid)
             loss = loss + params.lookup_supervision * looked
         if reader is not None:
             at, pairs = readout_targets(rows, qas, images, len(questions.prefix))
-            read = readout_loss(hidden[-1], at, pairs, reader, images[0].grid)
+            read = readout_loss(hidden[read_at], at, pairs, reader, images[0].grid)
             loss = loss + params.readout_supervision * read
+        if counter is not None:
+            at, counts = count_targets(rows, qas, len(questions.prefix))
+            counted = count_loss(hidden[looked_at], at, counts, counter)
+            loss = loss + params.count_supervision * counted
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -470,6 +525,7 @@ def train_lm(model, tokenizer, data, feats, val_data, val_feats, params: MLLMPar
                 f"lm step {step + 1}: loss {loss.item():.4f}"
                 + ("" if probe is None else f" (lookup term {looked.item():.4f})")
                 + ("" if reader is None else f" (readout term {read.item():.4f})")
+                + ("" if counter is None else f" (count term {counted.item():.4f})")
                 + ", held-out "
                 + " ".join(f"{t} {a:.3f}" for t, a in acc.items())
                 + f" ({time.time() - t0:.0f} s)"

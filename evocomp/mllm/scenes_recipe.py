@@ -313,8 +313,8 @@ def count_targets(rows, qas, n_prefix: int):
 
 
 def count_loss(hidden, at, counts, probe) -> torch.Tensor:
-    """At each ``at`` of ``hidden``, a linear ``probe`` (1 output) reads the count over the
-    largest (squared error x 10 on the count / 6, the lookup's scale): the counted anchors
+    """At each ``at`` of ``hidden``, a linear ``probe`` (1 output) reads the count as a
+    share of the largest, six (squared error x 10, the lookup's scale): the counted anchors
     gathered before the last layer names the number. With the lookup and readout terms
     alone, counting was the one type below 0.96 (0.72 on one seed of two; BENCHMARKS.md)."""
     if not at:
